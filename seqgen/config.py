@@ -1,0 +1,383 @@
+"""Typed, frozen configuration of a sequence set.
+
+One `BuildConfig` describes a shard set completely: which examples exist (`DatasetConfig`), how classes
+are split into rare / common / holdout (`SplitConfig`), what a sequence looks like (`SequenceConfig`),
+which kind of sequence is generated (`SeqType`), how many, and from which seed. It is built once (from
+defaults, a TOML file and command-line options), validated before any work, and saved verbatim into the
+shard manifest, where the trainer reads it back.
+
+Defaults are the paper's `images_all_exemplars` config (Chan et al. 2022; the original's
+`experiment/configs/images_all_exemplars.py`). Options that the original encoded in strings are typed
+here: `labeling_rare="ordered_polysemy3"` is `labeling_rare=Labeling.ORDERED, polysemy=3`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+N_OMNIGLOT_CLASSES = 1623
+N_EXEMPLARS = 20
+N_AUGMENTATIONS = 8  # flip left-right x rot90 k in 0..3
+IMAGE_SIZE = 105
+
+
+class ConfigError(ValueError):
+    """An invalid option or combination of options; the message is one line naming the fix."""
+
+
+class SeqType(str, enum.Enum):
+    BURSTY = "bursty"
+    NO_SUPPORT_COMMON = "no_support_common"
+    NO_SUPPORT_RARE = "no_support_rare"
+    NO_SUPPORT_ZIPFIAN = "no_support_zipfian"
+    FEWSHOT_COMMON = "fewshot_common"
+    FEWSHOT_RARE = "fewshot_rare"
+    FEWSHOT_ZIPFIAN = "fewshot_zipfian"
+    FEWSHOT_HOLDOUT = "fewshot_holdout"
+    MIXED = "mixed"
+
+    @property
+    def is_fewshot(self) -> bool:
+        return self.value.startswith("fewshot")
+
+    @property
+    def is_no_support(self) -> bool:
+        return self.value.startswith("no_support")
+
+
+class ExampleType(str, enum.Enum):
+    OMNIGLOT = "omniglot"
+    SYMBOLIC = "symbolic"
+
+
+class Exemplars(str, enum.Enum):
+    ALL = "all"  # 20 drawings per class, one class label (the standard Omniglot problem)
+    SINGLE = "single"  # only the first drawing of each class
+    SEPARATED = "separated"  # every drawing its own class (class = character * 20 + drawer)
+
+
+class Labeling(str, enum.Enum):
+    ORDERED = "ordered"  # rare: [0, n_rare), common: [n_rare, n_rare + n_common), holdout after
+    UNFIXED = "unfixed"  # few-shot classes get labels 0..ways-1 at random per sequence
+    ORIGINAL = "original"  # the dataset's class id
+
+
+class NonBurstyType(str, enum.Enum):
+    ZIPFIAN = "zipfian"
+    COMMON_UNIFORM = "common_uniform"
+    COMMON_NO_SUPPORT = "common_no_support"
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Which examples exist, and so how many dataset classes there are."""
+
+    example_type: ExampleType = ExampleType.OMNIGLOT
+    exemplars: Exemplars = Exemplars.ALL
+    augment: bool = False  # x8 classes: flip left-right x rot90 (the `images_augmented` config)
+    symbolic_size: int = 1000  # number of integer "examples" when example_type is symbolic
+
+    @property
+    def num_dataset_classes(self) -> int:
+        if self.example_type is ExampleType.SYMBOLIC:
+            return self.symbolic_size
+        n = N_OMNIGLOT_CLASSES
+        if self.exemplars is Exemplars.SEPARATED:
+            n *= N_EXEMPLARS
+        if self.augment:
+            n *= N_AUGMENTATIONS
+        return n
+
+    @property
+    def exemplars_per_class(self) -> int:
+        """Distinct exemplars of one dataset class (1 for symbolic, single and separated)."""
+        if self.example_type is ExampleType.OMNIGLOT and self.exemplars is Exemplars.ALL:
+            return N_EXEMPLARS
+        return 1
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Rare / common / holdout split of the dataset classes (the original `generator_config`)."""
+
+    n_rare_classes: int = 1603
+    n_common_classes: int = 10
+    n_holdout_classes: int = 10
+    zipf_exponent: float = 0.0
+    use_zipf_for_common_rare: bool = False
+    preserve_ordering_every_n: int | None = None  # 8 for the augmented config
+    split_seed: int = 1337
+
+    @property
+    def n_classes(self) -> int:
+        return self.n_rare_classes + self.n_common_classes + self.n_holdout_classes
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    """What one sequence looks like (the original `seq_config`, plus `noise_scale`)."""
+
+    seq_len: int = 9  # bursty / no_support length, query included; fewshot and mixed use fs_shots*ways+1
+    fs_shots: int = 4
+    bursty_shots: int = 3
+    ways: int = 2
+    p_bursty: float = 0.9
+    p_bursty_common: float = 0.0
+    p_bursty_zipfian: float = 1.0
+    p_fewshot: float = 0.1  # mixed sequences
+    non_bursty_type: NonBurstyType = NonBurstyType.ZIPFIAN
+    labeling_common: Labeling = Labeling.ORDERED
+    labeling_rare: Labeling = Labeling.ORDERED
+    polysemy: int = 1  # >1 with labeling_rare ORDERED: the original's "ordered_polysemyX"
+    randomly_generate_rare: bool = False
+    grouped: bool = False
+    noise_scale: float = 0.0  # Gaussian pixel noise; added by the trainer from the stored noise seeds
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """A whole shard set: one sequence type, `num_seqs` sequences from `seed`."""
+
+    seq_type: SeqType = SeqType.BURSTY
+    num_seqs: int = 1_000_000
+    seed: int = 0
+    shard_size: int = 1 << 18  # sequences per shard file
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        """Examples per stored sequence, query included."""
+        s = self.sequence
+        if self.seq_type.is_fewshot or self.seq_type is SeqType.MIXED:
+            return s.fs_shots * s.ways + 1
+        return s.seq_len
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_seqs // self.shard_size)
+
+    def shard_rows(self, shard: int) -> int:
+        return min(self.shard_size, self.num_seqs - shard * self.shard_size)
+
+    @property
+    def num_labels(self) -> int:
+        """Size of the label space = the model's number of output classes (as the original computes it)."""
+        sp, sq = self.split, self.sequence
+        if sq.labeling_rare is Labeling.ORDERED and sq.polysemy > 1:
+            return sq.polysemy * sp.n_rare_classes + sp.n_common_classes
+        if Labeling.ORIGINAL in (sq.labeling_common, sq.labeling_rare):
+            return self.dataset.num_dataset_classes
+        return sp.n_classes
+
+    @property
+    def needs_noise_seed(self) -> bool:
+        return self.sequence.noise_scale > 0 or self.sequence.randomly_generate_rare
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self) -> "BuildConfig":
+        """Raise ConfigError (one line, naming the fix) for any impossible option; return self."""
+        d, sp, sq = self.dataset, self.split, self.sequence
+        if self.num_seqs < 1:
+            raise ConfigError(f"--num-seqs must be >= 1, got {self.num_seqs}")
+        if self.shard_size < 1:
+            raise ConfigError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be in [0, 2**63), got {self.seed}")
+        if d.example_type is ExampleType.SYMBOLIC and d.symbolic_size < 1:
+            raise ConfigError(f"symbolic_size must be >= 1, got {d.symbolic_size}")
+        for name in ("n_rare_classes", "n_common_classes", "n_holdout_classes"):
+            if getattr(sp, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(sp, name)}")
+        total = d.num_dataset_classes
+        if sp.n_classes > total:
+            raise ConfigError(
+                f"rare+common+holdout = {sp.n_classes} classes but the dataset has only {total}; "
+                "lower n_rare_classes / n_common_classes / n_holdout_classes"
+            )
+        n = sp.preserve_ordering_every_n
+        if n is not None and (n < 1 or total % n):
+            raise ConfigError(
+                f"preserve_ordering_every_n={n} must divide the {total} dataset classes"
+            )
+        if sp.zipf_exponent < 0:
+            raise ConfigError(f"zipf_exponent must be >= 0, got {sp.zipf_exponent}")
+        for name in ("fs_shots", "bursty_shots", "ways"):
+            if getattr(sq, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(sq, name)}")
+        if sq.polysemy < 1:
+            raise ConfigError(f"polysemy must be >= 1, got {sq.polysemy}")
+        if sq.polysemy > 1 and sq.labeling_rare is not Labeling.ORDERED:
+            raise ConfigError("polysemy > 1 needs labeling_rare = ordered (the original's ordered_polysemyX)")
+        if sq.labeling_common is Labeling.UNFIXED:
+            raise ConfigError("labeling_common must be ordered or original (unfixed is for rare / few-shot labels)")
+        for name in ("p_bursty", "p_bursty_common", "p_bursty_zipfian", "p_fewshot"):
+            p = getattr(sq, name)
+            if not 0.0 <= p <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {p}")
+        if sq.p_bursty_common + sq.p_bursty_zipfian > 1.0 + 1e-12:
+            raise ConfigError("p_bursty_common + p_bursty_zipfian must be <= 1")
+        if sq.noise_scale < 0:
+            raise ConfigError(f"noise_scale must be >= 0, got {sq.noise_scale}")
+        if d.example_type is ExampleType.SYMBOLIC and (sq.noise_scale > 0 or sq.randomly_generate_rare):
+            raise ConfigError("noise_scale and randomly_generate_rare apply to images only, not symbolic examples")
+        if self.length < 2:
+            raise ConfigError(f"sequences need at least one context example and a query, got length {self.length}")
+        self._validate_type_needs()
+        return self
+
+    def _validate_type_needs(self) -> None:
+        sp, sq, t = self.split, self.sequence, self.seq_type
+        pool = {
+            "rare": sp.n_rare_classes,
+            "common": sp.n_common_classes,
+            "holdout": sp.n_holdout_classes,
+            "zipfian": sp.n_rare_classes + sp.n_common_classes,
+        }
+        needs: list[str] = []
+        if t is SeqType.BURSTY:
+            if sq.seq_len < sq.bursty_shots * sq.ways + 1:
+                raise ConfigError(
+                    f"seq_len={sq.seq_len} < bursty_shots*ways+1 = {sq.bursty_shots * sq.ways + 1}; "
+                    "raise --seq-len or lower --bursty-shots / --ways"
+                )
+            p_rare = 1.0 - sq.p_bursty_common - sq.p_bursty_zipfian
+            remainder = sq.seq_len > sq.bursty_shots * sq.ways + 1
+            if sq.p_bursty > 0 and p_rare > 1e-12:
+                needs.append("rare")
+                if remainder:
+                    needs.append("common")
+            if sq.p_bursty > 0 and sq.p_bursty_common > 0:
+                needs.append("common")
+                if remainder:
+                    needs.append("rare")
+            if sq.p_bursty > 0 and sq.p_bursty_zipfian > 0:
+                needs.append("zipfian")
+            if sq.p_bursty < 1:
+                needs.append("zipfian" if sq.non_bursty_type is NonBurstyType.ZIPFIAN else "common")
+                if sq.non_bursty_type is NonBurstyType.COMMON_NO_SUPPORT and sp.n_common_classes < 2:
+                    raise ConfigError("non_bursty_type common_no_support needs >= 2 common classes")
+        elif t.is_no_support:
+            kind = t.value.removeprefix("no_support_")
+            if pool[kind] < 2:
+                raise ConfigError(f"{t.value} needs >= 2 {kind} classes (query + a different support class)")
+        elif t.is_fewshot:
+            needs.append(t.value.removeprefix("fewshot_"))
+        elif t is SeqType.MIXED:
+            if sq.p_fewshot > 0:
+                needs.append("rare")
+            if sq.p_fewshot < 1:
+                needs.append("common")
+        for kind in needs:
+            if pool[kind] < 1:
+                raise ConfigError(f"{t.value} with these probabilities draws {kind} classes, but there are none")
+        # Exemplars are drawn without replacement within a sequence: a class can appear at most
+        # exemplars_per_class times when there is more than one exemplar (original behaviour).
+        # With a single exemplar per class, the one image repeats (also the original's behaviour).
+
+    # ---- (de)serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BuildConfig":
+        return _from_plain(cls, data, "")
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    return obj
+
+
+def _from_plain(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from nested dicts, converting enums; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a table, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            valid = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown option '{where}{key}'; valid options here: {valid}")
+        kwargs[name] = _convert(hints[name], value, f"{where}{key}")
+    return cls(**kwargs)
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return _from_plain(tp, value, where + ".")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value.value if isinstance(value, enum.Enum) else value)
+        except ValueError:
+            choices = ", ".join(m.value for m in tp)
+            raise ConfigError(f"{where} = {value!r} is not one of: {choices}") from None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    return value
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; one-line ConfigError when missing or malformed."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+
+
+def build_config_from_toml(data: dict[str, Any]) -> BuildConfig:
+    """The seqgen part of a config file: the `[seqgen]` table (other tables belong to the trainer)."""
+    return BuildConfig.from_dict(data.get("seqgen", {}))
+
+
+def replace_nested(cfg: BuildConfig, overrides: dict[str, Any]) -> BuildConfig:
+    """Apply dotted overrides, e.g. {"sequence.p_bursty": 0.5, "num_seqs": 10}; values already typed."""
+    data = cfg.to_dict()
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = _to_plain(value)
+    return BuildConfig.from_dict(data)
