@@ -1,0 +1,139 @@
+"""Atomic, pickle-free checkpoints: `run/checkpoints/step-N/{state.eqx, metadata.json}`.
+
+A checkpoint is written into `step-N.tmp/`, `state.eqx` first (`eqx.tree_serialise_leaves`), then
+`metadata.json` (format version, step, the resolved config, free-form extras), both fsynced, and the
+folder is renamed to `step-N/` only then. Discovery ignores folders without `metadata.json`, so an
+interrupted save is never mistaken for a checkpoint. Loading needs a skeleton pytree of the same
+structure (the caller rebuilds it from the stored config) and checks shapes and dtypes leaf by leaf.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+
+FORMAT = "emergent-icl/checkpoint"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(Exception):
+    """A missing, incompatible or truncated checkpoint; the message is one line."""
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(run_dir: str | os.PathLike, step: int, tree: Any, metadata: dict[str, Any], keep: int = 0) -> Path:
+    """Write checkpoint `step` atomically and return its folder; keep the newest `keep` (0 = all)."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f"step-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    host_tree = jax.tree_util.tree_map(lambda x: np.asarray(x) if eqx.is_array(x) else x, tree)
+    eqx.tree_serialise_leaves(tmp / "state.eqx", host_tree)
+    _fsync_file(tmp / "state.eqx")
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step), **metadata}
+    (tmp / "metadata.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    _fsync_file(tmp / "metadata.json")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    if keep > 0:
+        for old in list_steps(run_dir)[:-keep]:
+            shutil.rmtree(root / f"step-{old}", ignore_errors=True)
+    return final
+
+
+def list_steps(run_dir: str | os.PathLike) -> list[int]:
+    """Steps of the complete checkpoints (folders with metadata.json), ascending."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    steps = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and (child / "metadata.json").is_file() and (child / "state.eqx").is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def latest_step(run_dir: str | os.PathLike) -> int | None:
+    steps = list_steps(run_dir)
+    return steps[-1] if steps else None
+
+
+def read_metadata(run_dir: str | os.PathLike, step: int) -> dict[str, Any]:
+    path = checkpoint_dir(run_dir) / f"step-{step}" / "metadata.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        available = ", ".join(map(str, list_steps(run_dir))) or "none"
+        raise CheckpointError(f"no checkpoint at step {step} in {run_dir} (available steps: {available})") from None
+    except json.JSONDecodeError:
+        raise CheckpointError(f"checkpoint metadata {path} is corrupt; delete that folder or pick another --step") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} is not a version-{FORMAT_VERSION} emergent-icl checkpoint "
+            f"(found {meta.get('format')!r} v{meta.get('format_version')!r})"
+        )
+    return meta
+
+
+def load(run_dir: str | os.PathLike, step: int, skeleton: Any) -> Any:
+    """Load checkpoint `step` into a pytree shaped like `skeleton` (rebuilt by the caller from its config)."""
+    path = checkpoint_dir(run_dir) / f"step-{step}" / "state.eqx"
+    read_metadata(run_dir, step)
+    expected = os.path.getsize(path) if path.exists() else -1
+    try:
+        tree = eqx.tree_deserialise_leaves(path, skeleton)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is missing its state file") from None
+    except Exception as e:  # numpy raises ValueError/EOFError/OSError on truncation or shape mismatch
+        raise CheckpointError(
+            f"checkpoint {path} ({expected} bytes) does not match this model/optimizer "
+            f"or is truncated: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+    _check_leaves(tree, skeleton, path)
+    return tree
+
+
+def _check_leaves(tree: Any, skeleton: Any, path: Path) -> None:
+    got = jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array))
+    want = jax.tree_util.tree_leaves(eqx.filter(skeleton, eqx.is_array))
+    if len(got) != len(want):
+        raise CheckpointError(f"checkpoint {path} has {len(got)} arrays, the model expects {len(want)}")
+    for a, b in zip(got, want):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise CheckpointError(
+                f"checkpoint {path} holds an array {a.shape} {a.dtype} where the model expects {b.shape} {b.dtype}"
+            )

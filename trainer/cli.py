@@ -1,0 +1,160 @@
+"""`trainer` command line: fit, evaluate (one-off or --watch), plot, sweep.
+
+Options resolve as: defaults < `[trainer.*]` tables of `--config FILE` < command-line options. Every
+known error is printed as one line `error: ...` with exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import click
+
+from seqgen.config import ConfigError, load_toml
+from trainer.config import TrainConfig, train_config_from_toml, with_overrides
+from trainer.models.config import ExampleEncoding, SeqModel
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from seqgen.omniglot import OmniglotError
+    from trainer.checkpoint import CheckpointError
+    from trainer.data import DataError
+    from trainer.distributed import TopologyError
+    from trainer.run import RunError
+
+    return (ConfigError, OmniglotError, CheckpointError, DataError, TopologyError, RunError)
+
+
+def one_line_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _known_errors() as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except OSError as e:
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            click.echo(f"error: {e.strerror or e}{where}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train and evaluate the paper's model on seqgen shard sets."""
+
+
+def _config_from(config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    base = train_config_from_toml(load_toml(config_file)) if config_file else TrainConfig()
+    return with_overrides(base, overrides).validate()
+
+
+def _common_data_options(fn: Callable) -> Callable:
+    fn = click.option("--omniglot", "omniglot_dir", type=click.Path(file_okay=False), default=None,
+                      help="Omniglot folder (default: $OMNIGLOT_DIR or data/omniglot).")(fn)
+    fn = click.option("--cache-dir", default="data/cache", show_default=True, type=click.Path(file_okay=False),
+                      help="Where the cached image table lives.")(fn)
+    fn = click.option("--devices", type=click.IntRange(min=1), default=None,
+                      help="Use only the first N local devices (default: all).")(fn)
+    fn = click.option("--distributed", is_flag=True,
+                      help="Multi-host: call jax.distributed.initialize() (coordinator from the environment).")(fn)
+    return fn
+
+
+@main.command()
+@click.option("--train", "train_dir", required=True, type=click.Path(), help="Training shard set (seqgen build).")
+@click.option("--eval", "eval_dirs", multiple=True, type=click.Path(), help="Eval shard set; repeat for several.")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Run directory (e.g. runs/NAME).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file; its [trainer.*] tables.")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its latest checkpoint.")
+@click.option("--steps", type=int, help="Training steps (default 500000).")
+@click.option("--batch-size", type=int, help="Global batch size (default 32).")
+@click.option("--seed", type=int, help="Root seed of model init and dropout (default 0).")
+@click.option("--image-size", type=int, help="Image side in pixels: 105 (default) or 28 (the original's downsample).")
+@click.option("--lr", "max_lr", type=float, help="Peak learning rate after warm-up (default 3e-4).")
+@click.option("--warmup-steps", type=int, help="Linear warm-up steps (default 4000).")
+@click.option("--clip-norm", type=float, help="Global-norm gradient clipping (default off, as the original).")
+@click.option("--w-interim", type=float, help="Loss weight of interim predictions (default 0: query only).")
+@click.option("--seq-model", type=click.Choice([m.value for m in SeqModel]), help="transformer, lstm or vanilla_rnn.")
+@click.option("--example-encoding", type=click.Choice([m.value for m in ExampleEncoding]))
+@click.option("--num-layers", type=int)
+@click.option("--num-heads", type=int)
+@click.option("--emb-dim", type=int)
+@click.option("--log-every", type=int)
+@click.option("--eval-every", type=int)
+@click.option("--eval-seqs", type=int, help="Sequences per eval set at each evaluation (default 2048).")
+@click.option("--checkpoint-every", type=int)
+@click.option("--steps-per-dispatch", type=int, help="Steps per jitted call (lax.scan); same numbers, less overhead.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when on a terminal).")
+@_common_data_options
+@one_line_errors
+def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_dir, cache_dir, devices,
+        distributed, **opts) -> None:
+    """Train on TRAIN shards, evaluating on each --eval set every --eval-every steps."""
+    from trainer.distributed import initialize, make_topology
+    from trainer.fit import fit as run_fit
+
+    initialize(distributed)
+    keys = {
+        "steps": "training.steps", "batch_size": "training.batch_size", "seed": "training.seed",
+        "image_size": "training.image_size", "max_lr": "optimizer.max_lr",
+        "warmup_steps": "optimizer.warmup_steps", "clip_norm": "optimizer.clip_norm",
+        "w_interim": "training.w_interim_predictions", "seq_model": "model.seq_model",
+        "example_encoding": "model.example_encoding", "num_layers": "model.num_layers",
+        "num_heads": "model.num_heads", "emb_dim": "model.emb_dim", "log_every": "training.log_every",
+        "eval_every": "training.eval_every", "eval_seqs": "training.eval_seqs",
+        "checkpoint_every": "training.checkpoint_every", "steps_per_dispatch": "training.steps_per_dispatch",
+    }
+    cfg = _config_from(config_file, {keys[k]: v for k, v in opts.items()})
+    result = run_fit(cfg, train_dir, eval_dirs, run_dir, resume=resume, omniglot_dir=omniglot_dir,
+                     cache_dir=cache_dir, topo=make_topology(devices), progress=progress)
+    if result.interrupted:
+        click.echo(f"interrupted: checkpoint saved at step {result.step} in {run_dir}; continue with --resume")
+        sys.exit(130)
+    click.echo(f"done: {result.step} steps; run directory {run_dir}")
+
+
+@main.command()
+@click.argument("eval_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--step", type=int, help="Checkpoint step (default: the latest).")
+@click.option("--train", "train_dir", type=click.Path(), help="Training shard set, if it moved since fit.")
+@click.option("--max-seqs", type=click.IntRange(min=1), help="Evaluate at most this many sequences per set.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--watch", is_flag=True, help="Follow a running fit: evaluate each new checkpoint as it appears.")
+@click.option("--poll", type=float, default=30.0, show_default=True, help="Seconds between checks with --watch.")
+@_common_data_options
+@one_line_errors
+def evaluate(eval_dirs, run_dir, step, train_dir, max_seqs, batch_size, watch, poll, omniglot_dir, cache_dir,
+             devices, distributed) -> None:
+    """Evaluate a run's checkpoint on EVAL_DIRS: a table on stdout, JSON in RUN_DIR/evaluations/."""
+    from trainer.distributed import initialize, make_topology
+    from trainer.evaluate_cli import evaluate_run, watch_run
+
+    initialize(distributed)
+    topo = make_topology(devices)
+    kwargs = dict(train_dir=train_dir, max_seqs=max_seqs, batch_size=batch_size, omniglot_dir=omniglot_dir,
+                  cache_dir=cache_dir, topo=topo, echo=click.echo)
+    if watch:
+        watch_run(run_dir, eval_dirs, poll=poll, **kwargs)
+    else:
+        evaluate_run(run_dir, eval_dirs, step=step, **kwargs)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@one_line_errors
+def plot(run_dir) -> None:
+    """Write PNGs of ICL / IWL accuracy and loss against step into RUN_DIR/plots/."""
+    from trainer.plots import plot_run
+
+    for path in plot_run(run_dir):
+        click.echo(str(path))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,389 @@
+"""Shard sets on the host: open and validate a seqgen shard set, stream its batches, iterate it for evaluation.
+
+A shard set (README.md, "Shard format (version 1)") is a directory of `shard-NNNNN.h5` files plus a
+`manifest.json` written last; `open_shard_set` refuses a directory without it (an unfinished build),
+checks the format version, that every shard is there with the advertised rows (optionally its sha256),
+and reads the `seqgen.config.BuildConfig` back. `check_compatible` refuses an evaluation set whose class
+split, label space, dataset options or image table differ from the training set's.
+
+Data order is a pure function of (shard set, batch size, step), as in Grain / Levanter: batch `k` is rows
+`(k*B + j) mod num_seqs`, `j < B`, of the concatenated set (epochs repeat in the same order; the order was
+randomised when the set was built). Resuming at step `k` needs only `k`. With `process_count = P` hosts,
+host `p` reads only the slice `j in [p*B/P, (p+1)*B/P)` of every global batch, so the hosts' slices
+concatenate to the global batch.
+
+`BatchStream` reads on ONE background thread (h5py serialises all HDF5 calls, so more threads would not
+help) in large contiguous blocks that it keeps in a small LRU cache (random row reads of HDF5 are slow,
+ENGINEERING.md), and prefetches a few batches into a bounded queue. It yields dicts of integer numpy
+arrays only; pixels are made on the device (`trainer.images`):
+
+    example [B, L] int32   exemplar [B, L] int32   label [B, L] int32   is_rare [B, L] int32
+    noise_seed [B] uint32 (zeros when the set has none)   row [B] int64 (global row index)
+
+`eval_batches` yields the first `n` sequences once, in order, the last batch padded, with `valid [B] bool`.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from seqgen.config import BuildConfig, ConfigError
+
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "BatchStream", "DataError", "ShardInfo", "ShardSet",
+    "check_compatible", "eval_batches", "open_shard_set",
+]
+
+FORMAT = "emergent-icl/seqgen-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SEQ_FIELDS = ("example", "exemplar", "label", "is_rare")  # [rows, length] in every shard
+
+
+class DataError(Exception):
+    """A missing, unfinished, corrupt or mismatched shard set; the message is one line naming the fix."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str
+    start: int
+    rows: int
+    sha256: str
+
+
+@dataclass(frozen=True, eq=False)
+class ShardSet:
+    """A validated shard set: its manifest, typed config and the facts the trainer needs."""
+
+    path: Path
+    manifest: dict[str, Any]
+    config: BuildConfig
+    num_seqs: int
+    length: int
+    num_labels: int
+    split: dict[str, Any]
+    image_table_fingerprint: str | None
+
+    @property
+    def shards(self) -> tuple[ShardInfo, ...]:
+        return tuple(ShardInfo(s["file"], int(s["start"]), int(s["rows"]), str(s.get("sha256", "")))
+                     for s in self.manifest["shards"])
+
+    @property
+    def has_noise_seed(self) -> bool:
+        return self.config.needs_noise_seed
+
+
+# ---- opening and validating ------------------------------------------------------------------
+def _fail(path: Path, what: str) -> DataError:
+    return DataError(f"shard set {path}: {what}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise DataError(f"shard set {path} not found; build it with `seqgen build --out {path}`")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise _fail(path, f"no {MANIFEST}: an unfinished build (or not a shard set); rebuild it with seqgen build")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _fail(path, f"{MANIFEST} is not valid JSON ({e}); rebuild the set") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise _fail(path, f"{MANIFEST} is not a seqgen shard manifest (format != {FORMAT!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise _fail(path, f"format_version {manifest.get('format_version')!r} is not supported (this trainer reads "
+                          f"version {FORMAT_VERSION}); rebuild the set with this version of seqgen")
+    for key in ("config", "length", "num_labels", "split", "shards"):
+        if key not in manifest:
+            raise _fail(path, f"{MANIFEST} lacks '{key}'; rebuild the set")
+    return manifest
+
+
+def _check_shard_file(path: Path, info: ShardInfo, length: int, needs_seed: bool) -> None:
+    fpath = path / info.file
+    if not fpath.is_file():
+        raise _fail(path, f"shard file {info.file} is missing; rebuild the set")
+    try:
+        with h5py.File(fpath, "r") as f:
+            for name in SEQ_FIELDS:
+                if name not in f:
+                    raise _fail(path, f"{info.file} lacks dataset '{name}'; rebuild the set")
+                if f[name].shape != (info.rows, length):
+                    raise _fail(path, f"{info.file}/{name} has shape {f[name].shape}, manifest says "
+                                      f"({info.rows}, {length}); rebuild the set")
+            if needs_seed and ("noise_seed" not in f or f["noise_seed"].shape != (info.rows,)):
+                raise _fail(path, f"{info.file} lacks noise_seed [{info.rows}] the config needs; rebuild the set")
+    except OSError as e:
+        raise _fail(path, f"cannot read {info.file} ({e}); rebuild the set") from None
+
+
+def open_shard_set(path: str | Path, *, check_checksums: bool = False) -> ShardSet:
+    """Open and validate a shard set directory; DataError (one line) when unusable."""
+    path = Path(path)
+    m = _read_manifest(path)
+    try:
+        cfg = BuildConfig.from_dict(m["config"]).validate()
+    except (ConfigError, TypeError) as e:
+        raise _fail(path, f"manifest config is invalid ({e}); rebuild the set") from None
+    length, num_labels = int(m["length"]), int(m["num_labels"])
+    if length != cfg.length or num_labels != cfg.num_labels:
+        raise _fail(path, f"manifest length/num_labels ({length}/{num_labels}) disagree with its config "
+                          f"({cfg.length}/{cfg.num_labels}); rebuild the set")
+    image_table = m.get("image_table")
+    fingerprint = image_table.get("fingerprint") if isinstance(image_table, dict) else None
+    ss = ShardSet(path, m, cfg, 0, length, num_labels, m["split"], fingerprint)
+    try:
+        shards = ss.shards
+    except (KeyError, TypeError, ValueError) as e:
+        raise _fail(path, f"malformed shard list in {MANIFEST} ({e}); rebuild the set") from None
+    if not shards:
+        raise _fail(path, "manifest lists no shards; rebuild the set")
+    expected = 0
+    for info in shards:
+        if info.start != expected or info.rows < 1:
+            raise _fail(path, f"shard {info.file} starts at {info.start} with {info.rows} rows, expected start "
+                              f"{expected}; rebuild the set")
+        expected += info.rows
+        _check_shard_file(path, info, length, cfg.needs_noise_seed)
+        if check_checksums and _sha256(path / info.file) != info.sha256:
+            raise _fail(path, f"{info.file} fails its sha256 check (corrupt or modified); rebuild the set")
+    if expected != cfg.num_seqs:
+        raise _fail(path, f"shards hold {expected} sequences, config says {cfg.num_seqs}; rebuild the set")
+    return ShardSet(path, m, cfg, expected, length, num_labels, m["split"], fingerprint)
+
+
+def check_compatible(train: ShardSet, other: ShardSet) -> None:
+    """Refuse (DataError, one line) an evaluation set that does not share the training set's classes and labels."""
+    def split_lists(s: ShardSet) -> dict[str, Any]:
+        return {k: s.split.get(k) for k in ("rare", "common", "holdout", "zipf_weights_sha256")}
+
+    checks = [
+        ("class split", split_lists(train) == split_lists(other), "same --split options"),
+        ("num_labels", train.num_labels == other.num_labels,
+         f"{train.num_labels} vs {other.num_labels}; same split and labeling options"),
+        ("dataset config", train.config.dataset == other.config.dataset, "same dataset options"),
+        ("image table", train.image_table_fingerprint == other.image_table_fingerprint, "same Omniglot"),
+    ]
+    for what, ok, fix in checks:
+        if not ok:
+            raise DataError(f"eval set {other.path} does not match training set {train.path}: {what} differs; "
+                            f"rebuild it with the training set's options ({fix})")
+
+
+# ---- reading rows ------------------------------------------------------------------------------
+class _RowReader:
+    """Rows of a shard set by global index, read in contiguous blocks kept in a small LRU cache."""
+
+    def __init__(self, ss: ShardSet, block_rows: int, cache_blocks: int = 4):
+        self.ss = ss
+        self.shards = ss.shards
+        self.starts = np.array([s.start for s in self.shards], np.int64)
+        self.block_rows = block_rows
+        self.cache: collections.OrderedDict[tuple[int, int], dict[str, np.ndarray]] = collections.OrderedDict()
+        self.cache_blocks = cache_blocks
+        self.files: dict[int, h5py.File] = {}
+
+    def _block(self, shard: int, block: int) -> dict[str, np.ndarray]:
+        key = (shard, block)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        info = self.shards[shard]
+        if shard not in self.files:
+            self.files[shard] = h5py.File(self.ss.path / info.file, "r")
+        f = self.files[shard]
+        lo, hi = block * self.block_rows, min((block + 1) * self.block_rows, info.rows)
+        data = {name: np.asarray(f[name][lo:hi], dtype=np.int32) for name in SEQ_FIELDS}
+        if "noise_seed" in f:
+            data["noise_seed"] = np.asarray(f["noise_seed"][lo:hi], dtype=np.uint32)
+        else:
+            data["noise_seed"] = np.zeros(hi - lo, np.uint32)
+        self.cache[key] = data
+        while len(self.cache) > self.cache_blocks:
+            self.cache.popitem(last=False)
+        return data
+
+    def read(self, start: int, count: int) -> dict[str, np.ndarray]:
+        """Rows (start + i) mod num_seqs for i < count, as one dict of arrays (+ 'row')."""
+        n = self.ss.num_seqs
+        parts: list[dict[str, np.ndarray]] = []
+        pos, left = start % n, count
+        while left > 0:
+            shard = int(np.searchsorted(self.starts, pos, side="right") - 1)
+            local = pos - int(self.starts[shard])
+            block = local // self.block_rows
+            data = self._block(shard, block)
+            off = local - block * self.block_rows
+            take = min(left, len(data["example"]) - off)
+            parts.append({k: v[off:off + take] for k, v in data.items()})
+            pos, left = (pos + take) % n, left - take
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        out["row"] = (start + np.arange(count, dtype=np.int64)) % n
+        return out
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+        self.cache.clear()
+
+
+# ---- the background stream ----------------------------------------------------------------------
+_END = object()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    exc: BaseException
+
+
+class BatchStream:
+    """Host batches `start_step, start_step + 1, ...` (until `stop_step`, else forever), read on a thread.
+
+    Use as an iterator and close it (`close()` or `with BatchStream(...) as s:`). `step` is the index of
+    the next batch `next()` returns, i.e. what a checkpoint must store to resume exactly.
+    """
+
+    def __init__(self, shard_set: ShardSet, batch_size: int, *, start_step: int = 0, stop_step: int | None = None,
+                 process_index: int = 0, process_count: int = 1, prefetch: int = 4, block_rows: int = 1 << 16):
+        if batch_size < 1:
+            raise DataError(f"batch size must be >= 1, got {batch_size}")
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise DataError(f"process_index {process_index} must be in [0, process_count={process_count})")
+        if batch_size % process_count:
+            raise DataError(f"batch size {batch_size} must be divisible by the {process_count} processes")
+        if start_step < 0:
+            raise DataError(f"start step must be >= 0, got {start_step}")
+        if prefetch < 1 or block_rows < 1:
+            raise DataError("prefetch and block_rows must be >= 1")
+        self.shard_set = shard_set
+        self.batch_size = batch_size
+        self.local_batch_size = batch_size // process_count
+        self.offset = process_index * self.local_batch_size
+        self.step = start_step
+        self.stop_step = stop_step
+        self._block_rows = block_rows
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._done = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="BatchStream", daemon=True)
+        self._thread.start()
+
+    def batch_rows(self, k: int) -> np.ndarray:
+        """Global row indices of this host's part of batch k (for inspection and tests)."""
+        return (k * self.batch_size + self.offset + np.arange(self.local_batch_size, dtype=np.int64)) % \
+            self.shard_set.num_seqs
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        reader = _RowReader(self.shard_set, self._block_rows)
+        try:
+            k = self.step
+            while self.stop_step is None or k < self.stop_step:
+                batch = reader.read(k * self.batch_size + self.offset, self.local_batch_size)
+                if not self._put(batch):
+                    return
+                k += 1
+            self._put(_END)
+        except BaseException as e:  # re-raised in the consumer
+            self._put(_Failure(e))
+        finally:
+            reader.close()
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._error is not None:
+            raise self._error
+        if self._done:
+            raise StopIteration
+        while True:
+            try:
+                item = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._stop.is_set() or not self._thread.is_alive() and self._queue.empty():
+                    self._done = True
+                    raise StopIteration from None
+        if item is _END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, _Failure):
+            self._error = item.exc
+            raise item.exc
+        self.step += 1
+        return item
+
+    def close(self) -> None:
+        """Stop the reader thread and wait for it; idempotent."""
+        self._stop.set()
+        self._done = True
+        while self._thread.is_alive():
+            try:
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.05)
+
+    def __enter__(self) -> "BatchStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_thread", None) is not None:
+            self._stop.set()
+
+
+def eval_batches(shard_set: ShardSet, batch_size: int, max_seqs: int | None = None, *, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """The first `min(max_seqs, num_seqs)` sequences once, in order; batches carry `valid [b] bool`.
+
+    The last batch is padded to full size with further (wrapped) rows whose `valid` is False, so summing
+    per-sequence metrics over `valid` rows counts exactly n sequences.
+    """
+    if max_seqs is not None and max_seqs < 1:
+        raise DataError(f"max_seqs must be >= 1, got {max_seqs}")
+    n = shard_set.num_seqs if max_seqs is None else min(max_seqs, shard_set.num_seqs)
+    num_batches = -(-n // batch_size)
+    stream = BatchStream(shard_set, batch_size, stop_step=num_batches, process_index=process_index,
+                         process_count=process_count)
+    try:
+        for k, batch in enumerate(stream):
+            j = k * batch_size + stream.offset + np.arange(stream.local_batch_size, dtype=np.int64)
+            batch["valid"] = j < n
+            yield batch
+    finally:
+        stream.close()

@@ -1,0 +1,78 @@
+"""Data parallelism on JAX's own machinery: one `batch` mesh axis over every device of every host.
+
+The global batch is sharded along the mesh's `batch` axis; parameters, optimizer state and the image
+table are replicated. Because the model's BatchNorm averages over the vmapped batch axis inside one
+jitted program, its statistics are those of the global batch, exactly as on a single device. With several
+hosts (`jax.distributed.initialize()` first), each host reads only its slice of every global batch and
+`jax.make_array_from_process_local_data` assembles the global array.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+class TopologyError(Exception):
+    """Batch sizes or device counts that do not fit; one-line message."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    mesh: jax.sharding.Mesh
+    process_index: int
+    process_count: int
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def is_main(self) -> bool:
+        return self.process_index == 0
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def batch_sharding(self, leading: int = 0) -> NamedSharding:
+        """Sharding of arrays whose axis `leading` is the global batch axis."""
+        return NamedSharding(self.mesh, P(*([None] * leading), "batch"))
+
+    def check_batch(self, batch_size: int, what: str = "batch size") -> None:
+        if batch_size % self.num_devices:
+            raise TopologyError(
+                f"{what} {batch_size} is not divisible by the {self.num_devices} devices; "
+                f"use a multiple of {self.num_devices} (or fewer devices via CUDA_VISIBLE_DEVICES)"
+            )
+
+
+def initialize(distributed: bool) -> None:
+    """Join a multi-host job (coordinator address etc. from the environment, see README)."""
+    if distributed:
+        jax.distributed.initialize()
+
+
+def make_topology(num_devices: int | None = None) -> Topology:
+    devices = jax.devices()
+    if num_devices is not None:
+        if not 1 <= num_devices <= len(devices):
+            raise TopologyError(f"--devices {num_devices} asked but {len(devices)} are available")
+        devices = devices[:num_devices]
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+    return Topology(mesh, jax.process_index(), jax.process_count())
+
+
+def to_global(topo: Topology, local: dict[str, np.ndarray], leading: int = 0) -> dict[str, jax.Array]:
+    """Turn this host's slice of a batch into global, batch-sharded device arrays."""
+    sharding = topo.batch_sharding(leading)
+    if topo.process_count == 1:
+        return {k: jax.device_put(v, sharding) for k, v in local.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def replicate(topo: Topology, tree: Any) -> Any:
+    return jax.device_put(tree, topo.replicated())

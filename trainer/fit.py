@@ -1,0 +1,189 @@
+"""`trainer fit`: the training loop.
+
+Batch k of the run is rows [k*B, (k+1)*B) of the training shard set (wrapping around), so resuming at
+step s needs nothing but s: the restored TrainState (model, BatchNorm state, optimizer state, key) and
+`BatchStream(start_step=s)` continue exactly where an uninterrupted run would be. Metrics are fetched from
+the device every `log_every` steps; evaluation every `eval_every` steps; checkpoints every
+`checkpoint_every` steps, at the end, and at the first Ctrl+C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from trainer import checkpoint
+from trainer.config import TrainConfig
+from trainer.data import BatchStream
+from trainer.distributed import Topology, make_topology, replicate, to_global
+from trainer.evaluate import evaluate_set, set_name
+from trainer.run import RunDir, RunError
+from trainer.session import Session, data_record, make_session, restore
+from trainer.signals import GracefulInterrupt
+from trainer.step import TrainState, init_state, make_train_step
+
+
+@dataclass(frozen=True)
+class FitResult:
+    step: int
+    interrupted: bool
+    run_dir: str
+
+
+def _prepare_run(run: RunDir, cfg: TrainConfig, resume: bool, session_data: dict[str, Any]) -> int | None:
+    """Validate the run directory for a fresh start or a resume; return the step to resume from."""
+    if resume:
+        if not run.exists():
+            raise RunError(f"--resume given but {run.path} holds no run; drop --resume to start one")
+        stored = run.read()
+        if stored["data"]["train"]["fingerprint"] != session_data["train"]["fingerprint"]:
+            raise RunError(
+                f"--train differs from the shard set this run was trained on ({stored['data']['train']['path']}); "
+                "resume with the same --train"
+            )
+        return checkpoint.latest_step(run.path)
+    if run.exists() or checkpoint.list_steps(run.path):
+        raise RunError(f"{run.path} already holds a run; use --resume to continue it or pick another --run-dir")
+    return None
+
+
+def fit(
+    cfg: TrainConfig,
+    train_path: str | os.PathLike,
+    eval_paths: Sequence[str | os.PathLike],
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    omniglot_dir: Any = None,
+    cache_dir: Any = "data/cache",
+    topo: Topology | None = None,
+    progress: bool | None = None,
+    interrupt: GracefulInterrupt | None = None,
+) -> FitResult:
+    cfg = cfg.validate()
+    topo = topo or make_topology()
+    topo.check_batch(cfg.training.batch_size)
+    run = RunDir(run_dir)
+    if resume and run.exists():
+        cfg = _resumed_config(run, cfg)
+    session = make_session(cfg, train_path, eval_paths, topo, omniglot_dir=omniglot_dir, cache_dir=cache_dir)
+    record = data_record(session.train, session.evals)
+    start = _prepare_run(run, cfg, resume, record)
+    num_classes = session.train.num_labels
+    if start is None:
+        state = replicate(topo, init_state(cfg, num_classes))
+        start = 0
+        if topo.is_main:
+            run.create(cfg, record)
+    else:
+        state = restore(run.path, start, cfg, num_classes, topo)
+        if topo.is_main:
+            run.truncate_metrics_after(start)
+            run.create(cfg, record)  # records the (possibly extended) number of steps
+    with (interrupt or GracefulInterrupt()) as stop:
+        return _loop(session, run, state, start, stop, progress)
+
+
+def _resumed_config(run: RunDir, given: TrainConfig) -> TrainConfig:
+    """A resumed run keeps its stored config; only the number of steps may change (to extend a run)."""
+    stored = run.train_config()
+    extended = TrainConfig.from_dict({**stored.to_dict(), "training": {**stored.to_dict()["training"], "steps": given.training.steps}})
+    return extended
+
+
+def _loop(session: Session, run: RunDir, state: TrainState, start: int, stop: GracefulInterrupt, progress: bool | None) -> FitResult:
+    cfg, topo = session.cfg, session.topo
+    t = cfg.training
+    train_step = make_train_step(session.ctx)
+    eval_steps = session.eval_steps()
+    stream = BatchStream(
+        session.train, t.batch_size // topo.process_count, start_step=start,
+        process_index=topo.process_index, process_count=topo.process_count,
+    )
+    step = start
+    pending: list[tuple[int, dict[str, Any]]] = []
+    bar = tqdm(total=t.steps, initial=start, disable=None if progress is None else not progress,
+               unit="step", dynamic_ncols=True)
+    interrupted = False
+    try:
+        with stream:
+            while step < t.steps:
+                if stop.stop_requested:
+                    interrupted = True
+                    break
+                k = _dispatch_size(step, t)
+                local = [next(stream) for _ in range(k)]
+                stacked = {name: np.stack([b[name] for b in local]) for name in local[0]}
+                state, metrics = train_step(session.table, state, to_global(topo, stacked, leading=1))
+                pending.append((step, metrics))
+                step += k
+                bar.update(k)
+                if step % t.log_every == 0 or step == t.steps:
+                    _flush_train_metrics(run, topo, pending, bar)
+                    pending = []
+                if step % t.eval_every == 0 or step == t.steps:
+                    if not _evaluate(session, run, eval_steps, state, step, stop):
+                        interrupted = True
+                        break
+                if step % t.checkpoint_every == 0 or step == t.steps:
+                    _save(run, topo, state, step, cfg, session)
+    finally:
+        bar.close()
+    if pending:
+        _flush_train_metrics(run, topo, pending, None)
+    if interrupted:
+        _save(run, topo, state, step, cfg, session)
+    return FitResult(step=step, interrupted=interrupted, run_dir=str(run.path))
+
+
+def _dispatch_size(step: int, t: Any) -> int:
+    """Steps in the next jitted call: up to steps_per_dispatch, never crossing a log/eval/save boundary."""
+    k = t.steps_per_dispatch
+    for every in (t.log_every, t.eval_every, t.checkpoint_every):
+        k = min(k, every - step % every)
+    return max(1, min(k, t.steps - step))
+
+
+def _flush_train_metrics(run: RunDir, topo: Topology, pending: list, bar: Any) -> None:
+    """One record per logging window: metrics averaged over the steps since the last record."""
+    host = jax.device_get([m for _, m in pending])
+    first, _ = pending[0]
+    names = host[0].keys()
+    means = {name: float(np.mean(np.concatenate([np.ravel(m[name]) for m in host]))) for name in names}
+    steps = sum(len(np.ravel(next(iter(m.values())))) for m in host)
+    end = first + steps
+    if topo.is_main:
+        run.append_metrics({"step": end, "kind": "train", "window": steps, "metrics": means})
+    if bar is not None:
+        bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy_query']:.3f}")
+
+
+def _evaluate(session: Session, run: RunDir, eval_steps: list, state: TrainState, step: int, stop: GracefulInterrupt) -> bool:
+    t = session.cfg.training
+    for shard_set, eval_step in zip(session.evals, eval_steps):
+        summary = evaluate_set(
+            eval_step, session.table, state.model, state.bn_state, shard_set, session.topo,
+            max_seqs=t.eval_seqs, batch_size=t.eval_batch_size, should_stop=lambda: stop.stop_requested,
+        )
+        if summary is None:
+            return False
+        if session.topo.is_main:
+            run.append_metrics({
+                "step": step, "kind": "eval", "source": "fit", "set": set_name(shard_set),
+                "seq_type": shard_set.config.seq_type.value, "metrics": summary,
+            })
+    return True
+
+
+def _save(run: RunDir, topo: Topology, state: TrainState, step: int, cfg: TrainConfig, session: Session) -> None:
+    if not topo.is_main:
+        return
+    meta = {"trainer": cfg.to_dict(), "num_classes": session.train.num_labels, "time": time.time(),
+            "data": data_record(session.train, session.evals)}
+    checkpoint.save(run.path, step, jax.device_get(state), meta, keep=cfg.training.keep_checkpoints)

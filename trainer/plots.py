@@ -1,0 +1,105 @@
+"""`trainer plot RUN_DIR`: PNGs of ICL, IWL and loss against step, from `metrics.jsonl`.
+
+- `plots/icl_iwl.png`: ICL (accuracy_closed on fewshot_holdout sets, chance line at 1/ways) and IWL
+  (accuracy_query on no_support_zipfian sets) with their 95 % intervals as bands; every other eval set's
+  accuracy_closed is drawn thinner.
+- `plots/loss.png`: training loss (and eval losses) against step, log-scaled steps.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from trainer.run import RunDir, RunError  # noqa: E402
+
+ICL_SET = "fewshot_holdout"
+IWL_SET = "no_support_zipfian"
+
+
+def _series(run: RunDir):
+    train = defaultdict(list)
+    evals: dict[tuple[str, str], list[tuple[int, dict]]] = defaultdict(list)
+    for r in run.read_metrics():
+        if r.get("kind") == "train":
+            for k, v in r["metrics"].items():
+                train[k].append((r["step"], v))
+        elif r.get("kind") == "eval":
+            evals[(r["set"], r["seq_type"])].append((r["step"], r["metrics"]))
+    for key in evals:
+        by_step = {s: m for s, m in evals[key]}  # a re-evaluated step keeps its latest record
+        evals[key] = sorted(by_step.items())
+    return train, evals
+
+
+def plot_run(run_dir: str | os.PathLike) -> list[Path]:
+    run = RunDir(run_dir)
+    run.read()
+    train, evals = _series(run)
+    if not train and not evals:
+        raise RunError(f"{run.metrics_path} has no metrics yet; train with `trainer fit` first")
+    run.plots_dir.mkdir(parents=True, exist_ok=True)
+    ways = run.read().get("data", {}).get("ways")
+    return [_plot_accuracy(run, evals, ways), _plot_loss(run, train, evals)]
+
+
+def _band(ax, points, metric, label, **kw):
+    pts = [(s, m[metric]) for s, m in points if metric in m]
+    if not pts:
+        return False
+    steps = [s for s, _ in pts]
+    ax.plot(steps, [m["mean"] for _, m in pts], marker="o", ms=3, label=label, **kw)
+    ax.fill_between(steps, [m["ci95"][0] for _, m in pts], [m["ci95"][1] for _, m in pts], alpha=0.2)
+    return True
+
+
+def _plot_accuracy(run: RunDir, evals, ways) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drew = False
+    for (name, seq_type), pts in sorted(evals.items()):
+        if seq_type == ICL_SET:
+            drew |= _band(ax, pts, "accuracy_closed", f"ICL: accuracy_closed, {name}", lw=2)
+        elif seq_type == IWL_SET:
+            drew |= _band(ax, pts, "accuracy_query", f"IWL: accuracy, {name}", lw=2)
+        else:
+            drew |= _band(ax, pts, "accuracy_closed", f"accuracy_closed, {name}", lw=1, alpha=0.7)
+    ax.axhline(0.5 if not ways else 1.0 / ways, color="grey", ls=":", lw=1, label="ICL chance")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"In-context vs in-weights learning — {run.path.name}")
+    if drew:
+        ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    out = run.plots_dir / "icl_iwl.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _plot_loss(run: RunDir, train, evals) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train.get("loss"):
+        steps, vals = zip(*train["loss"])
+        ax.plot(steps, vals, lw=1, label="train loss")
+    for (name, _), pts in sorted(evals.items()):
+        pts = [(s, m["loss"]["mean"]) for s, m in pts if "loss" in m]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, lw=1, label=f"eval loss, {name}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_title(f"Loss — {run.path.name}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    out = run.plots_dir / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

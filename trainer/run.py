@@ -1,0 +1,112 @@
+"""The run directory: `config.json`, `metrics.jsonl`, `checkpoints/step-N/`, `evaluations/`, `plots/`.
+
+`config.json` holds the resolved TrainConfig, the paths and fingerprints of the shard sets, and library
+versions. `metrics.jsonl` gets one JSON object per line, appended and flushed:
+  {"step": 100, "kind": "train", "metrics": {"loss": .., "accuracy_query": .., ...}}
+  {"step": 5000, "kind": "eval", "set": "fewshot_holdout", "seq_type": "fewshot_holdout", "source": "fit",
+   "metrics": {"accuracy_closed": {"mean": .., "ci95": [lo, hi], "n": 2048}, ...}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Iterator
+
+from trainer.config import TrainConfig
+
+
+class RunError(Exception):
+    """A run directory that cannot be used as asked; one-line message."""
+
+
+def versions() -> dict[str, str]:
+    import equinox
+    import h5py
+    import jax
+    import numpy
+    import optax
+
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "equinox": equinox.__version__,
+        "optax": optax.__version__,
+        "numpy": numpy.__version__,
+        "h5py": h5py.__version__,
+        "backend": jax.default_backend(),
+    }
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def evaluations_dir(self) -> Path:
+        return self.path / "evaluations"
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def create(self, cfg: TrainConfig, data: dict[str, Any]) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            record = {"trainer": cfg.to_dict(), "data": data, "versions": versions()}
+            tmp = self.config_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+            os.replace(tmp, self.config_path)
+        except OSError as e:
+            raise RunError(f"cannot write run directory {self.path}: {e.strerror or e}") from None
+
+    def read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.config_path.read_text())
+        except FileNotFoundError:
+            raise RunError(f"{self.path} is not a run directory (no config.json); start one with `trainer fit`") from None
+        except json.JSONDecodeError:
+            raise RunError(f"{self.config_path} is corrupt; restore it or start a new --run-dir") from None
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.read()["trainer"])
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+
+    def read_metrics(self) -> Iterator[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return
+        with self.metrics_path.open() as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a hard kill: skip it
+
+    def truncate_metrics_after(self, step: int) -> None:
+        """On resume, drop records logged after the checkpoint we restart from (they will be redone)."""
+        if not self.metrics_path.is_file():
+            return
+        kept = [r for r in self.read_metrics() if r.get("step", 0) <= step or r.get("source") == "watch"]
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        os.replace(tmp, self.metrics_path)

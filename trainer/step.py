@@ -1,0 +1,140 @@
+"""The train state, the optimizer with the original's schedule, and the jitted train / eval steps.
+
+`TrainState` is the whole checkpoint: step, model, BatchNorm state, optimizer state and the training key
+(a raw uint32 key, so it serialises). One jitted call does `steps_per_dispatch` steps (lax.scan over
+stacked batches); each step builds the pixels from integer batches on the device
+(`trainer.images.make_examples`), runs the model, takes the gradient of the original's loss and applies
+Adam. Everything that does not change during a run (configs, label sets, the image table) is closed over
+or passed as the un-donated first argument.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+
+from seqgen.config import BuildConfig, SeqType
+from trainer.config import OptimizerConfig, TrainConfig
+from trainer.images import make_examples
+from trainer.metrics import LabelSets, per_sequence_metrics
+from trainer.models import forward, make_model, targets
+
+
+class TrainState(eqx.Module):
+    step: jax.Array  # int32 scalar: number of updates applied
+    model: Any
+    bn_state: Any
+    opt_state: Any
+    key: jax.Array  # uint32[2] raw key, split once per step
+
+
+def learning_rate(cfg: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:
+    """Linear warm-up to max_lr over warmup_steps, then inverse square root decay (the original's schedule).
+
+    lr(s) = min(max_lr / warmup * s, max_lr * sqrt(warmup) / sqrt(s)); lr(0) = 0 as in the original.
+    """
+    max_lr, warmup = cfg.max_lr, float(cfg.warmup_steps)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        s = jnp.asarray(count, jnp.float32)
+        return jnp.minimum(max_lr / warmup * s, max_lr * jnp.sqrt(warmup) * jnp.power(s, -0.5))
+
+    return schedule
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    adam = optax.adam(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    if cfg.clip_norm is None:
+        return adam
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam)
+
+
+def init_state(cfg: TrainConfig, num_classes: int) -> TrainState:
+    """Fresh train state; named key streams from one root seed: model init and training (dropout)."""
+    model_key, train_key = jr.split(jr.PRNGKey(cfg.training.seed))
+    model, bn_state = make_model(cfg.model, num_classes, key=model_key)
+    opt_state = make_optimizer(cfg.optimizer).init(eqx.filter(model, eqx.is_inexact_array))
+    return TrainState(jnp.asarray(0, jnp.int32), model, bn_state, opt_state, train_key)
+
+
+def state_skeleton(cfg: TrainConfig, num_classes: int) -> TrainState:
+    """A train state of the right structure, shapes and dtypes, for loading checkpoints into."""
+    return init_state(cfg, num_classes)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything static a step needs to know about the data."""
+
+    train_cfg: TrainConfig
+    data_cfg: BuildConfig  # of the training set: label sets, dataset mapping, noise
+    label_sets: LabelSets
+
+    @classmethod
+    def create(cls, train_cfg: TrainConfig, data_cfg: BuildConfig) -> "StepContext":
+        return cls(train_cfg, data_cfg, LabelSets.from_config(data_cfg))
+
+    def examples(self, table: jax.Array, batch: dict[str, jax.Array], set_cfg: BuildConfig) -> jax.Array:
+        return make_examples(table, batch, set_cfg)
+
+
+def _loss_and_metrics(model, bn_state, examples, labels, key, ctx: StepContext, seq_type: SeqType, inference: bool):
+    logits, bn_state = forward(model, bn_state, examples, labels, key=key, inference=inference)
+    per = per_sequence_metrics(
+        logits, targets(labels, ctx.train_cfg.model), ctx.label_sets, seq_type,
+        ctx.train_cfg.training.w_interim_predictions,
+    )
+    return per, bn_state
+
+
+def make_train_step(ctx: StepContext) -> Callable:
+    """Return `step(table, state, batches) -> (state, metrics)`; batches have a leading dispatch axis K."""
+    optimizer = make_optimizer(ctx.train_cfg.optimizer)
+    seq_type = ctx.data_cfg.seq_type
+
+    def one_step(table, state: TrainState, batch):
+        key, step_key = jr.split(state.key)
+        examples = ctx.examples(table, batch, ctx.data_cfg)
+
+        def loss_fn(model):
+            per, bn_state = _loss_and_metrics(
+                model, state.bn_state, examples, batch["label"], step_key, ctx, seq_type, False
+            )
+            return jnp.mean(per["loss"]), (bn_state, per)
+
+        (_, (bn_state, per)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(state.model)
+        params = eqx.filter(state.model, eqx.is_inexact_array)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        model = eqx.apply_updates(state.model, updates)
+        metrics = {k: jnp.mean(v) for k, v in per.items()}
+        return TrainState(state.step + 1, model, bn_state, opt_state, key), metrics
+
+    @functools.partial(eqx.filter_jit, donate="all-except-first")
+    def step(table, state: TrainState, batches):
+        def body(s, b):
+            return one_step(table, s, b)
+
+        return jax.lax.scan(body, state, batches)
+
+    return step
+
+
+def make_eval_step(ctx: StepContext, set_cfg: BuildConfig) -> Callable:
+    """Return `evaluate(table, model, bn_state, batch) -> per-sequence metrics dict` in inference mode."""
+    seq_type = set_cfg.seq_type
+
+    @eqx.filter_jit
+    def evaluate(table, model, bn_state, batch):
+        examples = ctx.examples(table, batch, set_cfg)
+        model = eqx.nn.inference_mode(model)
+        per, _ = _loss_and_metrics(model, bn_state, examples, batch["label"], None, ctx, seq_type, True)
+        return per
+
+    return evaluate
