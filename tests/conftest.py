@@ -1,0 +1,36 @@
+"""Shared pytest fixtures: the real Omniglot image table, built once per session when the data is there."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def shared_omniglot_dir() -> Path | None:
+    """The complete Omniglot: `$OMNIGLOT_DIR`, else `../shared/omniglot` beside the repository; None if absent."""
+    env = os.environ.get("OMNIGLOT_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "omniglot")
+    for c in candidates:
+        if (c / "images_background.zip").is_file() or (c / "images_background").is_dir():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def omniglot_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's image-table cache directory (the real table is cached here by `omniglot_table`)."""
+    return tmp_path_factory.mktemp("omniglot-cache")
+
+
+@pytest.fixture(scope="session")
+def omniglot_table(omniglot_cache_dir: Path):
+    """The real 1623x20x105x105 image table (seqgen.omniglot.ImageTable); skips when Omniglot is absent."""
+    src = shared_omniglot_dir()
+    if src is None:
+        pytest.skip("complete Omniglot not found (set OMNIGLOT_DIR or provide ../shared/omniglot)")
+    from seqgen.omniglot import load_image_table
+
+    return load_image_table(src, cache_dir=omniglot_cache_dir, progress=False)
