@@ -178,10 +178,10 @@ def check_compatible(train: ShardSet, other: ShardSet) -> None:
         return {k: s.split.get(k) for k in ("rare", "common", "holdout", "zipf_weights_sha256")}
 
     checks = [
-        ("class split", split_lists(train) == split_lists(other), "same --split options"),
+        ("dataset config", train.config.dataset == other.config.dataset, "same dataset options"),
+        ("class split", split_lists(train) == split_lists(other), "same split options"),
         ("num_labels", train.num_labels == other.num_labels,
          f"{train.num_labels} vs {other.num_labels}; same split and labeling options"),
-        ("dataset config", train.config.dataset == other.config.dataset, "same dataset options"),
         ("image table", train.image_table_fingerprint == other.image_table_fingerprint, "same Omniglot"),
     ]
     for what, ok, fix in checks:

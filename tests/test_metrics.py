@@ -1,0 +1,181 @@
+"""trainer.metrics: every metric against hand-computed tiny cases, polysemy branches, label sets, intervals."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seqgen.config import (BuildConfig, DatasetConfig, ExampleType, Labeling, SeqType, SequenceConfig,
+                           SplitConfig)
+from seqgen.split import make_split
+from trainer.metrics import (METRICS, LabelSets, MetricsError, batch_sums, chance_level, headline,
+                             per_sequence_metrics, summarize, training_loss)
+
+LN = np.log
+# 6 labels: rare {0,1,2,3}, common {4,5}; ways 2.  L = 3 examples -> T = 5 positions.
+SETS = LabelSets(common=np.array([4, 5]), rare=np.arange(4), ways=2, polysemy=1, n_rare=4)
+TARGETS = np.array([[1, 0, 0, 0, 1],   # support labels (positions 0, 2): 1, 0; query label 1
+                    [0, 0, 5, 0, 5]])  # support labels 0, 5; query label 5
+
+
+def _logits(query_probs: list[list[float]], t_len: int = 5, c: int = 6) -> jnp.ndarray:
+    """Zero logits (uniform: pred 0, loss ln C) everywhere except the query: log of given unnormalised probs."""
+    x = np.zeros((len(query_probs), t_len, c), np.float32)
+    x[:, -1] = LN(np.array(query_probs, np.float64))
+    return jnp.asarray(x)
+
+
+LOGITS = _logits([[1, 2, 1, 4, 1, 1],   # seq 0: open pred 3; among {0,1} pred 1; loss(target 1) = ln(10/2)
+                  [1, 1, 1, 1, 1, 3]])  # seq 1: open pred 5; among {0,1} pred 0 (tie -> first); loss(5) = ln(8/3)
+
+
+def _m(seq_type, w=0.0, logits=LOGITS, targets=TARGETS, sets=SETS):
+    out = per_sequence_metrics(logits, jnp.asarray(targets), sets, seq_type, w)
+    assert tuple(out) == METRICS and all(v.shape == (len(targets),) for v in out.values())
+    return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+def test_fewshot_query_only_by_hand():
+    m = _m(SeqType.FEWSHOT_HOLDOUT)
+    np.testing.assert_allclose(m["loss"], [LN(5), LN(8 / 3)], rtol=1e-5)
+    np.testing.assert_allclose(m["loss_query"], [LN(5), LN(8 / 3)], rtol=1e-5)
+    expected = {
+        "loss_interim": [0, 0], "accuracy_interim": [0, 0],  # w_interim = 0: the original reports 0
+        "accuracy_query": [0, 1], "accuracy_closed": [1, 0],
+        "from_common": [0, 1], "from_rare": [1, 0], "from_fewshot": [0, 0],
+        "from_support": [0, 1], "from_support_common": [0, 1], "from_support_rare": [0, 0],
+        "from_support_fewshot": [0, 0],
+    }
+    for k, v in expected.items():
+        np.testing.assert_array_equal(m[k], v, err_msg=k)
+
+
+def test_interim_weighting_by_hand():
+    m = _m(SeqType.FEWSHOT_HOLDOUT, w=0.5)
+    # weights: 0.5/2 at positions 0 and 2 (uniform logits: loss ln 6), 0.5 at the query
+    np.testing.assert_allclose(m["loss"], [0.5 * LN(6) + 0.5 * LN(5), 0.5 * LN(6) + 0.5 * LN(8 / 3)], rtol=1e-5)
+    # the original averages the WEIGHTED losses over each mask
+    np.testing.assert_allclose(m["loss_query"], [0.5 * LN(5), 0.5 * LN(8 / 3)], rtol=1e-5)
+    np.testing.assert_allclose(m["loss_interim"], [0.25 * LN(6)] * 2, rtol=1e-5)
+    # interim predictions are 0 (uniform logits): seq 0 targets (1, 0) -> 1/2, seq 1 targets (0, 5) -> 1/2
+    np.testing.assert_allclose(m["accuracy_interim"], [0.5, 0.5])
+    np.testing.assert_allclose(training_loss(LOGITS, jnp.asarray(TARGETS), 0.5), m["loss"].mean(), rtol=1e-5)
+    np.testing.assert_allclose(training_loss(LOGITS, jnp.asarray(TARGETS)), (LN(5) + LN(8 / 3)) / 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seq_type, closed", [
+    (SeqType.BURSTY, [1, 0]),  # the original's first branch: labels 0..ways-1
+    (SeqType.FEWSHOT_COMMON, [1, 0]),
+    (SeqType.NO_SUPPORT_COMMON, [0, 1]),  # among {4, 5}: seq 0 -> 4 (tie), seq 1 -> 5
+    (SeqType.NO_SUPPORT_RARE, [0, 0]),  # among {0..3}: seq 0 -> 3, seq 1 -> 0
+    (SeqType.NO_SUPPORT_ZIPFIAN, [0, 1]),  # all six labels: open vocabulary
+    (SeqType.MIXED, [0, 0]),  # not computed by the original
+])
+def test_accuracy_closed_per_type(seq_type, closed):
+    np.testing.assert_array_equal(_m(seq_type)["accuracy_closed"], closed)
+
+
+def test_out_of_range_target_has_zero_loss():
+    t = TARGETS.copy()
+    t[0, -1] = 7  # >= C: hk.one_hot gives zeros
+    assert _m(SeqType.BURSTY, targets=t)["loss"][0] == 0.0
+
+
+# ---- polysemy ----------------------------------------------------------------------------------
+POLY_CFG = BuildConfig(
+    dataset=DatasetConfig(example_type=ExampleType.SYMBOLIC, symbolic_size=20),
+    split=SplitConfig(n_rare_classes=2, n_common_classes=3, n_holdout_classes=1),
+    sequence=SequenceConfig(polysemy=2),
+)
+
+
+def test_polysemy_label_sets_reproduce_original_arithmetic():
+    ls = LabelSets.from_config(POLY_CFG)
+    assert POLY_CFG.num_labels == 7 and ls.polysemy == 2 and ls.n_rare == 2
+    np.testing.assert_array_equal(ls.rare, [0, 1, 2, 3])
+    np.testing.assert_array_equal(ls.common, [4])  # range(n_rare*P, n_classes - n_holdout) = range(4, 5)
+
+
+def _one_hot_logits(preds: list[int], c: int = 7) -> jnp.ndarray:
+    x = np.zeros((len(preds), 5, c), np.float32)
+    for b, p in enumerate(preds):
+        x[b, -1, p] = 5.0
+    return jnp.asarray(x)
+
+
+@pytest.mark.parametrize("seq_type", [SeqType.NO_SUPPORT_RARE, SeqType.NO_SUPPORT_ZIPFIAN])
+def test_polysemy_rare_counts_block_of_labels(seq_type):
+    ls = LabelSets.from_config(POLY_CFG)
+    targets = np.array([[0, 0, 0, 0, 1]] * 4)  # query target 1: block [1 // 2 * 2, +2) = {0, 1}
+    m = _m(seq_type, logits=_one_hot_logits([0, 1, 2, 3]), targets=targets, sets=ls)
+    np.testing.assert_array_equal(m["accuracy_query"], [1, 1, 0, 0])
+    # closed accuracy is not polysemy-aware (exact match), as the original
+    assert m["accuracy_closed"][1] == 1 and m["accuracy_closed"][0] == 0
+    # outside the no_support eval branch: plain equality
+    np.testing.assert_array_equal(_m(SeqType.BURSTY, logits=_one_hot_logits([0, 1, 2, 3]), targets=targets,
+                                     sets=ls)["accuracy_query"], [0, 1, 0, 0])
+
+
+def test_polysemy_common_shifts_targets():
+    ls = LabelSets.from_config(POLY_CFG)
+    # common class 0 has the eval label n_rare + 0 = 2; the model's label is n_rare * P + 0 = 4
+    targets = np.array([[3, 0, 2, 0, 2]] * 3)
+    m = _m(SeqType.NO_SUPPORT_COMMON, logits=_one_hot_logits([4, 2, 5]), targets=targets, sets=ls)
+    np.testing.assert_array_equal(m["accuracy_query"], [1, 0, 0])
+    np.testing.assert_array_equal(m["accuracy_closed"], [1, 1, 1])  # valid labels {4}: always 4 = shifted target
+    # support labels shifted too: (3, 2) -> (5, 4)
+    np.testing.assert_array_equal(m["from_support"], [1, 0, 1])
+    np.testing.assert_array_equal(m["from_common"], [1, 0, 0])
+    np.testing.assert_array_equal(m["from_support_common"], [1, 0, 0])
+
+
+# ---- label sets ---------------------------------------------------------------------------------
+def test_label_sets_default_and_original():
+    ls = LabelSets.from_config(BuildConfig())
+    np.testing.assert_array_equal(ls.rare, np.arange(1603))
+    np.testing.assert_array_equal(ls.common, np.arange(1603, 1613))
+    assert ls.ways == 2 and ls.polysemy == 1
+    cfg = BuildConfig(sequence=SequenceConfig(labeling_common=Labeling.ORIGINAL, labeling_rare=Labeling.ORIGINAL))
+    ls = LabelSets.from_config(cfg)
+    split = make_split(cfg)
+    np.testing.assert_array_equal(ls.common, split.common)
+    np.testing.assert_array_equal(ls.rare, split.rare)
+    cfg = BuildConfig(sequence=SequenceConfig(labeling_rare=Labeling.ORIGINAL))
+    with pytest.raises(MetricsError, match="labeling_common=original") as e:
+        LabelSets.from_config(cfg)
+    assert "\n" not in str(e.value)
+
+
+# ---- aggregation and intervals --------------------------------------------------------------------
+def test_batch_sums_respects_valid_mask():
+    per = {"accuracy_query": jnp.array([1.0, 0.0, 1.0]), "loss": jnp.array([1.0, 2.0, 3.0])}
+    sums, sq = batch_sums(per, jnp.array([True, True, False]))
+    assert float(sums["accuracy_query"]) == 1.0 and float(sums["loss"]) == 3.0 and float(sq["loss"]) == 5.0
+    sums, _ = batch_sums(per)
+    assert float(sums["loss"]) == 6.0
+
+
+def test_summarize_wilson_and_normal():
+    s = summarize({"accuracy_query": 5, "from_rare": 0, "loss": 10.0},
+                  {"accuracy_query": 5, "from_rare": 0, "loss": 30.0}, 10)
+    lo, hi = s["accuracy_query"]["ci95"]
+    assert s["accuracy_query"]["mean"] == 0.5 and s["accuracy_query"]["n"] == 10
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)  # Wilson 5/10 (textbook value)
+    lo, hi = s["from_rare"]["ci95"]
+    assert lo == 0.0 and round(hi, 4) == 0.2775  # Wilson 0/10
+    s = summarize({"loss": 10.0}, {"loss": 30.0}, 4)  # values 1, 2, 3, 4
+    half = 1.959964 * math.sqrt((30 - 4 * 2.5**2) / 3) / 2
+    np.testing.assert_allclose(s["loss"]["ci95"], [2.5 - half, 2.5 + half], rtol=1e-6)
+    assert all(math.isnan(x) for x in summarize({"loss": 1.0}, {"loss": 1.0}, 1)["loss"]["ci95"])
+    with pytest.raises(MetricsError):
+        summarize({"loss": 0.0}, {"loss": 0.0}, 0)
+
+
+def test_headlines_and_chance():
+    assert headline(SeqType.FEWSHOT_HOLDOUT) == ("icl", "accuracy_closed")
+    assert headline(SeqType.NO_SUPPORT_ZIPFIAN) == ("iwl", "accuracy_query")
+    assert headline(SeqType.BURSTY) is None
+    assert chance_level(SeqType.FEWSHOT_HOLDOUT, SETS) == 0.5 and chance_level(SeqType.BURSTY, SETS) is None

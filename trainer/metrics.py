@@ -1,0 +1,263 @@
+"""Every loss / accuracy metric of the original, per sequence, and their 95% confidence intervals.
+
+Mirrors `_compute_loss_and_accuracy` of the original (Chan et al. 2022, experiment/experiment.py), with
+values per sequence ([B]) so that an evaluation can sum them over exactly n sequences (the original's
+evaluation averaged per-sequence values too: it ran batches of one sequence).
+
+Inputs: logits [B, T, C] and targets [B, T] with T = 2L - 1 (examples and labels interleaved; targets
+are `[l_0, 0, l_1, 0, ..., l_{L-1}]`, the original's `prepare_seqs_for_transformer`). The prediction at
+position t is scored against targets[t]: "interim" positions are `[:-1:2]` (the support examples),
+the query is position -1.
+
+Headline numbers (say them plainly in outputs):
+- ICL (in-context learning) = `accuracy_closed` on `fewshot_holdout` sequences: the query's label
+  among the `ways` labels 0..ways-1 used in the context; chance = 1 / ways.
+- IWL (in-weights learning) = `accuracy_query` on `no_support_zipfian` sequences (the query's class
+  never appears in the context, so only knowledge stored in the weights helps).
+- The original's logged `eval_accuracy` was `accuracy_query`: open vocabulary (argmax over all C
+  labels), on whatever sequence type was evaluated.
+
+Faithful quirks of the original, kept on purpose (so numbers compare):
+- With `w_interim > 0`, `loss_query` / `loss_interim` are means of the WEIGHTED losses (query loss times
+  1 - w; interim losses times w / n_interim); with `w_interim == 0`, `loss_interim` and
+  `accuracy_interim` are 0.
+- Targets outside [0, C) have an all-zero one-hot vector, hence zero loss (`hk.one_hot`).
+- `accuracy_closed` on `bursty` sequences uses the labels 0..ways-1, and is 0 on `mixed` sequences.
+- Polysemy (`labeling_rare = ordered`, polysemy P > 1), evaluation of `no_support_*` sequences only:
+  rare / zipfian count a prediction correct when it lies in `[t // P * P, t // P * P + P)` for target t;
+  common shifts the target by `n_rare * (P - 1)` (and that shifted target is used for
+  `accuracy_closed` and `from_support*` too). The common label set is then
+  `range(n_rare * P, n_rare + n_common)`, which is EMPTY for P > 1 unless n_common is large: the
+  original's arithmetic, reproduced.
+- Label sets come from the TRAINING set's config; `labeling_rare = original` needs
+  `labeling_common = original` (the original raises otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from seqgen.config import BuildConfig, Labeling, SeqType
+
+__all__ = [
+    "BINARY_METRICS", "DESCRIPTIONS", "METRICS", "LabelSets", "MetricsError", "batch_sums", "chance_level",
+    "headline", "per_sequence_metrics", "summarize", "training_loss",
+]
+
+DESCRIPTIONS = {
+    "loss": "training loss: cross-entropy at the query (plus interim predictions when w_interim > 0)",
+    "loss_query": "(weighted) cross-entropy at the query",
+    "loss_interim": "(weighted) cross-entropy at the support examples (0 when w_interim = 0)",
+    "accuracy_query": "open-vocabulary query accuracy (argmax over all labels); the original's eval_accuracy",
+    "accuracy_interim": "accuracy at the support examples (0 when w_interim = 0)",
+    "accuracy_closed": "query accuracy with the argmax restricted to the sequence type's valid labels "
+                       "(fewshot/bursty: 0..ways-1); ICL = this on fewshot_holdout",
+    "from_common": "query prediction is a common-class label",
+    "from_rare": "query prediction is a rare-class label",
+    "from_fewshot": "query prediction is one of the labels 0..ways-1",
+    "from_support": "query prediction is a label present in the context",
+    "from_support_common": "query prediction is in the context and a common label",
+    "from_support_rare": "query prediction is in the context and a rare label",
+    "from_support_fewshot": "query prediction is in the context and in 0..ways-1",
+}
+METRICS = tuple(DESCRIPTIONS)
+BINARY_METRICS = frozenset(m for m in METRICS if m.startswith(("from_",)) or m in ("accuracy_query", "accuracy_closed"))
+Z95 = 1.959963984540054
+
+
+class MetricsError(ValueError):
+    """Metrics undefined for this configuration; the message is one line naming the fix."""
+
+
+@dataclass(frozen=True, eq=False)
+class LabelSets:
+    """Label ids the metrics need, from the training set's BuildConfig (as the original computes them)."""
+
+    common: np.ndarray  # int64 labels of the common classes
+    rare: np.ndarray  # int64 labels of the rare classes
+    ways: int
+    polysemy: int  # P > 1 only with labeling_rare = ordered (the original's ordered_polysemyP)
+    n_rare: int
+
+    @classmethod
+    def from_config(cls, cfg: BuildConfig) -> "LabelSets":
+        sp, sq = cfg.split, cfg.sequence
+        n_rare = sp.n_rare_classes
+        poly = sq.polysemy if sq.labeling_rare is Labeling.ORDERED and sq.polysemy > 1 else 1
+        split = None
+        if Labeling.ORIGINAL in (sq.labeling_common, sq.labeling_rare):
+            from seqgen.split import make_split
+
+            split = make_split(cfg)
+        if sq.labeling_common is Labeling.ORDERED:
+            start = n_rare * poly
+            common = np.arange(start, sp.n_classes - sp.n_holdout_classes, dtype=np.int64)
+        elif sq.labeling_common is Labeling.ORIGINAL:
+            common = np.asarray(split.common, np.int64)
+        else:
+            raise MetricsError(
+                f"labeling_common={sq.labeling_common.value} has no common label set; use ordered or original")
+        if poly > 1:
+            rare = np.arange(n_rare * poly, dtype=np.int64)
+        elif sq.labeling_rare in (Labeling.ORDERED, Labeling.UNFIXED):
+            rare = np.arange(n_rare, dtype=np.int64)
+        elif sq.labeling_common is Labeling.ORIGINAL:
+            rare = np.asarray(split.rare, np.int64)
+        else:
+            raise MetricsError("labeling_rare=original needs labeling_common=original for the rare label set "
+                               "(as the original); change labeling_common")
+        return cls(common, rare, sq.ways, poly, n_rare)
+
+    from_build_config = from_config
+
+
+def _label_mask(labels: np.ndarray, num_classes: int) -> jax.Array:
+    """bool [C]: which of the model's outputs are in `labels` (labels >= C can never be predicted)."""
+    mask = np.zeros(num_classes, bool)
+    labels = np.asarray(labels)
+    mask[labels[(labels >= 0) & (labels < num_classes)]] = True
+    return jnp.asarray(mask)
+
+
+def _closed_labels(seq_type: SeqType, ls: LabelSets) -> np.ndarray | None:
+    """The original's `valid_labels` for accuracy_closed (None: accuracy_closed = 0)."""
+    if seq_type is SeqType.BURSTY or seq_type.is_fewshot:
+        return np.arange(ls.ways)
+    if seq_type is SeqType.NO_SUPPORT_COMMON:
+        return ls.common
+    if seq_type is SeqType.NO_SUPPORT_RARE:
+        return ls.rare
+    if seq_type is SeqType.NO_SUPPORT_ZIPFIAN:
+        return np.concatenate([ls.common, ls.rare])
+    return None
+
+
+def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """[B, T] softmax cross-entropy against one-hot targets (all-zero, so zero loss, outside [0, C))."""
+    one_hot = jax.nn.one_hot(jnp.asarray(targets).astype(jnp.int32), logits.shape[-1], dtype=logits.dtype)
+    return optax.softmax_cross_entropy(logits, one_hot)
+
+
+def _position_weights(t_len: int, w_interim: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(interim mask [:-1:2], query mask [-1], loss weights) over the T positions, as the original."""
+    interim = np.zeros(t_len, np.float32)
+    interim[:-1:2] = 1.0
+    query = np.zeros(t_len, np.float32)
+    query[-1] = 1.0
+    if not w_interim:
+        return interim, query, query
+    n_interim = int((t_len - 1) / 2)
+    return interim, query, (interim * w_interim / n_interim + query * (1 - w_interim)).astype(np.float32)
+
+
+def per_sequence_metrics(logits: jax.Array, targets: jax.Array, label_sets: LabelSets, seq_type: SeqType,
+                         w_interim: float = 0.0) -> dict[str, jax.Array]:
+    """Every metric of the original, one float32 value per sequence: {name: [B]} (accuracies are 0/1)."""
+    seq_type = SeqType(seq_type)
+    _, t_len, n_cls = logits.shape
+    targets = jnp.asarray(targets).astype(jnp.int32)
+    losses = _cross_entropy(logits, targets)  # [B, T]
+    interim, query, weights = _position_weights(t_len, w_interim)
+    weighted = losses * weights
+
+    def masks(values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        values = values.astype(jnp.float32)
+        at_query = (values * query).sum(-1) / query.sum()
+        at_interim = (values * interim).sum(-1) / interim.sum() if w_interim else jnp.zeros_like(at_query)
+        return at_query, at_interim
+
+    out: dict[str, jax.Array] = {"loss": weighted.sum(-1) / weights.sum()}
+    out["loss_query"], out["loss_interim"] = masks(weighted)
+
+    pred = jnp.argmax(logits, axis=-1)  # [B, T]
+    poly = label_sets.polysemy
+    if seq_type.is_no_support and poly > 1 and seq_type is not SeqType.NO_SUPPORT_COMMON:
+        start = targets // poly * poly
+        correct = (pred >= start) & (pred < start + poly)
+    else:
+        if seq_type is SeqType.NO_SUPPORT_COMMON and poly > 1:
+            targets = targets + (label_sets.n_rare * poly - label_sets.n_rare)
+        correct = pred == targets
+    out["accuracy_query"], out["accuracy_interim"] = masks(correct)
+
+    valid = _closed_labels(seq_type, label_sets)
+    if valid is None:
+        out["accuracy_closed"] = jnp.zeros_like(out["loss"])
+    else:
+        closed = jnp.where(_label_mask(valid, n_cls), logits[:, -1], -jnp.inf)
+        out["accuracy_closed"] = (jnp.argmax(closed, axis=-1) == targets[:, -1]).astype(jnp.float32)
+
+    q = pred[:, -1]
+    from_common = _label_mask(label_sets.common, n_cls)[q]
+    from_rare = _label_mask(label_sets.rare, n_cls)[q]
+    from_fewshot = q < label_sets.ways
+    support = targets[:, :-2:2]  # the support examples' labels
+    from_support = jnp.any(q[:, None] == support, axis=-1)
+    for name, value in [("from_common", from_common), ("from_rare", from_rare), ("from_fewshot", from_fewshot),
+                        ("from_support", from_support), ("from_support_common", from_support & from_common),
+                        ("from_support_rare", from_support & from_rare),
+                        ("from_support_fewshot", from_support & from_fewshot)]:
+        out[name] = value.astype(jnp.float32)
+    return {name: out[name] for name in METRICS}
+
+
+def training_loss(logits: jax.Array, targets: jax.Array, w_interim: float = 0.0) -> jax.Array:
+    """The original's scalar training loss: the batch mean of the per-sequence weighted cross-entropy."""
+    _, _, weights = _position_weights(logits.shape[1], w_interim)
+    return jnp.mean((_cross_entropy(logits, targets) * weights).sum(-1) / weights.sum())
+
+
+def batch_sums(per_seq: dict[str, jax.Array], valid: jax.Array | None = None) -> tuple[dict, dict]:
+    """(sums, sums of squares) of per-sequence metrics over the valid sequences of a batch."""
+    if valid is None:
+        return ({k: v.sum() for k, v in per_seq.items()}, {k: (v * v).sum() for k, v in per_seq.items()})
+    w = jnp.asarray(valid).astype(jnp.float32)
+    return ({k: (v * w).sum() for k, v in per_seq.items()}, {k: (v * v * w).sum() for k, v in per_seq.items()})
+
+
+def _wilson(p: float, n: int) -> tuple[float, float]:
+    z2 = Z95 * Z95
+    denom = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = Z95 * math.sqrt(max(p * (1 - p), 0.0) / n + z2 / (4 * n * n)) / denom
+    return max(centre - half, 0.0), min(centre + half, 1.0)
+
+
+def summarize(sums: dict[str, float], sumsq: dict[str, float], n: int) -> dict[str, dict[str, object]]:
+    """{name: {"mean", "ci95": [lo, hi], "n"}} over n sequences.
+
+    0/1 metrics (BINARY_METRICS): Wilson score interval. Others (losses, accuracy_interim): normal
+    approximation mean +- 1.96 * s / sqrt(n) with the sample standard deviation s (NaN bounds for n = 1).
+    """
+    if n < 1:
+        raise MetricsError(f"cannot summarise metrics over {n} sequences; evaluate at least one")
+    out: dict[str, dict[str, object]] = {}
+    for name, total in sums.items():
+        mean = float(total) / n
+        if name in BINARY_METRICS:
+            lo, hi = _wilson(min(max(mean, 0.0), 1.0), n)
+        elif n > 1:
+            var = max((float(sumsq[name]) - n * mean * mean) / (n - 1), 0.0)
+            half = Z95 * math.sqrt(var / n)
+            lo, hi = mean - half, mean + half
+        else:
+            lo = hi = float("nan")
+        out[name] = {"mean": mean, "ci95": [lo, hi], "n": n}
+    return out
+
+
+def headline(seq_type: SeqType) -> tuple[str, str] | None:
+    """("icl", "accuracy_closed") for fewshot_holdout, ("iwl", "accuracy_query") for no_support_zipfian."""
+    return {SeqType.FEWSHOT_HOLDOUT: ("icl", "accuracy_closed"),
+            SeqType.NO_SUPPORT_ZIPFIAN: ("iwl", "accuracy_query")}.get(SeqType(seq_type))
+
+
+def chance_level(seq_type: SeqType, label_sets: LabelSets) -> float | None:
+    """Chance of accuracy_closed for few-shot types (1 / ways); None where no simple chance level applies."""
+    return 1.0 / label_sets.ways if SeqType(seq_type).is_fewshot else None
