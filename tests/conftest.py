@@ -34,3 +34,11 @@ def omniglot_table(omniglot_cache_dir: Path):
     from seqgen.omniglot import load_image_table
 
     return load_image_table(src, cache_dir=omniglot_cache_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def warm_kernels() -> None:
+    """Compile (or load from numba's cache) every sequence-sampling kernel once per session."""
+    from seqgen.sampling import warmup
+
+    warmup()
