@@ -284,22 +284,22 @@ class BuildConfig:
 
     # ---- (de)serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BuildConfig":
-        return _from_plain(cls, data, "")
+        return from_plain(cls, data, "")
 
 
-def _to_plain(obj: Any) -> Any:
+def to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
+        return {k: to_plain(v) for k, v in obj.items()}
     if isinstance(obj, enum.Enum):
         return obj.value
     return obj
 
 
-def _from_plain(cls: type, data: Any, where: str) -> Any:
+def from_plain(cls: type, data: Any, where: str = "") -> Any:
     """Build dataclass `cls` from nested dicts, converting enums; unknown keys are errors."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a table, got {type(data).__name__}")
@@ -332,7 +332,13 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return None
         return _convert(args[0], value, where)
     if dataclasses.is_dataclass(tp):
-        return _from_plain(tp, value, where + ".")
+        return from_plain(tp, value, where + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        return tuple(value if item is Any else _convert(item, v, where) for v in value)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
             return tp(value.value if isinstance(value, enum.Enum) else value)
@@ -379,5 +385,5 @@ def replace_nested(cfg: BuildConfig, overrides: dict[str, Any]) -> BuildConfig:
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node[p]
-        node[leaf] = _to_plain(value)
+        node[leaf] = to_plain(value)
     return BuildConfig.from_dict(data)
