@@ -156,5 +156,13 @@ def plot(run_dir) -> None:
         click.echo(str(path))
 
 
+def _register_sweep() -> None:
+    from trainer.sweep import sweep_command
+
+    main.add_command(sweep_command, "sweep")
+
+
+_register_sweep()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

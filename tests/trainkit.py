@@ -1,0 +1,43 @@
+"""Small symbolic shard sets and tiny trainer configs for end-to-end tests (no Omniglot needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from seqgen.build import build
+from seqgen.config import BuildConfig, DatasetConfig, ExampleType, SeqType, SequenceConfig, SplitConfig
+from trainer.config import OptimizerConfig, TrainConfig, TrainingConfig
+from trainer.models.config import ExampleEncoding, ModelConfig
+
+DATASET = DatasetConfig(example_type=ExampleType.SYMBOLIC, symbolic_size=40)
+SPLIT = SplitConfig(n_rare_classes=30, n_common_classes=5, n_holdout_classes=5)
+
+
+def symbolic_set(root: Path, seq_type: SeqType, num_seqs: int, *, seed: int = 0, split: SplitConfig = SPLIT,
+                 **sequence) -> Path:
+    """Build (or reuse) a symbolic shard set under `root` and return its folder."""
+    seq = SequenceConfig(**sequence)
+    cfg = BuildConfig(seq_type=seq_type, num_seqs=num_seqs, seed=seed, shard_size=max(64, num_seqs // 3),
+                      dataset=DATASET, split=split, sequence=seq)
+    name = f"{seq_type.value}-{seed}-{num_seqs}-{split.split_seed}-" + "-".join(
+        f"{k}{v}" for k, v in sorted(sequence.items()))
+    folder = root / name
+    build(cfg, folder, progress=False)
+    return folder
+
+
+def paper_like_sets(root: Path, train_seqs: int = 4096) -> tuple[Path, Path, Path]:
+    """The paper's default sequence options on 40 symbolic classes: bursty training, ICL and IWL eval sets."""
+    train = symbolic_set(root, SeqType.BURSTY, train_seqs)
+    icl = symbolic_set(root, SeqType.FEWSHOT_HOLDOUT, 256, seed=1)
+    iwl = symbolic_set(root, SeqType.NO_SUPPORT_ZIPFIAN, 256, seed=2)
+    return train, icl, iwl
+
+
+def tiny_config(steps: int = 20, **training) -> TrainConfig:
+    model = ModelConfig(example_encoding=ExampleEncoding.EMBEDDING, emb_dim=32, num_layers=2, num_heads=2)
+    opts = dict(steps=steps, batch_size=16, log_every=5, eval_every=10, eval_seqs=64, eval_batch_size=32,
+                checkpoint_every=10, keep_checkpoints=0)
+    opts.update(training)
+    return TrainConfig(model=model, optimizer=OptimizerConfig(max_lr=1e-3, warmup_steps=10),
+                       training=TrainingConfig(**opts)).validate()
