@@ -59,7 +59,7 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 def init_state(cfg: TrainConfig, num_classes: int) -> TrainState:
     """Fresh train state; named key streams from one root seed: model init and training (dropout)."""
     model_key, train_key = jr.split(jr.PRNGKey(cfg.training.seed))
-    model, bn_state = make_model(cfg.model, num_classes, key=model_key)
+    model, bn_state = make_model(cfg.model, num_classes, key=model_key, image_size=cfg.training.image_size)
     opt_state = make_optimizer(cfg.optimizer).init(eqx.filter(model, eqx.is_inexact_array))
     return TrainState(jnp.asarray(0, jnp.int32), model, bn_state, opt_state, train_key)
 

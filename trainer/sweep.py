@@ -1,0 +1,615 @@
+"""`trainer sweep FILE`: one command per figure of the paper (build sets, train runs, tabulate, plot).
+
+A sweep file is TOML. It layers on a base config file (the same `[seqgen.*]` / `[trainer.*]` tables
+that `seqgen build --config` and `trainer fit --config` read) and lists the runs of one figure:
+
+    # Fig. 2: burstiness drives in-context learning.
+    [sweep]
+    name = "burstiness"                 # optional; default: the file name without .toml
+    figure = "Fig. 2"                   # optional, shown in results.md
+    claim = "ICL needs bursty data"     # optional, shown in results.md
+    base = "../cpu.toml"                # required: a path relative to this file, or a list of paths
+                                        #   (later files override earlier ones, table by table)
+    x = "p_bursty"                      # required: the x-axis name
+    x_scale = "linear"                  # optional: linear (default) | log
+    train_seqs = 1000000                # required: training sequences per training set (seqgen num_seqs)
+    eval_seqs = 2048                    # optional (default 2048): sequences per evaluation set
+    eval_types = ["fewshot_holdout", "no_support_zipfian"]   # optional; these are the default
+    eval_seed = 1                       # optional (default 1): seqgen seed of the evaluation sets
+
+    [trainer.training]                  # optional: overrides applied to every run, after the base
+    steps = 20000
+
+    [[runs]]
+    name = "p0.9"                       # required, unique; the run directory's name
+    x = 0.9                             # required: a number, or a string for a categorical axis
+    base = "../other.toml"              # optional: replaces the sweep's base for this run
+    [runs.seqgen.sequence]              # optional: this run's overrides, last
+    p_bursty = 0.9
+
+Every run gets a bursty training set (`seq_type`, `num_seqs` are set by the sweep: do not set them in
+the tables) and one evaluation set per `eval_types`, with the run's dataset / split / sequence options
+(so the class split matches) and seed `eval_seed` (must differ from the training seed). Sequence options
+that an evaluation type never reads (e.g. `p_bursty` for `fewshot_holdout`) are reset to their defaults,
+so runs that differ only there share evaluation sets. `trainer.training.eval_seqs` defaults to
+`eval_seqs` (evaluate whole sets).
+
+Shard sets live in a shared folder (default `data/shards/sweeps/`), one per config, named
+`<seq_type>-<sha256 of the BuildConfig, 12 hex>`: sets are reused across runs and across sweeps. Runs
+train into `<out>/runs/<name>` (default out: `runs/sweeps/<sweep name>`); a rerun skips finished runs
+(final checkpoint and final evaluations present), resumes partial ones and evaluates a finished run on
+evaluation sets it has not seen. Ctrl+C stops the sweep after the current run saves a checkpoint.
+`<out>` receives `results.csv`, `results.md`, `figure.png`, `curves.png` (see `trainer.sweep_report`)
+and `sweep.json` (the resolved plan).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import hashlib
+import json
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import click
+
+from seqgen.config import BuildConfig, ConfigError, SeqType, SequenceConfig, load_toml
+
+DEFAULT_EVAL_TYPES = (SeqType.FEWSHOT_HOLDOUT, SeqType.NO_SUPPORT_ZIPFIAN)
+DEFAULT_EVAL_SEQS = 2048
+DEFAULT_SHARDS_DIR = Path("data/shards/sweeps")
+_SWEEP_KEYS = {"name", "figure", "claim", "base", "x", "x_scale", "train_seqs", "eval_seqs", "eval_types",
+               "eval_seed"}
+_RUN_KEYS = {"name", "x", "base", "seqgen", "trainer"}
+# Options that do not change what a run learns: a finished or partial run is still this run if they differ
+# (a resumed run keeps its stored values; the final evaluation uses the sweep's eval_seqs).
+_BOOKKEEPING = {"training.steps", "training.eval_seqs", "training.eval_every", "training.eval_batch_size",
+                "training.log_every", "training.checkpoint_every", "training.keep_checkpoints",
+                "training.steps_per_dispatch"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class SweepError(Exception):
+    """A sweep that cannot proceed as asked (e.g. a run directory from another config); one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    name: str
+    x: float | str
+    train: BuildConfig
+    evals: tuple[BuildConfig, ...]
+    trainer: Any  # trainer.config.TrainConfig
+    bases: tuple[str, ...]
+
+    @property
+    def steps(self) -> int:
+        return self.trainer.training.steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    path: Path
+    name: str
+    figure: str
+    claim: str
+    x_label: str
+    x_scale: str
+    train_seqs: int
+    eval_seqs: int
+    eval_types: tuple[SeqType, ...]
+    eval_seed: int
+    runs: tuple[RunSpec, ...]
+
+    def run(self, name: str) -> RunSpec:
+        return next(r for r in self.runs if r.name == name)
+
+
+# ---- loading and validation -----------------------------------------------------------------------
+def _merge(into: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: tables merge key by key, anything else replaces."""
+    out = copy.deepcopy(into)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _bases(value: Any, where: str, folder: Path) -> tuple[Path, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(b, str) for b in items):
+        raise ConfigError(f"{where}: base must be a path or a list of paths (relative to the sweep file)")
+    paths = tuple(Path(os.path.normpath(folder / b)) for b in items)
+    for p in paths:
+        if not p.is_file():
+            raise ConfigError(f"{where}: base config {p} not found; fix the path (relative to the sweep file)")
+    return paths
+
+
+def _check_keys(table: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}'; valid keys: {', '.join(sorted(allowed))}")
+    return table
+
+
+def _int(table: dict[str, Any], key: str, where: str, default: int | None, minimum: int) -> int:
+    value = table.get(key, default)
+    if value is None:
+        raise ConfigError(f"{where}: '{key}' is required")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where}: '{key}' must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def eval_config(train: BuildConfig, seq_type: SeqType, num_seqs: int, seed: int) -> BuildConfig:
+    """The evaluation set of `seq_type` matching training set `train`: same dataset, split and labels.
+
+    Sequence options the evaluation type never reads are reset to their defaults (so that sets are
+    shared); kept are those it reads, plus labeling / polysemy (they fix the label space) and noise."""
+    d = SequenceConfig()
+    unused = {"p_bursty", "p_bursty_common", "p_bursty_zipfian", "bursty_shots", "non_bursty_type"}
+    if seq_type is not SeqType.MIXED:
+        unused.add("p_fewshot")
+    if not seq_type.is_fewshot:
+        unused.add("grouped")
+    if seq_type.is_no_support:
+        unused.add("fs_shots")
+    if seq_type.is_fewshot or seq_type is SeqType.MIXED:
+        unused.add("seq_len")
+    if seq_type is SeqType.BURSTY:
+        unused = set()
+    sequence = dataclasses.replace(train.sequence, **{k: getattr(d, k) for k in unused})
+    return dataclasses.replace(train, seq_type=seq_type, num_seqs=num_seqs, seed=seed, sequence=sequence)
+
+
+def _check_buildable(cfg: BuildConfig, where: str) -> None:
+    from seqgen.sampling import check_supported
+    from seqgen.split import make_split
+
+    try:
+        cfg.validate()
+        check_supported(cfg, make_split(cfg))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {cfg.seq_type.value} set: {e}") from None
+
+
+def _run_spec(entry: dict[str, Any], i: int, sweep: dict[str, Any], data: dict[str, Any], folder: Path,
+              sweep_bases: tuple[Path, ...] | None, eval_types: tuple[SeqType, ...]) -> RunSpec:
+    from trainer.config import TrainConfig
+
+    where = f"runs[{i}]"
+    _check_keys(entry, _RUN_KEYS, where)
+    name = entry.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"{where}: 'name' must be a string of letters, digits, '.', '_' or '-', got {name!r}")
+    where = f"run '{name}'"
+    x = entry.get("x")
+    if isinstance(x, bool) or not isinstance(x, (int, float, str)):
+        raise ConfigError(f"{where}: 'x' must be a number or a string, got {x!r}")
+    if "base" in entry:
+        bases = _bases(entry["base"], where, folder)
+    elif sweep_bases is None:
+        raise ConfigError(f"{where}: no base config; set [sweep] base (or this run's base)")
+    else:
+        bases = sweep_bases
+    merged: dict[str, Any] = {}
+    for b in bases:
+        merged = _merge(merged, {k: load_toml(b).get(k, {}) for k in ("seqgen", "trainer")})
+    for layer in (data, entry):
+        for k in ("seqgen", "trainer"):
+            if k in layer and not isinstance(layer[k], dict):
+                raise ConfigError(f"{where}: '{k}' must be a table of options")
+            if k == "seqgen" and isinstance(layer.get(k), dict):
+                for forbidden in ("seq_type", "num_seqs"):
+                    if forbidden in layer[k]:
+                        raise ConfigError(f"{where}: seqgen.{forbidden} is set by the sweep "
+                                          "(train_seqs / eval_types); remove it")
+            merged = _merge(merged, {k: layer.get(k, {})})
+    seq = dict(merged["seqgen"], seq_type=SeqType.BURSTY.value, num_seqs=sweep["train_seqs"])
+    trainer = merged["trainer"]
+    training = trainer.get("training", {})
+    if isinstance(training, dict) and "eval_seqs" not in training:
+        trainer = _merge(trainer, {"training": {"eval_seqs": sweep["eval_seqs"]}})
+    try:
+        train = BuildConfig.from_dict(seq)
+        tcfg = TrainConfig.from_dict(trainer).validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if train.seed == sweep["eval_seed"]:
+        raise ConfigError(f"{where}: training seed {train.seed} equals eval_seed; change [sweep] eval_seed")
+    evals = tuple(eval_config(train, t, sweep["eval_seqs"], sweep["eval_seed"]) for t in eval_types)
+    for cfg in (train, *evals):
+        _check_buildable(cfg, where)
+    return RunSpec(name, x, train, evals, tcfg, tuple(str(b) for b in bases))
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and fully validate a sweep file; ConfigError (one line, naming file and place) on any problem."""
+    path = Path(path)
+    data = load_toml(path)
+    try:
+        return _load(path, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _load(path: Path, data: dict[str, Any]) -> Sweep:
+    _check_keys(data, {"sweep", "seqgen", "trainer", "runs"}, "top level")
+    if "sweep" not in data:
+        raise ConfigError("missing [sweep] table (base, x, train_seqs, ...)")
+    sw = _check_keys(data["sweep"], _SWEEP_KEYS, "[sweep]")
+    sweep_bases = _bases(sw["base"], "[sweep]", path.parent) if "base" in sw else None
+    name = sw.get("name", path.stem)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"[sweep]: 'name' must be letters, digits, '.', '_' or '-', got {name!r}")
+    x_label = sw.get("x")
+    if not isinstance(x_label, str) or not x_label:
+        raise ConfigError("[sweep]: 'x' (the x-axis name) is required")
+    x_scale = sw.get("x_scale", "linear")
+    if x_scale not in ("linear", "log"):
+        raise ConfigError(f"[sweep]: x_scale must be 'linear' or 'log', got {x_scale!r}")
+    for key in ("figure", "claim"):
+        if not isinstance(sw.get(key, ""), str):
+            raise ConfigError(f"[sweep]: '{key}' must be a string")
+    resolved = {
+        "train_seqs": _int(sw, "train_seqs", "[sweep]", None, 1),
+        "eval_seqs": _int(sw, "eval_seqs", "[sweep]", DEFAULT_EVAL_SEQS, 1),
+        "eval_seed": _int(sw, "eval_seed", "[sweep]", 1, 0),
+    }
+    types = sw.get("eval_types", [t.value for t in DEFAULT_EVAL_TYPES])
+    if not isinstance(types, list) or not types:
+        raise ConfigError("[sweep]: eval_types must be a non-empty list of sequence types")
+    try:
+        eval_types = tuple(SeqType(t) for t in types)
+    except ValueError:
+        raise ConfigError(f"[sweep]: eval_types {types!r}: each must be one of "
+                          f"{', '.join(t.value for t in SeqType)}") from None
+    if len(set(eval_types)) != len(eval_types):
+        raise ConfigError("[sweep]: eval_types lists a type twice")
+    entries = data.get("runs")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("no runs: add [[runs]] tables (name, x, seqgen / trainer overrides)")
+    seen: set[str] = set()
+    runs = []
+    for i, entry in enumerate(entries):
+        spec = _run_spec(entry, i, resolved, data, path.parent, sweep_bases, eval_types)
+        if spec.name in seen:
+            raise ConfigError(f"two runs are named '{spec.name}'; run names must be unique")
+        seen.add(spec.name)
+        runs.append(spec)
+    return Sweep(path, name, sw.get("figure", ""), sw.get("claim", ""), x_label, x_scale,
+                 resolved["train_seqs"], resolved["eval_seqs"], eval_types, resolved["eval_seed"], tuple(runs))
+
+
+# ---- planning ---------------------------------------------------------------------------------------
+def config_hash(cfg: BuildConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def set_folder(shards_dir: str | Path, cfg: BuildConfig) -> Path:
+    return Path(shards_dir) / f"{cfg.seq_type.value}-{config_hash(cfg)}"
+
+
+class SetAction(str, enum.Enum):
+    BUILD = "build"
+    RESUME = "resume build"
+    REUSE = "reuse"
+
+
+class RunAction(str, enum.Enum):
+    TRAIN = "train"
+    RESUME = "resume"
+    EVALUATE = "evaluate"  # trained to the end, but not yet evaluated on (some of) the current sets
+    SKIP = "skip"
+
+
+@dataclasses.dataclass(frozen=True)
+class SetPlan:
+    cfg: BuildConfig
+    folder: Path
+    action: SetAction
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    spec: RunSpec
+    run_dir: Path
+    train_dir: Path
+    eval_dirs: tuple[Path, ...]
+    action: RunAction
+    step: int  # latest checkpoint (0 when none)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    sweep: Sweep
+    out: Path
+    shards_dir: Path
+    sets: tuple[SetPlan, ...]
+    runs: tuple[RunPlan, ...]
+
+
+def set_action(cfg: BuildConfig, folder: Path) -> SetAction:
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        try:
+            stored = json.loads(manifest.read_text()).get("config")
+        except (json.JSONDecodeError, AttributeError):
+            stored = None
+        if stored != cfg.to_dict():
+            raise SweepError(f"{folder} holds a different shard set than its name says; delete that folder")
+        return SetAction.REUSE
+    return SetAction.RESUME if folder.is_dir() and any(folder.iterdir()) else SetAction.BUILD
+
+
+def final_results(run_dir: Path, step: int, set_names: Sequence[str]) -> dict[str, dict[str, Any]] | None:
+    """{set name: metrics} of the evaluations at `step` on every named set (fit's metrics.jsonl or
+    `trainer evaluate`'s evaluations/step-N.json); None when one is missing."""
+    from trainer.sweep_report import final_records
+
+    found = final_records(run_dir, step, set_names)
+    return found if all(n in found for n in set_names) else None
+
+
+def run_action(spec: RunSpec, run_dir: Path, train_dir: Path, eval_dirs: Sequence[Path]) -> tuple[RunAction, int]:
+    from trainer.checkpoint import latest_step
+
+    config = run_dir / "config.json"
+    latest = latest_step(run_dir)
+    if not config.is_file():
+        if latest is not None:
+            raise SweepError(f"{run_dir} holds checkpoints but no config.json; delete it or choose another --out")
+        return RunAction.TRAIN, 0
+    from trainer.config import TrainConfig
+
+    try:
+        stored = json.loads(config.read_text())
+        old = TrainConfig.from_dict(stored["trainer"])
+        old_train = Path(stored["data"]["train"]["path"]).name
+    except (json.JSONDecodeError, KeyError, TypeError, ConfigError):
+        raise SweepError(f"{config} is unreadable; delete {run_dir} or choose another --out") from None
+    diff = _difference(_flat(old.to_dict()), _flat(spec.trainer.to_dict()), ignore=_BOOKKEEPING)
+    if diff or old_train != train_dir.name:
+        what = f"trainer options ({diff})" if diff else f"a training set ({old_train}) of other seqgen options"
+        raise SweepError(f"{run_dir} was trained with {what} than run '{spec.name}' of this sweep; "
+                         "delete it or choose another --out")
+    if latest is None:
+        return RunAction.TRAIN, 0  # started but stopped before its first checkpoint: start afresh
+    if latest < spec.steps:
+        return RunAction.RESUME, latest
+    if final_results(run_dir, latest, [p.name for p in eval_dirs]) is None:
+        return RunAction.EVALUATE, latest
+    return RunAction.SKIP, latest
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _difference(old: dict[str, Any], new: dict[str, Any], ignore: set[str]) -> str:
+    keys = [k for k in sorted(set(old) | set(new)) if k not in ignore and old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys[:2]) + (", ..." if len(keys) > 2 else "")
+
+
+def default_out(sweep: Sweep) -> Path:
+    return Path("runs/sweeps") / sweep.name
+
+
+def make_plan(sweep: Sweep, *, out: str | Path | None = None, shards_dir: str | Path = DEFAULT_SHARDS_DIR,
+              only: Sequence[str] = ()) -> Plan:
+    """What a sweep would do now: which sets to build or reuse, which runs to train, resume or skip."""
+    names = [r.name for r in sweep.runs]
+    for n in only:
+        if n not in names:
+            raise ConfigError(f"--only {n}: no such run in {sweep.path}; runs: {', '.join(names)}")
+    out = Path(out) if out is not None else default_out(sweep)
+    shards_dir = Path(shards_dir)
+    sets: dict[Path, SetPlan] = {}
+    runs = []
+    for spec in sweep.runs:
+        if only and spec.name not in only:
+            continue
+        folders = []
+        for cfg in (spec.train, *spec.evals):
+            folder = set_folder(shards_dir, cfg)
+            if folder not in sets:
+                sets[folder] = SetPlan(cfg, folder, set_action(cfg, folder))
+            folders.append(folder)
+        run_dir = out / "runs" / spec.name
+        action, step = run_action(spec, run_dir, folders[0], folders[1:])
+        runs.append(RunPlan(spec, run_dir, folders[0], tuple(folders[1:]), action, step))
+    return Plan(sweep, out, shards_dir, tuple(sets.values()), tuple(runs))
+
+
+def describe_plan(plan: Plan) -> list[str]:
+    lines = [f"sweep {plan.sweep.name} ({plan.sweep.path}): {len(plan.runs)} runs, output {plan.out}"]
+    for s in plan.sets:
+        lines.append(f"  set  {s.action.value:<12} {s.folder}  ({s.cfg.num_seqs} seqs)")
+    for r in plan.runs:
+        at = f" from step {r.step}" if r.action is RunAction.RESUME and r.step else ""
+        passes = r.spec.steps * r.spec.trainer.training.batch_size / r.spec.train.num_seqs
+        reuse = f", {passes:.1f} passes over its training set" if passes > 1 else ""
+        lines.append(f"  run  {r.action.value:<12} {r.run_dir}  (x = {r.spec.x}, {r.spec.steps} steps{at}{reuse})")
+    return lines
+
+
+# ---- execution --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    interrupted: bool
+    trained: tuple[str, ...]
+    skipped: tuple[str, ...]
+    outputs: tuple[Path, ...]
+
+
+def _write_plan(plan: Plan) -> None:
+    plan.out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "sweep": str(plan.sweep.path), "name": plan.sweep.name, "x": plan.sweep.x_label,
+        "sweep_file": plan.sweep.path.read_text(),
+        "runs": [{"name": r.spec.name, "x": r.spec.x, "bases": list(r.spec.bases), "run_dir": str(r.run_dir),
+                  "train": str(r.train_dir), "eval": [str(e) for e in r.eval_dirs],
+                  "trainer": r.spec.trainer.to_dict(), "seqgen": r.spec.train.to_dict()} for r in plan.runs],
+    }
+    tmp = plan.out / "sweep.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    tmp.replace(plan.out / "sweep.json")
+
+
+def execute(plan: Plan, *, command: str, omniglot_dir: Any = None, cache_dir: Any = "data/cache",
+            workers: int = 1, progress: bool | None = None, interrupt: Any = None,
+            echo: Callable[[str], None] = print) -> Outcome:
+    """Build the missing sets, train / resume / evaluate the runs, then write the report."""
+    from seqgen.build import build
+    from trainer.evaluate_cli import evaluate_run
+    from trainer.fit import fit
+    from trainer.signals import GracefulInterrupt
+    from trainer.sweep_report import record_hardware, write_report
+
+    stop = interrupt or GracefulInterrupt()
+    _write_plan(plan)
+    for s in plan.sets:
+        if s.action is not SetAction.REUSE:
+            echo(f"{s.action.value}: {s.folder}")
+            build(s.cfg, s.folder, workers=workers, omniglot_dir=omniglot_dir, cache_dir=cache_dir,
+                  progress=bool(progress) if progress is not None else True)
+    trained, skipped, interrupted = [], [], False
+    for r in plan.runs:
+        if r.action is RunAction.SKIP:
+            skipped.append(r.spec.name)
+            continue
+        if stop.stop_requested:
+            interrupted = True
+            break
+        if r.action is RunAction.EVALUATE:
+            echo(f"evaluate: {r.spec.name} at step {r.step}")
+            from trainer.distributed import make_topology
+
+            res = evaluate_run(r.run_dir, r.eval_dirs, step=r.step, train_dir=r.train_dir,
+                               max_seqs=r.spec.trainer.training.eval_seqs,
+                               batch_size=r.spec.trainer.training.eval_batch_size, omniglot_dir=omniglot_dir,
+                               cache_dir=cache_dir, topo=make_topology(), echo=lambda _: None)
+            if res is None:
+                interrupted = True
+                break
+        else:
+            if r.action is RunAction.TRAIN:  # a run of this config that never saved a checkpoint
+                for stale in ("config.json", "metrics.jsonl"):
+                    (r.run_dir / stale).unlink(missing_ok=True)
+            where = f" from step {r.step}" if r.action is RunAction.RESUME else ""
+            echo(f"{r.action.value}: {r.spec.name} (x = {r.spec.x}){where} -> {r.run_dir}")
+            result = fit(r.spec.trainer, r.train_dir, r.eval_dirs, r.run_dir, resume=r.action is RunAction.RESUME,
+                         omniglot_dir=omniglot_dir, cache_dir=cache_dir, progress=progress, interrupt=stop)
+            if result.interrupted:
+                interrupted = True
+                break
+        trained.append(r.spec.name)
+        record_hardware(plan.out, r.spec.name)
+        write_report(plan.sweep, plan.out, command=command, shards_dir=plan.shards_dir)
+    outputs = write_report(plan.sweep, plan.out, command=command, shards_dir=plan.shards_dir)
+    return Outcome(interrupted, tuple(trained), tuple(skipped), tuple(outputs))
+
+
+# ---- command line -----------------------------------------------------------------------------------
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from seqgen.build import BuildError
+    from seqgen.omniglot import OmniglotError
+    from seqgen.shards import ShardError
+    from trainer.checkpoint import CheckpointError
+    from trainer.data import DataError
+    from trainer.distributed import TopologyError
+    from trainer.run import RunError
+
+    return (ConfigError, SweepError, BuildError, OmniglotError, ShardError, CheckpointError, DataError,
+            TopologyError, RunError)
+
+
+def reproduce_command(sweep_file: str, out: str | None, shards_dir: str | None, only: Sequence[str]) -> str:
+    parts = ["trainer", "sweep", sweep_file]
+    if out:
+        parts += ["--out", out]
+    if shards_dir:
+        parts += ["--shards-dir", shards_dir]
+    for n in only:
+        parts += ["--only", n]
+    return shlex.join(parts)
+
+
+@click.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: runs/sweeps/<sweep name>).")
+@click.option("--shards-dir", type=click.Path(file_okay=False), default=None,
+              help=f"Shared folder of shard sets (default: {DEFAULT_SHARDS_DIR}).")
+@click.option("--omniglot", "omniglot_dir", type=click.Path(file_okay=False), default=None,
+              help="Omniglot folder (default: $OMNIGLOT_DIR or data/omniglot).")
+@click.option("--cache-dir", default="data/cache", show_default=True, type=click.Path(file_okay=False),
+              help="Where the cached image table lives.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes building each shard set (seqgen build --workers).")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when on a terminal).")
+@click.option("--only", multiple=True, metavar="NAME", help="Only this run (repeat for several).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (sets to build / reuse, runs to train / skip) only.")
+@click.option("--report-only", is_flag=True, help="Rewrite tables and figures from the existing runs only.")
+def sweep_command(sweep_file, out, shards_dir, omniglot_dir, cache_dir, workers, progress, only, dry_run,
+                  report_only) -> None:
+    """Build the shard sets, train every run of SWEEP_FILE, and write results.csv/md and figures."""
+    try:
+        _sweep(sweep_file, out, shards_dir, omniglot_dir, cache_dir, workers, progress, only, dry_run, report_only)
+    except _known_errors() as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        click.echo(f"error: {e.strerror or e}{where}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; rerun the same command to resume (finished sets and runs are kept)", err=True)
+        sys.exit(130)
+
+
+def _sweep(sweep_file, out, shards_dir, omniglot_dir, cache_dir, workers, progress, only, dry_run,
+           report_only) -> None:
+    if dry_run and report_only:
+        raise ConfigError("--dry-run and --report-only exclude each other; pass one")
+    sweep = load_sweep(sweep_file)
+    command = reproduce_command(sweep_file, out, shards_dir, only)
+    shards = Path(shards_dir) if shards_dir else DEFAULT_SHARDS_DIR
+    if report_only:
+        from trainer.sweep_report import write_report
+
+        target = Path(out) if out else default_out(sweep)
+        if not (target / "runs").is_dir():
+            raise SweepError(f"{target} holds no runs yet; run `{command}` first")
+        for p in write_report(sweep, target, command=command, shards_dir=shards):
+            click.echo(str(p))
+        return
+    plan = make_plan(sweep, out=out, shards_dir=shards, only=only)
+    for line in describe_plan(plan):
+        click.echo(line)
+    if dry_run:
+        return
+    outcome = execute(plan, command=command, omniglot_dir=omniglot_dir, cache_dir=cache_dir, workers=workers,
+                      progress=progress, echo=click.echo)
+    for p in outcome.outputs:
+        click.echo(str(p))
+    if outcome.interrupted:
+        click.echo(f"interrupted: progress saved; rerun `{command}` to resume "
+                   f"({len(outcome.trained)} runs finished this time)")
+        sys.exit(130)
+    click.echo(f"done: {len(outcome.trained)} runs trained, {len(outcome.skipped)} already finished; "
+               f"results in {plan.out}")
