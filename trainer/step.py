@@ -11,6 +11,7 @@ or passed as the un-donated first argument.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -25,6 +26,11 @@ from trainer.config import OptimizerConfig, TrainConfig
 from trainer.images import make_examples
 from trainer.metrics import LabelSets, per_sequence_metrics
 from trainer.models import forward, make_model, targets
+
+
+# Donation is an optimisation: integer batch buffers can't be reused for float outputs, which XLA reports
+# as a warning on every compile. It is not a problem.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
 class TrainState(eqx.Module):
@@ -61,7 +67,10 @@ def init_state(cfg: TrainConfig, num_classes: int) -> TrainState:
     model_key, train_key = jr.split(jr.PRNGKey(cfg.training.seed))
     model, bn_state = make_model(cfg.model, num_classes, key=model_key, image_size=cfg.training.image_size)
     opt_state = make_optimizer(cfg.optimizer).init(eqx.filter(model, eqx.is_inexact_array))
-    return TrainState(jnp.asarray(0, jnp.int32), model, bn_state, opt_state, train_key)
+    state = TrainState(jnp.asarray(0, jnp.int32), model, bn_state, opt_state, train_key)
+    # The train step donates the state: every array leaf must own its buffer (initialisers may share one,
+    # e.g. BatchNorm's zero statistics), or XLA refuses to donate the same buffer twice.
+    return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, state)
 
 
 def state_skeleton(cfg: TrainConfig, num_classes: int) -> TrainState:
