@@ -1,0 +1,230 @@
+"""The original's example encoder: a small ResNet v1 with bottleneck blocks (`modules/resnet.py`).
+
+`SimpleResNet` maps ONE image `[H, W, C]` (channels last) to a vector:
+
+    7x7/2 conv (64 ch, no bias) -> BatchNorm -> ReLU -> 3x3/2 max-pool (SAME)
+    -> 4 groups of bottleneck blocks (default 2 blocks each, widths (16, 32, 32, emb_dim),
+       strides (1, 2, 2, 2), a projection shortcut on each group's first block)
+    -> mean over space (or flatten, with `flatten_superpixels`)
+
+Every convolution is bias-free with 'SAME' padding and Haiku's default initialiser; the last BatchNorm of
+each block starts with scale 0. Works at any image size (105 px, or 28 px when downsampled).
+
+`BatchNorm` reproduces `hk.BatchNorm` exactly (it is NOT `eqx.nn.BatchNorm`, see below): channels-last;
+in training it normalises with the statistics of ALL images of the batch (mean over space here, then
+`pmean` over the named vmap axes, so B*L images as the original's `hk.BatchApply` reshape), with the
+biased variance E[x^2] - E[x]^2, and updates a zero-debiased exponential moving average (decay 0.9,
+hidden state starting at zero; the average after n updates is hidden / (1 - decay^n)); at inference it
+normalises with that average. `eqx.nn.BatchNorm(mode="batch")` debiases the same way but starts the
+variance's hidden state at ONE (so its running variance is off by decay^n / (1 - decay^n) for the first
+~50 steps) and is channels-first, so it would need transposes around every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from trainer.models.layers import haiku_default_std, truncated_normal
+
+BN_AXES: tuple[str, str] = ("batch", "seq")  # the vmap axis names BatchNorm reduces over
+
+
+class BatchNorm(eqx.Module):
+    """`hk.BatchNorm(create_scale=True, create_offset=True, decay_rate, eps)` on channels-last inputs."""
+
+    scale: Float[Array, " c"]
+    offset: Float[Array, " c"]
+    stats: eqx.nn.StateIndex  # (counter int32[], hidden_mean f32[c], hidden_var f32[c])
+    inference: bool
+    axis_name: tuple[Hashable, ...] = eqx.field(static=True)
+    decay: float = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        decay: float = 0.9,
+        eps: float = 1e-5,
+        zero_scale: bool = False,
+        axis_name: Hashable | Sequence[Hashable] = BN_AXES,
+        inference: bool = False,
+    ):
+        init = jnp.zeros if zero_scale else jnp.ones
+        self.scale = init((channels,), jnp.float32)
+        self.offset = jnp.zeros((channels,), jnp.float32)
+        zeros = jnp.zeros((channels,), jnp.float32)
+        self.stats = eqx.nn.StateIndex((jnp.array(0, jnp.int32), zeros, zeros))
+        self.inference = inference
+        self.axis_name = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+        self.decay = decay
+        self.eps = eps
+
+    def running_stats(self, state: eqx.nn.State) -> tuple[Array, Array]:
+        """The debiased moving averages (mean, var) used at inference (0 and 1 before any update)."""
+        counter, hidden_mean, hidden_var = state.get(self.stats)
+        debias = 1.0 - jnp.power(jnp.float32(self.decay), counter.astype(jnp.float32))
+        seen = counter > 0
+        mean = jnp.where(seen, hidden_mean / jnp.where(seen, debias, 1.0), 0.0)
+        var = jnp.where(seen, hidden_var / jnp.where(seen, debias, 1.0), 1.0)
+        return mean, var
+
+    def __call__(self, x: Float[Array, "... c"], state: eqx.nn.State) -> tuple[Array, eqx.nn.State]:
+        if self.inference:
+            mean, var = self.running_stats(state)
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jax.lax.pmean(jnp.mean(x, axis=axes), self.axis_name)
+            mean_sq = jax.lax.pmean(jnp.mean(jnp.square(x), axis=axes), self.axis_name)
+            var = mean_sq - jnp.square(mean)
+            counter, hidden_mean, hidden_var = state.get(self.stats)
+            d = self.decay
+            new = (
+                counter + 1,
+                hidden_mean * d + jax.lax.stop_gradient(mean) * (1.0 - d),
+                hidden_var * d + jax.lax.stop_gradient(var) * (1.0 - d),
+            )
+            state = state.set(self.stats, new)
+        inv = self.scale * jax.lax.rsqrt(var + self.eps)
+        return (x - mean) * inv + self.offset, state
+
+
+class Conv2d(eqx.Module):
+    """`hk.Conv2D(with_bias=False, padding="SAME")` on one channels-last image; weights HWIO."""
+
+    weight: Float[Array, "kh kw cin cout"]
+    stride: int = eqx.field(static=True)
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, *, key: PRNGKeyArray):
+        self.weight = truncated_normal(key, (kernel, kernel, cin, cout), haiku_default_std(kernel * kernel * cin))
+        self.stride = stride
+
+    def __call__(self, x: Float[Array, "h w cin"]) -> Float[Array, "h2 w2 cout"]:
+        s = self.stride
+        if self.weight.shape[:2] == (1, 1):
+            # A 1x1 'SAME' convolution with stride s reads pixels 0, s, 2s, ...: a strided slice and a matmul
+            # (the same arithmetic as the convolution; faster on CPU).
+            return x[::s, ::s] @ self.weight[0, 0]
+        y = jax.lax.conv_general_dilated(
+            x[None], self.weight, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return y[0]
+
+
+def _max3_s2(x: Array, axis: int) -> Array:
+    """Max over windows of 3 with stride 2 and 'SAME' padding along `axis` (contiguous slices only)."""
+    n = x.shape[axis]
+    out = -(-n // 2)
+    lo = max((out - 1) * 2 + 3 - n, 0) // 2
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (lo, 2 * (out + 1) - lo - n)  # -inf padding, to an even length 2 * (out + 1)
+    xp = jnp.pad(x, pad, constant_values=-jnp.inf)
+    pairs = xp.reshape(*x.shape[:axis], out + 1, 2, *x.shape[axis + 1 :])
+    even = jax.lax.index_in_dim(pairs, 0, axis + 1, keepdims=False)  # rows 0, 2, 4, ...
+    odd = jax.lax.index_in_dim(pairs, 1, axis + 1, keepdims=False)  # rows 1, 3, 5, ...
+    # Window i covers padded rows 2i, 2i+1, 2i+2.
+    return jnp.maximum(
+        jnp.maximum(jax.lax.slice_in_dim(even, 0, out, axis=axis), jax.lax.slice_in_dim(odd, 0, out, axis=axis)),
+        jax.lax.slice_in_dim(even, 1, out + 1, axis=axis),
+    )
+
+
+def max_pool_3x3_s2(x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 c"]:
+    """`hk.max_pool(window (3, 3), strides (2, 2), padding "SAME")`: -inf padding never wins.
+
+    Computed as two separable 1-D window maxima over reshaped pairs of rows (the same values as
+    `lax.reduce_window`; its CPU gradient, select-and-scatter, is several times slower).
+    """
+    return _max3_s2(_max3_s2(x, 0), 1)
+
+
+class BottleneckBlock(eqx.Module):
+    """ResNet v1 bottleneck block: 1x1 -> 3x3 (strided) -> 1x1 (x4 width), BN after each, ReLU between."""
+
+    convs: tuple[Conv2d, Conv2d, Conv2d]
+    bns: tuple[BatchNorm, BatchNorm, BatchNorm]
+    proj: Conv2d | None
+    proj_bn: BatchNorm | None
+
+    def __init__(self, cin: int, channels: int, stride: int, use_projection: bool, *, decay, eps, key):
+        k0, k1, k2, kp = jr.split(key, 4)
+        mid = channels // 4
+        self.convs = (
+            Conv2d(cin, mid, 1, 1, key=k0),
+            Conv2d(mid, mid, 3, stride, key=k1),
+            Conv2d(mid, channels, 1, 1, key=k2),
+        )
+        self.bns = (
+            BatchNorm(mid, decay=decay, eps=eps),
+            BatchNorm(mid, decay=decay, eps=eps),
+            BatchNorm(channels, decay=decay, eps=eps, zero_scale=True),
+        )
+        if use_projection:
+            self.proj = Conv2d(cin, channels, 1, stride, key=kp)
+            self.proj_bn = BatchNorm(channels, decay=decay, eps=eps)
+        else:
+            self.proj = self.proj_bn = None
+
+    def __call__(self, x: Array, state: eqx.nn.State) -> tuple[Array, eqx.nn.State]:
+        shortcut = x
+        if self.proj is not None:
+            shortcut, state = self.proj_bn(self.proj(x), state)
+        out = x
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            out, state = bn(conv(out), state)
+            if i < 2:
+                out = jax.nn.relu(out)
+        return jax.nn.relu(out + shortcut), state
+
+
+class SimpleResNet(eqx.Module):
+    """The original's `SimpleResNet` (v1, bottleneck, projections on) for one image `[H, W, C]`."""
+
+    initial_conv: Conv2d
+    initial_bn: BatchNorm
+    blocks: tuple[BottleneckBlock, ...]
+    flatten_superpixels: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels_per_group: Sequence[int],
+        *,
+        blocks_per_group: Sequence[int] = (2, 2, 2, 2),
+        strides: Sequence[int] = (1, 2, 2, 2),
+        flatten_superpixels: bool = False,
+        decay: float = 0.9,
+        eps: float = 1e-5,
+        key: PRNGKeyArray,
+    ):
+        k_init, k_blocks = jr.split(key)
+        self.initial_conv = Conv2d(in_channels, 64, 7, 2, key=k_init)
+        self.initial_bn = BatchNorm(64, decay=decay, eps=eps)
+        blocks = []
+        keys = jr.split(k_blocks, sum(blocks_per_group))
+        cin = 64
+        for g, (n, channels, stride) in enumerate(zip(blocks_per_group, channels_per_group, strides)):
+            for i in range(n):
+                blocks.append(
+                    BottleneckBlock(
+                        cin, channels, stride if i == 0 else 1, i == 0, decay=decay, eps=eps, key=keys[len(blocks)]
+                    )
+                )
+                cin = channels
+        self.blocks = tuple(blocks)
+        self.flatten_superpixels = flatten_superpixels
+
+    def __call__(self, image: Float[Array, "h w c"], state: eqx.nn.State) -> tuple[Array, eqx.nn.State]:
+        out, state = self.initial_bn(self.initial_conv(image), state)
+        out = max_pool_3x3_s2(jax.nn.relu(out))
+        for block in self.blocks:
+            out, state = block(out, state)
+        if self.flatten_superpixels:
+            return out.reshape(-1), state
+        return jnp.mean(out, axis=(0, 1)), state

@@ -1,0 +1,130 @@
+"""The original's causal transformer tower (`modules/transformer.py`, `modules/transformer_core.py`).
+
+For one sequence of tokens `[T, D]`:
+
+    num_layers x [ x += Dropout(Attn(LN(x)));  x += Dropout(MLP(LN(x))) ]   (pre-LayerNorm blocks)
+    -> LN -> Linear(num_classes)
+
+Attention is multi-head causal self-attention (scores scaled by 1/sqrt(head_dim), queries attend to
+themselves and earlier tokens) with biased q/k/v/output projections; the MLP widens by 4 with GELU (the
+tanh approximation, `jax.nn.gelu`'s default, as the original). Every dense layer uses
+`VarianceScaling(init_scale)`; LayerNorms have scale and offset, eps 1e-5. Dropout (rate `dropout_prob`)
+acts at training only; the original's attention-weight dropout is 0 and is not offered.
+
+Implementation choices (same arithmetic as the original): q, k and v come from one fused [D, 3D] matrix
+(three independently initialised [D, D] blocks side by side); attention is `jax.nn.dot_product_attention`
+with `is_causal=True`; the identical blocks are stacked (built with `eqx.filter_vmap`) and run with
+`jax.lax.scan`, which compiles one block instead of twelve.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from trainer.models.layers import Dense, LayerNorm, dropout, truncated_normal, variance_scaling_std
+
+
+class TransformerBlock(eqx.Module):
+    ln_attn: LayerNorm
+    qkv_weight: Float[Array, "d 3d"]
+    qkv_bias: Float[Array, " 3d"]
+    attn_out: Dense
+    ln_mlp: LayerNorm
+    mlp_in: Dense
+    mlp_out: Dense
+    inference: bool
+    num_heads: int = eqx.field(static=True)
+    dropout_prob: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        widening_factor: int = 4,
+        dropout_prob: float = 0.0,
+        self_att_init_scale: float = 1.0,
+        dense_init_scale: float = 1.0,
+        key: PRNGKeyArray,
+    ):
+        kq, kk, kv, ko, k1, k2 = jr.split(key, 6)
+        att_std = variance_scaling_std(dim, self_att_init_scale)
+        self.ln_attn = LayerNorm(dim)
+        self.qkv_weight = jnp.concatenate([truncated_normal(k, (dim, dim), att_std) for k in (kq, kk, kv)], axis=1)
+        self.qkv_bias = jnp.zeros((3 * dim,), jnp.float32)
+        self.attn_out = Dense(dim, dim, std=att_std, key=ko)
+        self.ln_mlp = LayerNorm(dim)
+        hidden = widening_factor * dim
+        self.mlp_in = Dense(dim, hidden, std=variance_scaling_std(dim, dense_init_scale), key=k1)
+        self.mlp_out = Dense(hidden, dim, std=variance_scaling_std(hidden, dense_init_scale), key=k2)
+        self.inference = False
+        self.num_heads = num_heads
+        self.dropout_prob = dropout_prob
+
+    def __call__(self, x: Float[Array, "t d"], *, key: PRNGKeyArray | None) -> Float[Array, "t d"]:
+        t, d = x.shape
+        rate = 0.0 if self.inference else self.dropout_prob
+        k_att, k_mlp = jr.split(key) if (key is not None and rate > 0) else (None, None)
+
+        qkv = self.ln_attn(x) @ self.qkv_weight + self.qkv_bias
+        q, k, v = jnp.split(qkv.reshape(t, 3 * self.num_heads, d // self.num_heads), 3, axis=1)
+        att = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(t, d)
+        x = x + dropout(self.attn_out(att), rate, k_att)
+
+        h = jax.nn.gelu(self.mlp_in(self.ln_mlp(x)))
+        return x + dropout(self.mlp_out(h), rate, k_mlp)
+
+
+class Transformer(eqx.Module):
+    """Stacked identical blocks (leading axis num_layers on every array), final LayerNorm and the head."""
+
+    blocks: TransformerBlock
+    final_ln: LayerNorm
+    head: Dense
+    num_layers: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        num_layers: int,
+        num_heads: int,
+        *,
+        widening_factor: int = 4,
+        dropout_prob: float = 0.0,
+        self_att_init_scale: float = 1.0,
+        dense_init_scale: float = 1.0,
+        key: PRNGKeyArray,
+    ):
+        k_blocks, k_head = jr.split(key)
+
+        def make_block(k):
+            return TransformerBlock(
+                dim,
+                num_heads,
+                widening_factor=widening_factor,
+                dropout_prob=dropout_prob,
+                self_att_init_scale=self_att_init_scale,
+                dense_init_scale=dense_init_scale,
+                key=k,
+            )
+
+        self.blocks = eqx.filter_vmap(make_block)(jr.split(k_blocks, num_layers))
+        self.final_ln = LayerNorm(dim)
+        self.head = Dense(dim, num_classes, std=variance_scaling_std(dim, dense_init_scale), key=k_head)
+        self.num_layers = num_layers
+
+    def __call__(self, x: Float[Array, "t d"], *, key: PRNGKeyArray | None) -> Float[Array, "t c"]:
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+        keys = None if key is None else jr.split(key, self.num_layers)
+
+        def layer(h, xs):
+            p, k = xs
+            return eqx.combine(p, static)(h, key=k), None
+
+        x, _ = jax.lax.scan(layer, x, (params, keys))
+        return self.head(self.final_ln(x))
