@@ -60,8 +60,15 @@ def _common_data_options(fn: Callable) -> Callable:
                       help="Where the cached image table lives.")(fn)
     fn = click.option("--devices", type=click.IntRange(min=1), default=None,
                       help="Use only the first N local devices (default: all).")(fn)
+    fn = click.option("--process-id", type=click.IntRange(min=0), envvar="JAX_PROCESS_ID",
+                      help="Multi-host: this process's id (env JAX_PROCESS_ID).")(fn)
+    fn = click.option("--num-processes", type=click.IntRange(min=1), envvar="JAX_NUM_PROCESSES",
+                      help="Multi-host: number of processes (env JAX_NUM_PROCESSES).")(fn)
+    fn = click.option("--coordinator", envvar="JAX_COORDINATOR_ADDRESS",
+                      help="Multi-host: host:port of process 0 (env JAX_COORDINATOR_ADDRESS).")(fn)
     fn = click.option("--distributed", is_flag=True,
-                      help="Multi-host: call jax.distributed.initialize() (coordinator from the environment).")(fn)
+                      help="Multi-host: call jax.distributed.initialize() (Slurm / MPI / TPU detected, "
+                           "else --coordinator, --num-processes, --process-id).")(fn)
     return fn
 
 
@@ -93,12 +100,12 @@ def _common_data_options(fn: Callable) -> Callable:
 @_common_data_options
 @one_line_errors
 def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_dir, cache_dir, devices,
-        distributed, **opts) -> None:
+        distributed, coordinator, num_processes, process_id, **opts) -> None:
     """Train on TRAIN shards, evaluating on each --eval set every --eval-every steps."""
     from trainer.distributed import initialize, make_topology
     from trainer.fit import fit as run_fit
 
-    initialize(distributed)
+    initialize(distributed, coordinator, num_processes, process_id)
     keys = {
         "steps": "training.steps", "batch_size": "training.batch_size", "seed": "training.seed",
         "image_size": "training.image_size", "max_lr": "optimizer.max_lr",
@@ -130,12 +137,12 @@ def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_d
 @_common_data_options
 @one_line_errors
 def evaluate(eval_dirs, run_dir, step, train_dir, max_seqs, batch_size, watch, poll, omniglot_dir, cache_dir,
-             devices, distributed) -> None:
+             devices, distributed, coordinator, num_processes, process_id) -> None:
     """Evaluate a run's checkpoint on EVAL_DIRS: a table on stdout, JSON in RUN_DIR/evaluations/."""
     from trainer.distributed import initialize, make_topology
     from trainer.evaluate_cli import evaluate_run, watch_run
 
-    initialize(distributed)
+    initialize(distributed, coordinator, num_processes, process_id)
     topo = make_topology(devices)
     kwargs = dict(train_dir=train_dir, max_seqs=max_seqs, batch_size=batch_size, omniglot_dir=omniglot_dir,
                   cache_dir=cache_dir, topo=topo, echo=click.echo)

@@ -50,10 +50,16 @@ class Topology:
             )
 
 
-def initialize(distributed: bool) -> None:
-    """Join a multi-host job (coordinator address etc. from the environment, see README)."""
-    if distributed:
-        jax.distributed.initialize()
+def initialize(distributed: bool, coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """Join a multi-host job. On Slurm, Open MPI and TPU pods JAX finds the cluster itself; elsewhere pass
+    the coordinator address (host:port of process 0), the number of processes and this process's id."""
+    if not distributed:
+        return
+    given = [coordinator is not None, num_processes is not None, process_id is not None]
+    if any(given) and not all(given):
+        raise TopologyError("--coordinator, --num-processes and --process-id go together: give all three or none")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
 
 
 def make_topology(num_devices: int | None = None) -> Topology:

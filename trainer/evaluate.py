@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 
 import numpy as np
 
@@ -39,18 +40,29 @@ def evaluate_set(
     sums: dict[str, float] = {}
     sumsq: dict[str, float] = {}
     n = 0
-    for batch in eval_batches(shard_set, batch_size, max_seqs):
+    for batch in eval_batches(shard_set, batch_size, max_seqs, process_index=topo.process_index,
+                              process_count=topo.process_count):
         if should_stop():
             return None
-        valid = np.asarray(batch.pop("valid"), np.float32)
-        per = eval_step(table, model, bn_state, to_global(topo, batch))
-        per = jax.device_get(per)
-        for k, v in per.items():
-            v = np.asarray(v, np.float64)
-            sums[k] = sums.get(k, 0.0) + float(np.sum(v * valid))
-            sumsq[k] = sumsq.get(k, 0.0) + float(np.sum(v * v * valid))
-        n += int(valid.sum())
+        batch["valid"] = np.asarray(batch["valid"], np.float32)
+        batch = to_global(topo, batch)
+        valid = batch.pop("valid")
+        per = eval_step(table, model, bn_state, batch)
+        # reduced on the device: replicated scalars are readable on every host of a multi-host job
+        s, sq, count = jax.device_get(_masked_sums(per, valid))
+        for k in s:
+            sums[k] = sums.get(k, 0.0) + float(s[k])
+            sumsq[k] = sumsq.get(k, 0.0) + float(sq[k])
+        n += int(round(float(count)))
     return summarize(sums, sumsq, n)
+
+
+@jax.jit
+def _masked_sums(per: dict[str, jax.Array], valid: jax.Array):
+    per = {k: v.astype(jnp.float32) for k, v in per.items()}
+    return ({k: jnp.sum(v * valid) for k, v in per.items()},
+            {k: jnp.sum(v * v * valid) for k, v in per.items()},
+            jnp.sum(valid))
 
 
 def headline(seq_type: str, summary: dict[str, dict[str, Any]]) -> str | None:
