@@ -51,7 +51,8 @@ class HostImages(StepContext):
 
 def _flops_per_step(step, table, state, batches) -> float:
     try:
-        ca = step.lower(table, state, batches).compile().cost_analysis()
+        compiled = step.lower(table, state, batches).compile()
+        ca = getattr(compiled, "compiled", compiled).cost_analysis()  # equinox wraps jax's Compiled
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         return float(ca.get("flops", float("nan"))) / len(next(iter(batches.values())))
     except Exception:  # cost analysis is best effort across jax versions
