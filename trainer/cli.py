@@ -6,41 +6,15 @@ known error is printed as one line `error: ...` with exit code 2.
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Any, Callable
 
 import click
 
-from seqgen.config import ConfigError, load_toml
+from seqgen.config import load_toml
 from trainer.config import TrainConfig, train_config_from_toml, with_overrides
+from trainer.errors import one_line_errors
 from trainer.models.config import ExampleEncoding, SeqModel
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from seqgen.omniglot import OmniglotError
-    from trainer.checkpoint import CheckpointError
-    from trainer.data import DataError
-    from trainer.distributed import TopologyError
-    from trainer.run import RunError
-
-    return (ConfigError, OmniglotError, CheckpointError, DataError, TopologyError, RunError)
-
-
-def one_line_errors(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except _known_errors() as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except OSError as e:
-            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            click.echo(f"error: {e.strerror or e}{where}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

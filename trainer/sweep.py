@@ -60,6 +60,7 @@ from typing import Any, Callable, Sequence
 import click
 
 from seqgen.config import BuildConfig, ConfigError, SeqType, SequenceConfig, load_toml
+from trainer.errors import fail, known_errors
 
 DEFAULT_EVAL_TYPES = (SeqType.FEWSHOT_HOLDOUT, SeqType.NO_SUPPORT_ZIPFIAN)
 DEFAULT_EVAL_SEQS = 2048
@@ -525,19 +526,6 @@ def execute(plan: Plan, *, command: str, omniglot_dir: Any = None, cache_dir: An
 
 
 # ---- command line -----------------------------------------------------------------------------------
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from seqgen.build import BuildError
-    from seqgen.omniglot import OmniglotError
-    from seqgen.shards import ShardError
-    from trainer.checkpoint import CheckpointError
-    from trainer.data import DataError
-    from trainer.distributed import TopologyError
-    from trainer.run import RunError
-
-    return (ConfigError, SweepError, BuildError, OmniglotError, ShardError, CheckpointError, DataError,
-            TopologyError, RunError)
-
-
 def reproduce_command(sweep_file: str, out: str | None, shards_dir: str | None, only: Sequence[str]) -> str:
     parts = ["trainer", "sweep", sweep_file]
     if out:
@@ -570,13 +558,10 @@ def sweep_command(sweep_file, out, shards_dir, omniglot_dir, cache_dir, workers,
     """Build the shard sets, train every run of SWEEP_FILE, and write results.csv/md and figures."""
     try:
         _sweep(sweep_file, out, shards_dir, omniglot_dir, cache_dir, workers, progress, only, dry_run, report_only)
-    except _known_errors() as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    except (SweepError, *known_errors()) as e:
+        fail(str(e))
     except OSError as e:
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        click.echo(f"error: {e.strerror or e}{where}", err=True)
-        sys.exit(2)
+        fail(f"{e.strerror or e}" + (f" ({e.filename})" if getattr(e, "filename", None) else ""))
     except KeyboardInterrupt:
         click.echo("interrupted; rerun the same command to resume (finished sets and runs are kept)", err=True)
         sys.exit(130)

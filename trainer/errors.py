@@ -1,0 +1,46 @@
+"""The trainer's one-line error policy: known errors print `error: ...` and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import click
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message is a complete, one-line explanation with the fix."""
+    from seqgen.build import BuildError
+    from seqgen.config import ConfigError
+    from seqgen.omniglot import OmniglotError
+    from seqgen.shards import ShardError
+    from trainer.checkpoint import CheckpointError
+    from trainer.data import DataError
+    from trainer.distributed import TopologyError
+    from trainer.models import ModelInputError
+    from trainer.run import RunError
+
+    return (ConfigError, OmniglotError, BuildError, ShardError, CheckpointError, DataError, TopologyError,
+            ModelInputError, RunError)
+
+
+def one_line_errors(fn: Callable) -> Callable:
+    """Decorate a click command: known errors and OSErrors become one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except known_errors() as e:
+            fail(str(e))
+        except OSError as e:
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            fail(f"{e.strerror or e}{where}")
+
+    return wrapper
+
+
+def fail(message: str) -> None:
+    click.echo(f"error: {message.splitlines()[0] if message else 'failed'}", err=True)
+    sys.exit(2)
