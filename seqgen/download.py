@@ -23,6 +23,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from seqgen.atomic import fsync_dir
+
 DEFAULT_BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 ARCHIVES = ("images_background.zip", "images_evaluation.zip")
 OFFICIAL_MD5: Mapping[str, str] = {
@@ -43,19 +45,6 @@ def _md5_of(path: Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _manual_hint(dest: Path, base_url: str) -> str:
@@ -141,6 +130,6 @@ def download(
                 f"retry later or {_manual_hint(dest, base)}"
             )
         os.replace(part, target)
-        _fsync_dir(dest)
+        fsync_dir(dest)
         paths.append(target)
     return paths

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from seqgen.atomic import commit
 from seqgen.config import IMAGE_SIZE, BuildConfig, ConfigError, ExampleType, SeqType
 
 FORMAT = "emergent-icl/seqgen-shards"
@@ -73,30 +73,11 @@ def expected_keys(cfg: BuildConfig, materialized: bool) -> tuple[str, ...]:
     return keys + (("pixels",) if materialized else ())
 
 
-# ---- atomic writes and hashes ---------------------------------------------------------------
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """fsync `tmp`, move it over `final` atomically, fsync the folder."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
+# ---- atomic writes and hashes (seqgen.atomic) ---------------------------------------------------------------
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    _commit(tmp, path)
+    commit(tmp, path)
 
 
 def canonical_sha256(obj: Any) -> str:
@@ -147,7 +128,7 @@ def write_shard(
                 ds[s] = pixels(arrays["example"][s], arrays["exemplar"][s])
         for name, value in (("format_version", FORMAT_VERSION), ("shard", shard), ("start", start), ("rows", rows)):
             f.attrs[name] = np.int64(value)
-    _commit(tmp, path)
+    commit(tmp, path)
     return file_sha256(path)
 
 

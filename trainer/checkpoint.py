@@ -20,6 +20,8 @@ import equinox as eqx
 import jax
 import numpy as np
 
+from seqgen.atomic import fsync_dir, fsync_file
+
 FORMAT = "emergent-icl/checkpoint"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -33,22 +35,6 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(run_dir: str | os.PathLike, step: int, tree: Any, metadata: dict[str, Any], keep: int = 0) -> Path:
     """Write checkpoint `step` atomically and return its folder; keep the newest `keep` (0 = all)."""
     root = checkpoint_dir(run_dir)
@@ -60,14 +46,14 @@ def save(run_dir: str | os.PathLike, step: int, tree: Any, metadata: dict[str, A
     tmp.mkdir()
     host_tree = jax.tree_util.tree_map(lambda x: np.asarray(x) if eqx.is_array(x) else x, tree)
     eqx.tree_serialise_leaves(tmp / "state.eqx", host_tree)
-    _fsync_file(tmp / "state.eqx")
+    fsync_file(tmp / "state.eqx")
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step), **metadata}
     (tmp / "metadata.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-    _fsync_file(tmp / "metadata.json")
+    fsync_file(tmp / "metadata.json")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     if keep > 0:
         for old in list_steps(run_dir)[:-keep]:
             shutil.rmtree(root / f"step-{old}", ignore_errors=True)
