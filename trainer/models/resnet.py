@@ -117,8 +117,12 @@ class Conv2d(eqx.Module):
         return y[0]
 
 
-def _max3_s2(x: Array, axis: int) -> Array:
-    """Max over windows of 3 with stride 2 and 'SAME' padding along `axis` (contiguous slices only)."""
+def _max3_s2_parts(x: Array, axis: int) -> tuple[Array, Array, Array, int]:
+    """The three candidates of every window of 3 with stride 2 and 'SAME' padding along `axis`.
+
+    Window i covers padded rows 2i, 2i+1, 2i+2: returns (rows 2i, rows 2i+1, rows 2i+2), each with `out`
+    rows, and the number of -inf rows padded in front. Contiguous reshapes and slices only.
+    """
     n = x.shape[axis]
     out = -(-n // 2)
     lo = max((out - 1) * 2 + 3 - n, 0) // 2
@@ -128,11 +132,47 @@ def _max3_s2(x: Array, axis: int) -> Array:
     pairs = xp.reshape(*x.shape[:axis], out + 1, 2, *x.shape[axis + 1 :])
     even = jax.lax.index_in_dim(pairs, 0, axis + 1, keepdims=False)  # rows 0, 2, 4, ...
     odd = jax.lax.index_in_dim(pairs, 1, axis + 1, keepdims=False)  # rows 1, 3, 5, ...
-    # Window i covers padded rows 2i, 2i+1, 2i+2.
-    return jnp.maximum(
-        jnp.maximum(jax.lax.slice_in_dim(even, 0, out, axis=axis), jax.lax.slice_in_dim(odd, 0, out, axis=axis)),
-        jax.lax.slice_in_dim(even, 1, out + 1, axis=axis),
-    )
+    a = jax.lax.slice_in_dim(even, 0, out, axis=axis)
+    b = jax.lax.slice_in_dim(odd, 0, out, axis=axis)
+    c = jax.lax.slice_in_dim(even, 1, out + 1, axis=axis)
+    return a, b, c, lo
+
+
+def _max3_s2(x: Array, axis: int) -> Array:
+    """Max over windows of 3 with stride 2 and 'SAME' padding along `axis`: max(max(a, b), c)."""
+    a, b, c, _ = _max3_s2_parts(x, axis)
+    return jnp.maximum(jnp.maximum(a, b), c)
+
+
+def _max3_s2_bwd(x: Array, g: Array, axis: int) -> Array:
+    """Cotangent of `_max3_s2(x, axis)` for output cotangent `g`, bitwise what autodiff gives.
+
+    JAX differentiates `max(u, v)` as g * [u == max] / (2 if v == max else 1) (ties split evenly); the
+    weights are powers of two (exact) and each input row receives at most two terms, so the sums are the
+    same as autodiff's. Written as products on the small output grid and one interleave, instead of the
+    pads / selects / scatters autodiff emits for the reshapes and slices.
+    """
+    a, b, c, lo = _max3_s2_parts(x, axis)
+    m1 = jnp.maximum(a, b)
+    m = jnp.maximum(m1, c)
+
+    def share(u, z, v):  # _balanced_eq(u, z, v) of jax.lax: 1, 1/2 on a tie, 0 when u is not the max
+        return jnp.where(u == z, 1.0, 0.0) / jnp.where(v == z, 2.0, 1.0)
+
+    g_m1 = g * share(m1, m, c)
+    g_c = g * share(c, m, m1)
+    g_a = g_m1 * share(a, m1, b)
+    g_b = g_m1 * share(b, m1, a)
+    pad_back = [(0, 0)] * x.ndim
+    pad_front = [(0, 0)] * x.ndim
+    pad_back[axis] = (0, 1)
+    pad_front[axis] = (1, 0)
+    g_even = jnp.pad(g_a, pad_back) + jnp.pad(g_c, pad_front)  # rows 2i get a_i and c_{i-1}
+    g_odd = jnp.pad(g_b, pad_back)
+    n = x.shape[axis]
+    pairs = jnp.stack([g_even, g_odd], axis=axis + 1)
+    g_x = pairs.reshape(*x.shape[:axis], 2 * pairs.shape[axis], *x.shape[axis + 1 :])
+    return jax.lax.slice_in_dim(g_x, lo, lo + n, axis=axis)
 
 
 def max_pool_3x3_s2(x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 c"]:
@@ -142,6 +182,30 @@ def max_pool_3x3_s2(x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 c"]:
     `lax.reduce_window`; its CPU gradient, select-and-scatter, is several times slower).
     """
     return _max3_s2(_max3_s2(x, 0), 1)
+
+
+@jax.custom_vjp
+def relu_max_pool_3x3_s2(x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 c"]:
+    """`max_pool_3x3_s2(relu(x))` with a hand-written backward pass (same cotangents as autodiff's).
+
+    Autodiff of the reshape/slice max-pool costs several full passes over the (large) first-stage map;
+    this backward recomputes the row maxima and routes the cotangent in two passes.
+    """
+    return max_pool_3x3_s2(jax.nn.relu(x))
+
+
+def _relu_pool_fwd(x):
+    r = jax.nn.relu(x)
+    return max_pool_3x3_s2(r), r
+
+
+def _relu_pool_bwd(r, g):
+    rows = _max3_s2(r, 0)
+    g_r = _max3_s2_bwd(r, _max3_s2_bwd(rows, g, 1), 0)
+    return (jnp.where(r > 0, g_r, 0.0),)  # jax.nn.relu's derivative: 1 where x > 0, else 0
+
+
+relu_max_pool_3x3_s2.defvjp(_relu_pool_fwd, _relu_pool_bwd)
 
 
 class BottleneckBlock(eqx.Module):
@@ -222,7 +286,7 @@ class SimpleResNet(eqx.Module):
 
     def __call__(self, image: Float[Array, "h w c"], state: eqx.nn.State) -> tuple[Array, eqx.nn.State]:
         out, state = self.initial_bn(self.initial_conv(image), state)
-        out = max_pool_3x3_s2(jax.nn.relu(out))
+        out = relu_max_pool_3x3_s2(out)
         for block in self.blocks:
             out, state = block(out, state)
         if self.flatten_superpixels:
