@@ -95,11 +95,17 @@ class StepContext:
 
 
 def _loss_and_metrics(model, bn_state, examples, labels, key, ctx: StepContext, seq_type: SeqType, inference: bool):
-    logits, bn_state = forward(model, bn_state, examples, labels, key=key, inference=inference)
-    per = per_sequence_metrics(
-        logits, targets(labels, ctx.train_cfg.model), ctx.label_sets, seq_type,
-        ctx.train_cfg.training.w_interim_predictions,
-    )
+    w_interim = ctx.train_cfg.training.w_interim_predictions
+    tgt = targets(labels, ctx.train_cfg.model)
+    if w_interim:
+        logits, bn_state = forward(model, bn_state, examples, labels, key=key, inference=inference)
+    else:
+        # Loss and every metric read only the query's logits when interim predictions have no weight:
+        # compute the output layer there alone and leave the other positions at constant zeros (their
+        # loss weight is 0 and accuracy_interim is defined as 0, as in the original).
+        query, bn_state = forward(model, bn_state, examples, labels, key=key, inference=inference, query_only=True)
+        logits = jnp.zeros((*tgt.shape, query.shape[-1]), query.dtype).at[:, -1:].set(query)
+    per = per_sequence_metrics(logits, tgt, ctx.label_sets, seq_type, w_interim)
     return per, bn_state
 
 

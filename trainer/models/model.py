@@ -75,11 +75,13 @@ class Model(eqx.Module):
         *,
         key: PRNGKeyArray | None,
         pos_key: PRNGKeyArray | None,
+        query_only: bool = False,
     ) -> tuple[Float[Array, "t c"], eqx.nn.State]:
-        """One sequence: examples `[L, H, W, 1]` float or `[L]` int, labels `[L]` -> logits `[T, C]`."""
+        """One sequence: examples `[L, H, W, 1]` float or `[L]` int, labels `[L]` -> logits `[T, C]`
+        (`[1, C]`, the query's, with `query_only`)."""
         example_key, seq_key = (None, None) if key is None else jr.split(key)
         tokens, state = self.embedder(examples, labels, state, example_key=example_key, pos_key=pos_key)
-        return self.seq_model(tokens, key=seq_key), state
+        return self.seq_model(tokens, key=seq_key, query_only=query_only), state
 
 
 def make_model(
@@ -121,12 +123,15 @@ def forward(
     *,
     key: PRNGKeyArray | None,
     inference: bool,
+    query_only: bool = False,
 ) -> tuple[Float[Array, "b t c"], eqx.nn.State]:
     """Batched forward: examples `[B, L, H, W, 1]` float32 or `[B, L]` int32, labels `[B, L]` int32.
 
     Returns logits `[B, T, num_classes]` (T = 2L-1, or L with concatenate_labels) and the new BatchNorm
     state (unchanged at inference). `key` may be None when no dropout is active (example dropout is
-    active at inference too).
+    active at inference too). `query_only` applies the output layer to the query's token alone and
+    returns `[B, 1, num_classes]`: the same query logits for ~1/T of the head's cost, which is all the
+    original's loss and metrics use when interim predictions have no weight.
     """
     cfg = model.cfg
     _check_inputs(cfg, examples, labels)
@@ -143,7 +148,7 @@ def forward(
         key_axis = 0
 
     def one(ex, lab, st, k, pk):
-        return model(ex, lab, st, key=k, pos_key=pk)
+        return model(ex, lab, st, key=k, pos_key=pk, query_only=query_only)
 
     batched = jax.vmap(one, in_axes=(0, 0, None, key_axis, None), out_axes=(0, None), axis_name="batch")
     return batched(examples, labels, state, seq_keys, pos_key)

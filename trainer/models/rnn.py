@@ -98,8 +98,9 @@ class RNN(eqx.Module):
         self.layers = tuple(cell(sizes[i], hidden_size, key=keys[i]) for i in range(num_layers))
         self.head = Dense(hidden_size, num_classes, std=variance_scaling_std(hidden_size, dense_init_scale), key=keys[-1])
 
-    def __call__(self, x: Float[Array, "t d"], *, key: PRNGKeyArray | None = None) -> Float[Array, "t c"]:
+    def __call__(self, x: Float[Array, "t d"], *, key: PRNGKeyArray | None = None,
+                 query_only: bool = False) -> Float[Array, "t c"]:
         del key  # no dropout in the original's RNN tower
         for layer in self.layers:
             x = layer(x)
-        return self.head(x)
+        return self.head(x[-1:] if query_only else x)

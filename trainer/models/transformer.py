@@ -132,7 +132,8 @@ class Transformer(eqx.Module):
         self.head = Dense(dim, num_classes, std=variance_scaling_std(dim, dense_init_scale), key=k_head)
         self.num_layers = num_layers
 
-    def __call__(self, x: Float[Array, "t d"], *, key: PRNGKeyArray | None) -> Float[Array, "t c"]:
+    def __call__(self, x: Float[Array, "t d"], *, key: PRNGKeyArray | None,
+                 query_only: bool = False) -> Float[Array, "t c"]:
         params, static = eqx.partition(self.blocks, eqx.is_array)
         keys = None if key is None else jr.split(key, self.num_layers)
 
@@ -141,4 +142,4 @@ class Transformer(eqx.Module):
             return eqx.combine(p, static)(h, key=k), None
 
         x, _ = jax.lax.scan(layer, x, (params, keys))
-        return self.head(self.final_ln(x))
+        return self.head(self.final_ln(x[-1:] if query_only else x))

@@ -1,0 +1,37 @@
+"""Helpers of bench/gpu_check.sh.
+
+    python bench/gpu_curves.py steps BENCH_TXT SECONDS   # training steps that fit in SECONDS (90 %)
+    python bench/gpu_curves.py curves METRICS_JSONL LABEL   # ICL / IWL / loss lines of a run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+
+def steps(bench_txt: str, seconds: float) -> int:
+    rate = float(re.search(r"ours:\s+[\d.]+ ms/step\s+([\d.]+) steps/s", open(bench_txt).read()).group(1))
+    minimum = int(os.environ.get("MIN_STEPS", "100"))
+    return max(minimum, int(rate * seconds * 0.9) // 100 * 100)
+
+
+def curves(metrics: str, label: str) -> None:
+    for line in open(metrics):
+        r = json.loads(line)
+        if r["kind"] == "eval":
+            icl = r["seq_type"] == "fewshot_holdout"
+            m = r["metrics"]["accuracy_closed" if icl else "accuracy_query"]
+            print(f"{label} step {r['step']:>7} {'ICL' if icl else 'IWL'} {m['mean']:.3f} "
+                  f"[{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] n={m['n']}")
+        else:
+            print(f"{label} step {r['step']:>7} train loss {r['metrics']['loss']:.3f}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "steps":
+        print(steps(sys.argv[2], float(sys.argv[3])))
+    else:
+        curves(sys.argv[2], sys.argv[3])
