@@ -157,9 +157,9 @@ def make_examples(table: jax.Array, batch: dict[str, jax.Array], cfg: BuildConfi
     exemplar = jnp.asarray(batch["exemplar"]).astype(jnp.int32)
     size = table.shape[-1]
     image, t = _image_index(example, exemplar, cfg)
-    perm = jnp.asarray(transform_permutations(size))
-    flat = image[..., None] * (size * size) + perm[t]  # [B, L, S*S]
-    pixels = table.reshape(-1)[flat]
+    pixels = table.reshape(-1, size * size)[image]  # one row gather: [B, L, S*S]
+    if cfg.dataset.augment:  # pixel j of transform t is pixel perm[t, j] of the original
+        pixels = jnp.take_along_axis(pixels, jnp.asarray(transform_permutations(size))[t], axis=-1)
     if pixels.dtype == jnp.uint8:
         pixels = jnp.asarray(GRAY_LUT)[pixels.astype(jnp.int32)]
     pixels = pixels.reshape(*example.shape, size, size)
