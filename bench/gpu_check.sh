@@ -11,7 +11,7 @@
 # 2. prints the trainer benchmark at paper scale (ms/step, steps/s, GFLOP/s);
 # 3. trains the paper model for TRAIN_SECONDS (default 300) per p_bursty and prints ICL / IWL at each
 #    evaluation (copies land in $OUT when set, e.g. on the device machine).
-# Knobs for a dry run on a CPU: BENCH_STEPS, DISPATCH, EVAL_SEQS, MIN_STEPS, WORK.
+# Knobs for a dry run on a CPU: IMAGE_SIZE, LAYERS, BENCH_STEPS, DISPATCH, EVAL_SEQS, MIN_STEPS, WORK.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -32,7 +32,7 @@ for t in fewshot_holdout no_support_zipfian; do
     --omniglot "$OMNIGLOT_DIR" --cache-dir "$WORK/cache" --quiet
 done
 
-python3 bench/trainer_bench.py --image-size 105 --layers 12 --batch 32 --steps "${BENCH_STEPS:-100}" \
+python3 bench/trainer_bench.py --image-size "${IMAGE_SIZE:-105}" --layers "${LAYERS:-12}" --batch 32 --steps "${BENCH_STEPS:-100}" \
   --steps-per-dispatch "${DISPATCH:-50}" --omniglot "$OMNIGLOT_DIR" --cache-dir "$WORK/cache" | tee "$OUT_DIR/bench.txt"
 
 # Steps that fit in TRAIN_SECONDS at the measured speed (10 % margin for evaluations).
@@ -42,7 +42,7 @@ for p in $P_BURSTY; do
   rm -rf "$WORK/run-$p"
   timeout $((TRAIN_SECONDS * 2 + 120)) python3 -m trainer fit --train "$WORK/bursty-$p" \
     --eval "$WORK/fewshot_holdout" --eval "$WORK/no_support_zipfian" --run-dir "$WORK/run-$p" \
-    --steps "$STEPS" --eval-every $(( STEPS / 5 > 0 ? STEPS / 5 : 1 )) --checkpoint-every "$STEPS" --log-every 100 \
+    --image-size "${IMAGE_SIZE:-105}" --num-layers "${LAYERS:-12}" --steps "$STEPS" --eval-every $(( STEPS / 5 > 0 ? STEPS / 5 : 1 )) --checkpoint-every "$STEPS" --log-every 100 \
     --steps-per-dispatch "${DISPATCH:-50}" --eval-seqs "${EVAL_SEQS:-2048}" --no-progress \
     --omniglot "$OMNIGLOT_DIR" --cache-dir "$WORK/cache" || true
   python3 bench/gpu_curves.py curves "$WORK/run-$p/metrics.jsonl" "p_bursty $p" | tee "$OUT_DIR/curves-$p.txt"

@@ -19,6 +19,9 @@ def steps(bench_txt: str, seconds: float) -> int:
 
 
 def curves(metrics: str, label: str) -> None:
+    if not os.path.isfile(metrics):
+        print(f"{label}: no metrics.jsonl (the fit failed or ran out of time before its first log)")
+        return
     for line in open(metrics):
         r = json.loads(line)
         if r["kind"] == "eval":
