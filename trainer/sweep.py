@@ -1,57 +1,21 @@
 """`trainer sweep FILE`: one command per figure of the paper (build sets, train runs, tabulate, plot).
 
-A sweep file is TOML. It layers on a base config file (the same `[seqgen.*]` / `[trainer.*]` tables
-that `seqgen build --config` and `trainer fit --config` read) and lists the runs of one figure:
-
-    # Fig. 2: burstiness drives in-context learning.
-    [sweep]
-    name = "burstiness"                 # optional; default: the file name without .toml
-    figure = "Fig. 2"                   # optional, shown in results.md
-    claim = "ICL needs bursty data"     # optional, shown in results.md
-    base = "../cpu.toml"                # required: a path relative to this file, or a list of paths
-                                        #   (later files override earlier ones, table by table)
-    x = "p_bursty"                      # required: the x-axis name
-    x_scale = "linear"                  # optional: linear (default) | log
-    train_seqs = 1000000                # required: training sequences per training set (seqgen num_seqs)
-    eval_seqs = 2048                    # optional (default 2048): sequences per evaluation set
-    eval_types = ["fewshot_holdout", "no_support_zipfian"]   # optional; these are the default
-    eval_seed = 1                       # optional (default 1): seqgen seed of the evaluation sets
-
-    [trainer.training]                  # optional: overrides applied to every run, after the base
-    steps = 20000
-
-    [[runs]]
-    name = "p0.9"                       # required, unique; the run directory's name
-    x = 0.9                             # required: a number, or a string for a categorical axis
-    base = "../other.toml"              # optional: replaces the sweep's base for this run
-    [runs.seqgen.sequence]              # optional: this run's overrides, last
-    p_bursty = 0.9
-
-Every run gets a bursty training set (`seq_type`, `num_seqs` are set by the sweep: do not set them in
-the tables) and one evaluation set per `eval_types`, with the run's dataset / split / sequence options
-(so the class split matches) and seed `eval_seed` (must differ from the training seed). Sequence options
-that an evaluation type never reads (e.g. `p_bursty` for `fewshot_holdout`) are reset to their defaults,
-so runs that differ only there share evaluation sets. `trainer.training.eval_seqs` defaults to
-`eval_seqs` (evaluate whole sets).
-
-Shard sets live in a shared folder (default `data/shards/sweeps/`), one per config, named
-`<seq_type>-<sha256 of the BuildConfig, 12 hex>`: sets are reused across runs and across sweeps. Runs
-train into `<out>/runs/<name>` (default out: `runs/sweeps/<sweep name>`); a rerun skips finished runs
-(final checkpoint and final evaluations present), resumes partial ones and evaluates a finished run on
-evaluation sets it has not seen. Ctrl+C stops the sweep after the current run saves a checkpoint.
-`<out>` receives `results.csv`, `results.md`, `figure.png`, `curves.png` (see `trainer.sweep_report`)
-and `sweep.json` (the resolved plan).
+The sweep file's format is documented in `trainer.sweep_file`. For each run: the training set and the
+evaluation sets are built into a shared folder (default `data/shards/sweeps/`), one per config, named
+`<seq_type>-<sha256 of the BuildConfig, 12 hex>`, so sets are reused across runs and across sweeps. Runs
+train into `<out>/runs/<name>` (default out: `runs/sweeps/<sweep name>`); a rerun skips finished runs,
+resumes partial ones and evaluates a finished run on evaluation sets it has not seen. Ctrl+C stops the
+sweep after the current run saves a checkpoint. `<out>` receives `results.csv`, `results.md`,
+`figure.png`, `curves.png` (see `trainer.sweep_report`) and `sweep.json` (the resolved plan).
 """
+
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import enum
 import hashlib
 import json
-import os
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -59,235 +23,13 @@ from typing import Any, Callable, Sequence
 
 import click
 
-from seqgen.config import BuildConfig, ConfigError, SeqType, SequenceConfig, load_toml
+from seqgen.config import BuildConfig, ConfigError
 from trainer.errors import fail, known_errors
 
-DEFAULT_EVAL_TYPES = (SeqType.FEWSHOT_HOLDOUT, SeqType.NO_SUPPORT_ZIPFIAN)
-DEFAULT_EVAL_SEQS = 2048
-DEFAULT_SHARDS_DIR = Path("data/shards/sweeps")
-_SWEEP_KEYS = {"name", "figure", "claim", "base", "x", "x_scale", "train_seqs", "eval_seqs", "eval_types",
-               "eval_seed"}
-_RUN_KEYS = {"name", "x", "base", "seqgen", "trainer"}
-# Options that do not change what a run learns: a finished or partial run is still this run if they differ
-# (a resumed run keeps its stored values; the final evaluation uses the sweep's eval_seqs).
-_BOOKKEEPING = {"training.steps", "training.eval_seqs", "training.eval_every", "training.eval_batch_size",
-                "training.log_every", "training.checkpoint_every", "training.keep_checkpoints",
-                "training.steps_per_dispatch"}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class SweepError(Exception):
-    """A sweep that cannot proceed as asked (e.g. a run directory from another config); one line."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-    name: str
-    x: float | str
-    train: BuildConfig
-    evals: tuple[BuildConfig, ...]
-    trainer: Any  # trainer.config.TrainConfig
-    bases: tuple[str, ...]
-
-    @property
-    def steps(self) -> int:
-        return self.trainer.training.steps
-
-
-@dataclasses.dataclass(frozen=True)
-class Sweep:
-    path: Path
-    name: str
-    figure: str
-    claim: str
-    x_label: str
-    x_scale: str
-    train_seqs: int
-    eval_seqs: int
-    eval_types: tuple[SeqType, ...]
-    eval_seed: int
-    runs: tuple[RunSpec, ...]
-
-    def run(self, name: str) -> RunSpec:
-        return next(r for r in self.runs if r.name == name)
-
-
-# ---- loading and validation -----------------------------------------------------------------------
-def _merge(into: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Deep merge: tables merge key by key, anything else replaces."""
-    out = copy.deepcopy(into)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
-def _bases(value: Any, where: str, folder: Path) -> tuple[Path, ...]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not items or not all(isinstance(b, str) for b in items):
-        raise ConfigError(f"{where}: base must be a path or a list of paths (relative to the sweep file)")
-    paths = tuple(Path(os.path.normpath(folder / b)) for b in items)
-    for p in paths:
-        if not p.is_file():
-            raise ConfigError(f"{where}: base config {p} not found; fix the path (relative to the sweep file)")
-    return paths
-
-
-def _check_keys(table: Any, allowed: set[str], where: str) -> dict[str, Any]:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table")
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key '{unknown[0]}'; valid keys: {', '.join(sorted(allowed))}")
-    return table
-
-
-def _int(table: dict[str, Any], key: str, where: str, default: int | None, minimum: int) -> int:
-    value = table.get(key, default)
-    if value is None:
-        raise ConfigError(f"{where}: '{key}' is required")
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where}: '{key}' must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def eval_config(train: BuildConfig, seq_type: SeqType, num_seqs: int, seed: int) -> BuildConfig:
-    """The evaluation set of `seq_type` matching training set `train`: same dataset, split and labels.
-
-    Sequence options the evaluation type never reads are reset to their defaults (so that sets are
-    shared); kept are those it reads, plus labeling / polysemy (they fix the label space) and noise."""
-    d = SequenceConfig()
-    unused = {"p_bursty", "p_bursty_common", "p_bursty_zipfian", "bursty_shots", "non_bursty_type"}
-    if seq_type is not SeqType.MIXED:
-        unused.add("p_fewshot")
-    if not seq_type.is_fewshot:
-        unused.add("grouped")
-    if seq_type.is_no_support:
-        unused.add("fs_shots")
-    if seq_type.is_fewshot or seq_type is SeqType.MIXED:
-        unused.add("seq_len")
-    if seq_type is SeqType.BURSTY:
-        unused = set()
-    sequence = dataclasses.replace(train.sequence, **{k: getattr(d, k) for k in unused})
-    return dataclasses.replace(train, seq_type=seq_type, num_seqs=num_seqs, seed=seed, sequence=sequence)
-
-
-def _check_buildable(cfg: BuildConfig, where: str) -> None:
-    from seqgen.sampling import check_supported
-    from seqgen.split import make_split
-
-    try:
-        cfg.validate()
-        check_supported(cfg, make_split(cfg))
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {cfg.seq_type.value} set: {e}") from None
-
-
-def _run_spec(entry: dict[str, Any], i: int, sweep: dict[str, Any], data: dict[str, Any], folder: Path,
-              sweep_bases: tuple[Path, ...] | None, eval_types: tuple[SeqType, ...]) -> RunSpec:
-    from trainer.config import TrainConfig
-
-    where = f"runs[{i}]"
-    _check_keys(entry, _RUN_KEYS, where)
-    name = entry.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(f"{where}: 'name' must be a string of letters, digits, '.', '_' or '-', got {name!r}")
-    where = f"run '{name}'"
-    x = entry.get("x")
-    if isinstance(x, bool) or not isinstance(x, (int, float, str)):
-        raise ConfigError(f"{where}: 'x' must be a number or a string, got {x!r}")
-    if "base" in entry:
-        bases = _bases(entry["base"], where, folder)
-    elif sweep_bases is None:
-        raise ConfigError(f"{where}: no base config; set [sweep] base (or this run's base)")
-    else:
-        bases = sweep_bases
-    merged: dict[str, Any] = {}
-    for b in bases:
-        merged = _merge(merged, {k: load_toml(b).get(k, {}) for k in ("seqgen", "trainer")})
-    for layer in (data, entry):
-        for k in ("seqgen", "trainer"):
-            if k in layer and not isinstance(layer[k], dict):
-                raise ConfigError(f"{where}: '{k}' must be a table of options")
-            if k == "seqgen" and isinstance(layer.get(k), dict):
-                for forbidden in ("seq_type", "num_seqs"):
-                    if forbidden in layer[k]:
-                        raise ConfigError(f"{where}: seqgen.{forbidden} is set by the sweep "
-                                          "(train_seqs / eval_types); remove it")
-            merged = _merge(merged, {k: layer.get(k, {})})
-    seq = dict(merged["seqgen"], seq_type=SeqType.BURSTY.value, num_seqs=sweep["train_seqs"])
-    trainer = merged["trainer"]
-    training = trainer.get("training", {})
-    if isinstance(training, dict) and "eval_seqs" not in training:
-        trainer = _merge(trainer, {"training": {"eval_seqs": sweep["eval_seqs"]}})
-    try:
-        train = BuildConfig.from_dict(seq)
-        tcfg = TrainConfig.from_dict(trainer).validate()
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    if train.seed == sweep["eval_seed"]:
-        raise ConfigError(f"{where}: training seed {train.seed} equals eval_seed; change [sweep] eval_seed")
-    evals = tuple(eval_config(train, t, sweep["eval_seqs"], sweep["eval_seed"]) for t in eval_types)
-    for cfg in (train, *evals):
-        _check_buildable(cfg, where)
-    return RunSpec(name, x, train, evals, tcfg, tuple(str(b) for b in bases))
-
-
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and fully validate a sweep file; ConfigError (one line, naming file and place) on any problem."""
-    path = Path(path)
-    data = load_toml(path)
-    try:
-        return _load(path, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-
-
-def _load(path: Path, data: dict[str, Any]) -> Sweep:
-    _check_keys(data, {"sweep", "seqgen", "trainer", "runs"}, "top level")
-    if "sweep" not in data:
-        raise ConfigError("missing [sweep] table (base, x, train_seqs, ...)")
-    sw = _check_keys(data["sweep"], _SWEEP_KEYS, "[sweep]")
-    sweep_bases = _bases(sw["base"], "[sweep]", path.parent) if "base" in sw else None
-    name = sw.get("name", path.stem)
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(f"[sweep]: 'name' must be letters, digits, '.', '_' or '-', got {name!r}")
-    x_label = sw.get("x")
-    if not isinstance(x_label, str) or not x_label:
-        raise ConfigError("[sweep]: 'x' (the x-axis name) is required")
-    x_scale = sw.get("x_scale", "linear")
-    if x_scale not in ("linear", "log"):
-        raise ConfigError(f"[sweep]: x_scale must be 'linear' or 'log', got {x_scale!r}")
-    for key in ("figure", "claim"):
-        if not isinstance(sw.get(key, ""), str):
-            raise ConfigError(f"[sweep]: '{key}' must be a string")
-    resolved = {
-        "train_seqs": _int(sw, "train_seqs", "[sweep]", None, 1),
-        "eval_seqs": _int(sw, "eval_seqs", "[sweep]", DEFAULT_EVAL_SEQS, 1),
-        "eval_seed": _int(sw, "eval_seed", "[sweep]", 1, 0),
-    }
-    types = sw.get("eval_types", [t.value for t in DEFAULT_EVAL_TYPES])
-    if not isinstance(types, list) or not types:
-        raise ConfigError("[sweep]: eval_types must be a non-empty list of sequence types")
-    try:
-        eval_types = tuple(SeqType(t) for t in types)
-    except ValueError:
-        raise ConfigError(f"[sweep]: eval_types {types!r}: each must be one of "
-                          f"{', '.join(t.value for t in SeqType)}") from None
-    if len(set(eval_types)) != len(eval_types):
-        raise ConfigError("[sweep]: eval_types lists a type twice")
-    entries = data.get("runs")
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError("no runs: add [[runs]] tables (name, x, seqgen / trainer overrides)")
-    seen: set[str] = set()
-    runs = []
-    for i, entry in enumerate(entries):
-        spec = _run_spec(entry, i, resolved, data, path.parent, sweep_bases, eval_types)
-        if spec.name in seen:
-            raise ConfigError(f"two runs are named '{spec.name}'; run names must be unique")
-        seen.add(spec.name)
-        runs.append(spec)
-    return Sweep(path, name, sw.get("figure", ""), sw.get("claim", ""), x_label, x_scale,
-                 resolved["train_seqs"], resolved["eval_seqs"], eval_types, resolved["eval_seed"], tuple(runs))
+from trainer.sweep_file import (  # noqa: F401  (re-exported)
+    DEFAULT_EVAL_SEQS, DEFAULT_EVAL_TYPES, DEFAULT_SHARDS_DIR, RunSpec, Sweep, SweepError, eval_config, load_sweep,
+    _BOOKKEEPING,
+)
 
 
 # ---- planning ---------------------------------------------------------------------------------------
