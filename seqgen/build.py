@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from seqgen import shards as fmt
 from seqgen.config import (
+    flatten,
     IMAGE_SIZE,
     N_AUGMENTATIONS,
     N_EXEMPLARS,
@@ -221,18 +222,8 @@ def _build_in_workers(plan: _Plan, todo: list[int], workers: int, bar: tqdm) -> 
 
 
 # ---- the folder -------------------------------------------------------------------------------
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return "; ".join(d if len(d) < 80 else d[:77] + "..." for d in diffs[:3]) + ("; ..." if len(diffs) > 3 else "")
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import click
 
-from seqgen.config import BuildConfig, ConfigError
+from seqgen.config import BuildConfig, ConfigError, flatten
 from trainer.errors import fail, known_errors
 
 from trainer.sweep_file import (  # noqa: F401  (re-exported)
@@ -119,7 +119,7 @@ def run_action(spec: RunSpec, run_dir: Path, train_dir: Path, eval_dirs: Sequenc
         old_train = Path(stored["data"]["train"]["path"]).name
     except (json.JSONDecodeError, KeyError, TypeError, ConfigError):
         raise SweepError(f"{config} is unreadable; delete {run_dir} or choose another --out") from None
-    diff = _difference(_flat(old.to_dict()), _flat(spec.trainer.to_dict()), ignore=_BOOKKEEPING)
+    diff = _difference(flatten(old.to_dict()), flatten(spec.trainer.to_dict()), ignore=_BOOKKEEPING)
     if diff or old_train != train_dir.name:
         what = f"trainer options ({diff})" if diff else f"a training set ({old_train}) of other seqgen options"
         raise SweepError(f"{run_dir} was trained with {what} than run '{spec.name}' of this sweep; "
@@ -131,16 +131,6 @@ def run_action(spec: RunSpec, run_dir: Path, train_dir: Path, eval_dirs: Sequenc
     if final_results(run_dir, latest, [p.name for p in eval_dirs]) is None:
         return RunAction.EVALUATE, latest
     return RunAction.SKIP, latest
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 def _difference(old: dict[str, Any], new: dict[str, Any], ignore: set[str]) -> str:
