@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from trainer import checkpoint
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, with_overrides
 from trainer.data import BatchStream
 from trainer.distributed import Topology, make_topology, replicate, to_global
 from trainer.evaluate import evaluate_set, set_name
@@ -92,9 +92,7 @@ def fit(
 
 def _resumed_config(run: RunDir, given: TrainConfig) -> TrainConfig:
     """A resumed run keeps its stored config; only the number of steps may change (to extend a run)."""
-    stored = run.train_config()
-    extended = TrainConfig.from_dict({**stored.to_dict(), "training": {**stored.to_dict()["training"], "steps": given.training.steps}})
-    return extended
+    return with_overrides(run.train_config(), {"training.steps": given.training.steps})
 
 
 def _loop(session: Session, run: RunDir, state: TrainState, start: int, stop: GracefulInterrupt, progress: bool | None) -> FitResult:
