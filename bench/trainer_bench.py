@@ -64,7 +64,7 @@ def _host_images(images_u8: np.ndarray, batch: dict, size: int) -> np.ndarray:
     px = GRAY_LUT[images_u8[batch["example"], batch["exemplar"]]]  # [B, L, 105, 105] float32
     if size != px.shape[-1]:
         r = resize_matrix(px.shape[-1], size)
-        px = np.einsum("ij,bljk,mk->blim", r, px, r)
+        px = r @ px @ r.T  # two batched matmuls
     return px[..., None].astype(np.float32)
 
 

@@ -30,7 +30,7 @@ from trainer.models import (
     targets,
 )
 from trainer.models.layers import truncated_normal
-from trainer.models.resnet import max_pool_3x3_s2
+from trainer.models.resnet import conv_same, max_pool_3x3_s2, relu_max_pool_3x3_s2
 
 NUM_CLASSES = 11
 
@@ -279,6 +279,35 @@ def test_max_pool_matches_reduce_window(h, w):
     x = jr.normal(jr.PRNGKey(h * 100 + w), (h, w, 3))
     ref = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (3, 3, 1), (2, 2, 1), "SAME")
     np.testing.assert_array_equal(max_pool_3x3_s2(x), ref)
+
+
+@pytest.mark.parametrize("shape,k,stride", [((3, 28, 28, 1), 7, 2), ((4, 7, 7, 4), 3, 1), ((2, 7, 7, 8), 3, 2),
+                                             ((2, 4, 4, 8), 3, 2), ((1, 5, 6, 3), 3, 2), ((2, 9, 9, 2), 7, 2)])
+def test_conv_gradients_match_autodiff(shape, k, stride):
+    x = jr.normal(jr.PRNGKey(0), shape)
+    w = jr.normal(jr.PRNGKey(1), (k, k, shape[-1], 5))
+
+    def reference(x, w):
+        y = jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.sin(y))
+
+    ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(conv_same(x, w, stride))), (0, 1))(x, w)
+    ref = jax.grad(reference, (0, 1))(x, w)
+    np.testing.assert_allclose(conv_same(x, w, stride), jax.lax.conv_general_dilated(
+        x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")), rtol=0, atol=0)
+    np.testing.assert_array_equal(ours[0], ref[0])  # the input cotangent is autodiff's own
+    np.testing.assert_allclose(ours[1], ref[1], rtol=1e-5, atol=1e-5 * float(jnp.abs(ref[1]).max()))
+
+
+@pytest.mark.parametrize("h,w", [(2, 3), (7, 7), (14, 14), (27, 27)])
+def test_relu_max_pool_gradient_matches_autodiff(h, w):
+    # Integer-valued inputs: ties inside windows and exact zeros exercise the tie-splitting rules.
+    x = jnp.round(jr.normal(jr.PRNGKey(h + w), (h, w, 3)) * 2)
+    g = jr.normal(jr.PRNGKey(7), max_pool_3x3_s2(x).shape)
+    ours = jax.vjp(relu_max_pool_3x3_s2, x)[1](g)[0]
+    ref = jax.vjp(lambda v: max_pool_3x3_s2(jax.nn.relu(v)), x)[1](g)[0]
+    np.testing.assert_array_equal(relu_max_pool_3x3_s2(x), max_pool_3x3_s2(jax.nn.relu(x)))
+    np.testing.assert_array_equal(ours, ref)
 
 
 def test_resnet_structure_and_init():

@@ -22,6 +22,7 @@ variance's hidden state at ONE (so its running variance is off by decay^n / (1 -
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Sequence
 
 import equinox as eqx
@@ -111,10 +112,44 @@ class Conv2d(eqx.Module):
             # A 1x1 'SAME' convolution with stride s reads pixels 0, s, 2s, ...: a strided slice and a matmul
             # (the same arithmetic as the convolution; faster on CPU).
             return x[::s, ::s] @ self.weight[0, 0]
-        y = jax.lax.conv_general_dilated(
-            x[None], self.weight, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-        return y[0]
+        return conv_same(x[None], self.weight, s)[0]
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x: Array, w: Array, stride: int) -> Array:
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_same(x: Float[Array, "n h w cin"], w: Float[Array, "kh kw cin cout"], stride: int) -> Array:
+    """`lax.conv_general_dilated(x, w, stride, "SAME")` (NHWC, HWIO) with an explicit weight gradient.
+
+    The weight cotangent is one matmul of image patches with the output cotangent. Autodiff emits a
+    convolution over (batch as features, output map as window) whose speed on the CPU depends on the
+    context: XLA lowers it well in a plain step but to a slow loop inside `lax.scan`
+    (steps_per_dispatch), where it tripled the step time. The input cotangent is autodiff's.
+    """
+    return _conv(x, w, stride)
+
+
+def _conv_same_fwd(x, w, stride):
+    return _conv(x, w, stride), (x, w)
+
+
+def _conv_same_bwd(stride, res, g):
+    x, w = res
+    kh, kw, cin, cout = w.shape
+    _, x_vjp = jax.vjp(lambda x_: _conv(x_, w, stride), x)
+    (g_x,) = x_vjp(g)
+    patches = jax.lax.conv_general_dilated_patches(x, (kh, kw), (stride, stride), "SAME", dimension_numbers=_NHWC)
+    # patches[n, i, j, c * kh * kw + a * kw + b] = x_padded[n, stride * i + a, stride * j + b, c]
+    g_w = jnp.einsum("nijp,nijo->po", patches, g, precision=jax.lax.Precision.HIGHEST)
+    return g_x, g_w.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
 
 
 def _max3_s2_parts(x: Array, axis: int) -> tuple[Array, Array, Array, int]:
