@@ -35,6 +35,10 @@ LOGITS = _logits([[1, 2, 1, 4, 1, 1],   # seq 0: open pred 3; among {0,1} pred 1
 def _m(seq_type, w=0.0, logits=LOGITS, targets=TARGETS, sets=SETS):
     out = per_sequence_metrics(logits, jnp.asarray(targets), sets, seq_type, w)
     assert tuple(out) == METRICS and all(v.shape == (len(targets),) for v in out.values())
+    if not w:  # the query's logits alone (what training computes) give every metric the same
+        query_only = per_sequence_metrics(logits[:, -1:], jnp.asarray(targets), sets, seq_type, w)
+        for k in METRICS:
+            np.testing.assert_allclose(query_only[k], out[k], rtol=1e-6, err_msg=k)
     return {k: np.asarray(v, np.float64) for k, v in out.items()}
 
 
@@ -51,6 +55,13 @@ def test_fewshot_query_only_by_hand():
     }
     for k, v in expected.items():
         np.testing.assert_array_equal(m[k], v, err_msg=k)
+
+
+def test_query_only_logits_need_zero_interim_weight():
+    with pytest.raises(MetricsError, match="w_interim_predictions = 0"):
+        per_sequence_metrics(LOGITS[:, -1:], jnp.asarray(TARGETS), SETS, SeqType.BURSTY, 0.5)
+    with pytest.raises(MetricsError, match="positions"):
+        per_sequence_metrics(LOGITS[:, -3:], jnp.asarray(TARGETS), SETS, SeqType.BURSTY, 0.0)
 
 
 def test_interim_weighting_by_hand():

@@ -158,11 +158,23 @@ def _position_weights(t_len: int, w_interim: float) -> tuple[np.ndarray, np.ndar
 
 def per_sequence_metrics(logits: jax.Array, targets: jax.Array, label_sets: LabelSets, seq_type: SeqType,
                          w_interim: float = 0.0) -> dict[str, jax.Array]:
-    """Every metric of the original, one float32 value per sequence: {name: [B]} (accuracies are 0/1)."""
+    """Every metric of the original, one float32 value per sequence: {name: [B]} (accuracies are 0/1).
+
+    `logits` are [B, T, C] for the T positions of `targets` [B, T], or [B, 1, C] for the query alone when
+    `w_interim` is 0: then nothing reads the other positions (their loss weight is 0 and accuracy_interim
+    is defined as 0), and the metrics are the same.
+    """
     seq_type = SeqType(seq_type)
     _, t_len, n_cls = logits.shape
     targets = jnp.asarray(targets).astype(jnp.int32)
-    losses = _cross_entropy(logits, targets)  # [B, T]
+    if t_len != targets.shape[1] and (t_len != 1 or w_interim):
+        raise MetricsError(f"logits cover {t_len} positions and targets {targets.shape[1]}: pass every "
+                           "position's logits, or the query's alone with w_interim_predictions = 0")
+    poly = label_sets.polysemy
+    if seq_type is SeqType.NO_SUPPORT_COMMON and poly > 1:
+        targets = targets + (label_sets.n_rare * poly - label_sets.n_rare)
+    aligned = targets[:, targets.shape[1] - t_len:]  # the targets of the positions `logits` cover
+    losses = _cross_entropy(logits, aligned)  # [B, t_len]
     interim, query, weights = _position_weights(t_len, w_interim)
     weighted = losses * weights
 
@@ -175,15 +187,12 @@ def per_sequence_metrics(logits: jax.Array, targets: jax.Array, label_sets: Labe
     out: dict[str, jax.Array] = {"loss": weighted.sum(-1) / weights.sum()}
     out["loss_query"], out["loss_interim"] = masks(weighted)
 
-    pred = jnp.argmax(logits, axis=-1)  # [B, T]
-    poly = label_sets.polysemy
+    pred = jnp.argmax(logits, axis=-1)  # [B, t_len]
     if seq_type.is_no_support and poly > 1 and seq_type is not SeqType.NO_SUPPORT_COMMON:
-        start = targets // poly * poly
+        start = aligned // poly * poly
         correct = (pred >= start) & (pred < start + poly)
     else:
-        if seq_type is SeqType.NO_SUPPORT_COMMON and poly > 1:
-            targets = targets + (label_sets.n_rare * poly - label_sets.n_rare)
-        correct = pred == targets
+        correct = pred == aligned
     out["accuracy_query"], out["accuracy_interim"] = masks(correct)
 
     valid = _closed_labels(seq_type, label_sets)

@@ -101,10 +101,9 @@ def _loss_and_metrics(model, bn_state, examples, labels, key, ctx: StepContext, 
         logits, bn_state = forward(model, bn_state, examples, labels, key=key, inference=inference)
     else:
         # Loss and every metric read only the query's logits when interim predictions have no weight:
-        # compute the output layer there alone and leave the other positions at constant zeros (their
-        # loss weight is 0 and accuracy_interim is defined as 0, as in the original).
-        query, bn_state = forward(model, bn_state, examples, labels, key=key, inference=inference, query_only=True)
-        logits = jnp.zeros((*tgt.shape, query.shape[-1]), query.dtype).at[:, -1:].set(query)
+        # compute the output layer there alone (their loss weight is 0 and accuracy_interim is defined as
+        # 0, as in the original).
+        logits, bn_state = forward(model, bn_state, examples, labels, key=key, inference=inference, query_only=True)
     per = per_sequence_metrics(logits, tgt, ctx.label_sets, seq_type, w_interim)
     return per, bn_state
 

@@ -135,18 +135,35 @@ def conv_same(x: Float[Array, "n h w cin"], w: Float[Array, "kh kw cin cout"], s
 
 
 def _conv_same_fwd(x, w, stride):
-    return _conv(x, w, stride), (x, w)
+    kh, kw, cin, cout = w.shape
+    p = _patches(x, kh, kw, stride)
+    y = jnp.einsum("nijp,po->nijo", p, w.reshape(-1, cout), precision=jax.lax.Precision.HIGHEST)
+    return y, (x, w, p)
 
 
 def _conv_same_bwd(stride, res, g):
-    x, w = res
+    x, w, p = res
     kh, kw, cin, cout = w.shape
     _, x_vjp = jax.vjp(lambda x_: _conv(x_, w, stride), x)
     (g_x,) = x_vjp(g)
-    patches = jax.lax.conv_general_dilated_patches(x, (kh, kw), (stride, stride), "SAME", dimension_numbers=_NHWC)
-    # patches[n, i, j, c * kh * kw + a * kw + b] = x_padded[n, stride * i + a, stride * j + b, c]
-    g_w = jnp.einsum("nijp,nijo->po", patches, g, precision=jax.lax.Precision.HIGHEST)
-    return g_x, g_w.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
+    g_w = jnp.einsum("nijp,nijo->po", p, g, precision=jax.lax.Precision.HIGHEST)
+    return g_x, g_w.reshape(kh, kw, cin, cout)
+
+
+def _patches(x: Array, kh: int, kw: int, stride: int) -> Array:
+    """[n, i, j, (a * kw + b) * cin + c] = x_padded[n, stride * i + a, stride * j + b, c]: the input under
+    each output pixel's window ('SAME' padding), flattened in HWIO weight order. Strided slices, one fusion."""
+    n, h, w, cin = x.shape
+    ho, wo = -(-h // stride), -(-w // stride)
+    ph = max((ho - 1) * stride + kh - h, 0)
+    pw = max((wo - 1) * stride + kw - w, 0)
+    xp = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    cols = [
+        jax.lax.slice(xp, (0, a, b, 0), (n, a + stride * (ho - 1) + 1, b + stride * (wo - 1) + 1, cin),
+                      (1, stride, stride, 1))
+        for a in range(kh) for b in range(kw)
+    ]
+    return jnp.stack(cols, axis=3).reshape(n, ho, wo, kh * kw * cin)
 
 
 conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
