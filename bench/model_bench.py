@@ -21,23 +21,8 @@ import jax.random as jr
 import optax
 
 from trainer.models import ModelConfig, SeqModel, forward, make_model, targets
-from trainer.models import transformer as transformer_mod
 
-
-def _unrolled_call(self, x, *, key):
-    keys = [None] * self.num_layers if key is None else list(jr.split(key, self.num_layers))
-    params, static = eqx.partition(self.blocks, eqx.is_array)
-    for i in range(self.num_layers):
-        block = eqx.combine(jax.tree_util.tree_map(lambda a: a[i], params), static)
-        x = block(x, key=keys[i])
-    return self.head(self.final_ln(x))
-
-
-def _flops(compiled) -> float:
-    ca = compiled.cost_analysis()
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else {}
-    return float((ca or {}).get("flops", float("nan")))
+from benchkit import cost_flops, unrolled_transformer
 
 
 def _time(fn, args, steps: int) -> float:
@@ -66,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.unroll:
-        transformer_mod.Transformer.__call__ = _unrolled_call
+        unrolled_transformer().__enter__()  # for the whole run
 
     cfg = ModelConfig(num_layers=args.layers, seq_model=SeqModel(args.seq_model))
     model, state = make_model(cfg, args.num_classes, key=jr.PRNGKey(0), image_size=args.image_size)
@@ -99,7 +84,8 @@ def main() -> None:
     t0 = time.perf_counter()
     compiled = grad_fn.lower(*grad_args).compile()
     t_compile = time.perf_counter() - t0
-    flops = _flops(compiled)
+    with unrolled_transformer():  # XLA counts a loop body once: count FLOPs on the unrolled program
+        flops = cost_flops(jax.jit(jax.value_and_grad(pure_loss, has_aux=True)).lower(*grad_args).compile())
     t_grad = _time(compiled, grad_args, args.steps)
 
     step_args = (params, state, opt_state, examples, labels, k3)

@@ -41,6 +41,8 @@ from trainer.session import device_table  # noqa: E402
 from trainer.distributed import make_topology, replicate  # noqa: E402
 from trainer.step import StepContext, init_state, make_train_step  # noqa: E402
 
+from benchkit import cost_flops, unrolled_transformer  # noqa: E402
+
 
 class HostImages(StepContext):
     """Baseline: the step receives finished float32 images from the host."""
@@ -49,14 +51,12 @@ class HostImages(StepContext):
         return batch["images"]
 
 
-def _flops_per_step(step, table, state, batches) -> float:
-    try:
-        compiled = step.lower(table, state, batches).compile()
-        ca = getattr(compiled, "compiled", compiled).cost_analysis()  # equinox wraps jax's Compiled
-        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        return float(ca.get("flops", float("nan")))
-    except Exception:  # cost analysis is best effort across jax versions
-        return float("nan")
+def _flops_per_step(ctx, table, state, batches) -> float:
+    """FLOPs of ONE step: XLA's cost analysis counts a loop body once, so count a freshly traced 1-step
+    dispatch with the transformer blocks unrolled."""
+    with unrolled_transformer():
+        step = make_train_step(ctx)
+        return cost_flops(step.lower(table, state, jax.tree_util.tree_map(lambda x: x[:1], batches)).compile())
 
 
 def _host_images(images_u8: np.ndarray, batch: dict, size: int) -> np.ndarray:
@@ -107,8 +107,7 @@ def main() -> None:
                 return out
 
             batches = next_batches()
-            # FLOPs of ONE step: XLA's cost analysis counts a loop body once, so lower a 1-step dispatch
-            flops = _flops_per_step(step, table, state, jax.tree_util.tree_map(lambda x: x[:1], batches))
+            flops = _flops_per_step(ctx, table, state, batches)
             t0 = time.perf_counter()
             state, m = step(table, state, batches)
             jax.block_until_ready(m)

@@ -57,7 +57,7 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(sets, tmp_path):
 
 def test_steps_per_dispatch_gives_the_same_parameters(sets, tmp_path):
     train, icl, _ = sets
-    fit(tiny_config(steps=10), train, [], tmp_path / "one", progress=False)
+    fit(tiny_config(steps=10, steps_per_dispatch=1), train, [], tmp_path / "one", progress=False)
     fit(tiny_config(steps=10, steps_per_dispatch=5), train, [], tmp_path / "five", progress=False)
     a, b = _leaves(tmp_path / "one", 10, tiny_config()), _leaves(tmp_path / "five", 10, tiny_config())
     assert all(np.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(a, b))

@@ -29,7 +29,8 @@ from trainer.models import (
     positional_encodings,
     targets,
 )
-from trainer.models.layers import truncated_normal
+from trainer.models.layers import layer_norm, truncated_normal
+from trainer.models.transformer import causal_attention
 from trainer.models.resnet import conv_same, max_pool_3x3_s2, relu_max_pool_3x3_s2
 
 NUM_CLASSES = 11
@@ -298,6 +299,43 @@ def test_conv_gradients_match_autodiff(shape, k, stride):
     # Under differentiation the forward is a patches matmul: the same sums in another order.
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def _grads_close(ours, ref, rtol=1e-5):
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.abs(b).max()))
+
+
+def test_layer_norm_matches_autodiff_of_the_formula():
+    x = jr.normal(jr.PRNGKey(0), (4, 5, 16)) * 3 + 1
+    scale, offset = jr.normal(jr.PRNGKey(1), (16,)), jr.normal(jr.PRNGKey(2), (16,))
+
+    def reference(x, scale, offset):  # hk.LayerNorm's arithmetic, differentiated by JAX
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(jnp.var(x, axis=-1, keepdims=True) + 1e-5) * scale + offset
+
+    np.testing.assert_allclose(layer_norm(x, scale, offset, 1e-5), reference(x, scale, offset), rtol=1e-6, atol=1e-6)
+    g = jr.normal(jr.PRNGKey(3), x.shape)
+    ours = jax.vjp(lambda *a: layer_norm(*a, 1e-5), x, scale, offset)[1](g)
+    _grads_close(ours, jax.vjp(reference, x, scale, offset)[1](g))
+    # under vmap (as the model calls it), parameter cotangents are summed over the batch
+    batched = jax.vjp(lambda x, s, o: jax.vmap(lambda r: layer_norm(r, s, o, 1e-5))(x), x, scale, offset)[1](g)
+    _grads_close(batched, jax.vjp(reference, x, scale, offset)[1](g))
+
+
+def test_attention_matches_autodiff_and_library():
+    q, k, v = (jr.normal(jr.PRNGKey(i), (7, 3, 4)) for i in range(3))
+
+    def reference(q, k, v):  # jax's own causal attention, differentiated by JAX
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+    np.testing.assert_allclose(causal_attention(q, k, v), reference(q, k, v), rtol=1e-5, atol=1e-6)
+    g = jr.normal(jr.PRNGKey(5), q.shape)
+    _grads_close(jax.vjp(causal_attention, q, k, v)[1](g), jax.vjp(reference, q, k, v)[1](g))
+    g = jr.normal(jr.PRNGKey(6), (2, *q.shape))  # batched, as in the model
+    ours = jax.vjp(jax.vmap(causal_attention), *(jnp.stack([a, a * 0.5]) for a in (q, k, v)))[1](g)
+    ref = jax.vjp(jax.vmap(reference), *(jnp.stack([a, a * 0.5]) for a in (q, k, v)))[1](g)
+    _grads_close(ours, ref)
 
 
 @pytest.mark.parametrize("h,w", [(2, 3), (7, 7), (14, 14), (27, 27)])
