@@ -16,7 +16,6 @@ import time
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import jax.random as jr
 import optax
 

@@ -69,7 +69,7 @@ def _common_data_options(fn: Callable) -> Callable:
 @click.option("--eval-every", type=int)
 @click.option("--eval-seqs", type=int, help="Sequences per eval set at each evaluation (default 2048).")
 @click.option("--checkpoint-every", type=int)
-@click.option("--steps-per-dispatch", type=int, help="Steps per jitted call (lax.scan); same numbers, less overhead.")
+@click.option("--steps-per-dispatch", type=int, help="Steps per jitted call (lax.scan; default 10): the same arithmetic up to float round-off, less overhead.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when on a terminal).")
 @_common_data_options
 @one_line_errors
