@@ -297,6 +297,9 @@ def test_conv_gradients_match_autodiff(shape, k, stride):
     np.testing.assert_allclose(conv_same(x, w, stride), jax.lax.conv_general_dilated(
         x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")), rtol=0, atol=0)
     # Under differentiation the forward is a patches matmul: the same sums in another order.
+    trained = jax.vjp(lambda x, w: conv_same(x, w, stride), x, w)[0]
+    np.testing.assert_allclose(trained, jax.lax.conv_general_dilated(
+        x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")), rtol=1e-5, atol=1e-5)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
 

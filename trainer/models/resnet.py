@@ -130,6 +130,9 @@ def conv_same(x: Float[Array, "n h w cin"], w: Float[Array, "kh kw cin cout"], s
     convolution over (batch as features, output map as window) whose speed on the CPU depends on the
     context: XLA lowers it well in a plain step but to a slow loop inside `lax.scan`
     (steps_per_dispatch), where it tripled the step time. The input cotangent is autodiff's.
+    When differentiated, the forward value is the patches times the flattened kernel (the patches are
+    then kept for the weight gradient): the same sums as the convolution in another order, so training
+    and inference outputs agree up to float round-off (tested).
     """
     return _conv(x, w, stride)
 
@@ -152,7 +155,7 @@ def _conv_same_bwd(stride, res, g):
 
 def _patches(x: Array, kh: int, kw: int, stride: int) -> Array:
     """[n, i, j, (a * kw + b) * cin + c] = x_padded[n, stride * i + a, stride * j + b, c]: the input under
-    each output pixel's window ('SAME' padding), flattened in HWIO weight order. Strided slices, one fusion."""
+    each output pixel's window ('SAME' padding), flattened in HWIO weight order, from kh * kw strided slices."""
     n, h, w, cin = x.shape
     ho, wo = -(-h // stride), -(-w // stride)
     ph = max((ho - 1) * stride + kh - h, 0)
