@@ -12,6 +12,7 @@ The loss is the original's default: cross-entropy of the query prediction only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import equinox as eqx
@@ -49,8 +50,11 @@ def main() -> None:
     ap.add_argument("--unroll", action="store_true", help="Python loop over transformer blocks (no scan)")
     args = ap.parse_args()
 
-    if args.unroll:
-        unrolled_transformer().__enter__()  # for the whole run
+    with unrolled_transformer() if args.unroll else contextlib.nullcontext():
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
 
     cfg = ModelConfig(num_layers=args.layers, seq_model=SeqModel(args.seq_model))
     model, state = make_model(cfg, args.num_classes, key=jr.PRNGKey(0), image_size=args.image_size)

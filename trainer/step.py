@@ -96,15 +96,12 @@ class StepContext:
 
 def _loss_and_metrics(model, bn_state, examples, labels, key, ctx: StepContext, seq_type: SeqType, inference: bool):
     w_interim = ctx.train_cfg.training.w_interim_predictions
-    tgt = targets(labels, ctx.train_cfg.model)
-    if w_interim:
-        logits, bn_state = forward(model, bn_state, examples, labels, key=key, inference=inference)
-    else:
-        # Loss and every metric read only the query's logits when interim predictions have no weight:
-        # compute the output layer there alone (their loss weight is 0 and accuracy_interim is defined as
-        # 0, as in the original).
-        logits, bn_state = forward(model, bn_state, examples, labels, key=key, inference=inference, query_only=True)
-    per = per_sequence_metrics(logits, tgt, ctx.label_sets, seq_type, w_interim)
+    # Loss and every metric read only the query's logits when interim predictions have no weight: then the
+    # output layer runs on the query alone (the others' loss weight is 0 and accuracy_interim is defined as
+    # 0, as in the original).
+    logits, bn_state = forward(model, bn_state, examples, labels, key=key, inference=inference,
+                               query_only=not w_interim)
+    per = per_sequence_metrics(logits, targets(labels, ctx.train_cfg.model), ctx.label_sets, seq_type, w_interim)
     return per, bn_state
 
 

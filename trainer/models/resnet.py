@@ -147,8 +147,7 @@ def _conv_same_fwd(x, w, stride):
 def _conv_same_bwd(stride, res, g):
     x, w, p = res
     kh, kw, cin, cout = w.shape
-    _, x_vjp = jax.vjp(lambda x_: _conv(x_, w, stride), x)
-    (g_x,) = x_vjp(g)
+    (g_x,) = jax.linear_transpose(lambda x_: _conv(x_, w, stride), x)(g)  # autodiff's input cotangent
     g_w = jnp.einsum("nijp,nijo->po", p, g, precision=jax.lax.Precision.HIGHEST)
     return g_x, g_w.reshape(kh, kw, cin, cout)
 
