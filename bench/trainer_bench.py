@@ -11,6 +11,8 @@ Measured in the same run, on the same bursty shard set built from the real Omnig
   dispatch and the loss fetched with float() every step (what a straightforward loop does).
 Prints ms/step, steps/s, achieved GFLOP/s (XLA cost analysis of one step), the share of input handling in
 our step time, and the ratio baseline/ours. Timings on shared machines are noisy: run it twice.
+Like the `trainer` command, it re-executes itself with huge-page malloc (`trainer/hugepages.py`); prefix
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` to measure without.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from trainer.models import ModelConfig  # noqa: E402
 from trainer.session import device_table  # noqa: E402
 from trainer.distributed import make_topology, replicate  # noqa: E402
 from trainer.step import StepContext, init_state, make_train_step  # noqa: E402
+from trainer.hugepages import TUNABLE, reexec_with_hugepages  # noqa: E402
 
 from benchkit import cost_flops, unrolled_transformer  # noqa: E402
 
@@ -143,7 +146,8 @@ def main() -> None:
         base = (time.perf_counter() - t0) / n_base
 
     print(f"paper model: {args.layers} layers, emb 64, {args.image_size} px, batch {args.batch}, seq 9; "
-          f"backend {jax.default_backend()}, {os.cpu_count()} cpus")
+          f"backend {jax.default_backend()}, {os.cpu_count()} cpus, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
+          f" (as `trainer` runs: {TUNABLE}=1 unless set)")
     print(f"compile (first call): {compile_s:.1f} s;  FLOPs/step: {flops / 1e9:.2f} GFLOP")
     print(f"ours:     {ours * 1e3:7.1f} ms/step  {1 / ours:6.2f} steps/s  {flops / ours / 1e9:6.1f} GFLOP/s  "
           f"(input handling {100 * data_time / (ours * steps):.1f} % of step time, {k} steps/dispatch)")
@@ -153,4 +157,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepages()  # what the `trainer` command does (trainer/hugepages.py)
     main()
