@@ -29,7 +29,7 @@ from trainer.models import (
     positional_encodings,
     targets,
 )
-from trainer.models.layers import layer_norm, truncated_normal
+from trainer.models.layers import gelu, layer_norm, truncated_normal
 from trainer.models.transformer import causal_attention
 from trainer.models.resnet import conv_same, max_pool_3x3_s2, relu_max_pool_3x3_s2
 
@@ -321,6 +321,19 @@ def test_layer_norm_matches_autodiff_of_the_formula():
     # under vmap (as the model calls it), parameter cotangents are summed over the batch
     batched = jax.vjp(lambda x, s, o: jax.vmap(lambda r: layer_norm(r, s, o, 1e-5))(x), x, scale, offset)[1](g)
     _grads_close(batched, jax.vjp(reference, x, scale, offset)[1](g))
+
+
+def test_gelu_matches_jax_and_its_autodiff():
+    x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 4001), jr.normal(jr.PRNGKey(0), (999,)) * 3])
+    np.testing.assert_array_equal(gelu(x), jax.nn.gelu(x))  # the forward IS jax.nn.gelu (tanh approximation)
+    g = jr.normal(jr.PRNGKey(1), x.shape)
+    _grads_close(jax.vjp(gelu, x)[1](g), jax.vjp(jax.nn.gelu, x)[1](g))
+    # the exact derivative, in float64 arithmetic (NumPy): checks the formula, not only agreement with autodiff
+    xd = np.asarray(x, np.float64)
+    c = math.sqrt(2 / math.pi)
+    t = np.tanh(c * (xd + 0.044715 * xd**3))
+    d = 0.5 * (1 + t) + 0.5 * xd * (1 - t**2) * c * (1 + 3 * 0.044715 * xd**2)
+    np.testing.assert_allclose(jax.grad(lambda z: gelu(z).sum())(x), d, rtol=1e-5, atol=1e-5)  # float32 tanh saturates
 
 
 def test_attention_matches_autodiff_and_library():

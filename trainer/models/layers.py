@@ -122,3 +122,31 @@ def _layer_norm_bwd(eps, res, g):
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@jax.custom_vjp
+def gelu(x: Array) -> Array:
+    """`jax.nn.gelu(x)` (the tanh approximation, as the original) with a backward pass that keeps only `x`.
+
+    The derivative is recomputed from `x` in one elementwise pass; autodiff keeps several intermediate
+    arrays per layer, which `lax.scan` over the transformer layers stacks and slices at a cost on a CPU.
+    """
+    return jax.nn.gelu(x)
+
+
+def _gelu_fwd(x):
+    return jax.nn.gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    # d/dx 0.5 x (1 + tanh(u)), u = c (x + 0.044715 x^3):  0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)
+    x2 = x * x
+    t = jnp.tanh(jnp.float32(_GELU_C) * (x + jnp.float32(0.044715) * x2 * x))
+    d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * jnp.float32(_GELU_C) * (1.0 + jnp.float32(3 * 0.044715) * x2)
+    return (g * d,)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from trainer.models.layers import Dense, LayerNorm, dropout, truncated_normal, variance_scaling_std
+from trainer.models.layers import Dense, LayerNorm, dropout, gelu, truncated_normal, variance_scaling_std
 
 
 def _attention(q: Array, k: Array, v: Array) -> tuple[Array, Array]:
@@ -114,7 +114,7 @@ class TransformerBlock(eqx.Module):
         att = causal_attention(q, k, v).reshape(t, d)
         x = x + dropout(self.attn_out(att), rate, k_att)
 
-        h = jax.nn.gelu(self.mlp_in(self.ln_mlp(x)))
+        h = gelu(self.mlp_in(self.ln_mlp(x)))
         return x + dropout(self.mlp_out(h), rate, k_mlp)
 
 
