@@ -31,7 +31,7 @@ from trainer.models import (
 )
 from trainer.models.layers import gelu, layer_norm, truncated_normal
 from trainer.models.transformer import causal_attention
-from trainer.models.resnet import conv_same, max_pool_3x3_s2, relu_max_pool_3x3_s2
+from trainer.models.resnet import batch_norm_train, conv_same, max_pool_3x3_s2, relu_max_pool_3x3_s2
 
 NUM_CLASSES = 11
 
@@ -214,10 +214,10 @@ def test_causal_with_resnet_in_inference_mode():
 
 
 def _bn_apply(bn, state, x, inference=False):
-    """x [B, L, H, W, C] through a BatchNorm vmapped like the model (batch, then seq)."""
+    """x [B, L, H, W, C] through a BatchNorm on the flat batch of B*L images, as the model runs it."""
     bn = eqx.nn.inference_mode(bn, inference)
-    inner = jax.vmap(bn, in_axes=(0, None), out_axes=(0, None), axis_name="seq")
-    return jax.vmap(inner, in_axes=(0, None), out_axes=(0, None), axis_name="batch")(x, state)
+    y, state = bn(x.reshape(-1, *x.shape[2:]), state)
+    return y.reshape(x.shape), state
 
 
 def test_batchnorm_uses_statistics_of_all_images_and_debiased_ema():
@@ -251,13 +251,34 @@ def test_batchnorm_uses_statistics_of_all_images_and_debiased_ema():
 
 def test_batchnorm_training_output_matches_equinox():
     x = jr.normal(jr.PRNGKey(1), (6, 5, 5, 4)) * 3.0 + 1.0
-    bn, state = eqx.nn.make_with_state(BatchNorm)(4, axis_name="batch")
-    ours, _ = jax.vmap(bn, in_axes=(0, None), out_axes=(0, None), axis_name="batch")(x, state)
+    bn, state = eqx.nn.make_with_state(BatchNorm)(4)
+    ours, _ = bn(x, state)
     ebn, estate = eqx.nn.make_with_state(eqx.nn.BatchNorm)(4, "batch", mode="batch", momentum=0.9)
     theirs, _ = jax.vmap(ebn, in_axes=(0, None), out_axes=(0, None), axis_name="batch")(
         jnp.moveaxis(x, -1, 1), estate
     )
     np.testing.assert_allclose(ours, jnp.moveaxis(theirs, 1, -1), rtol=1e-4, atol=1e-4)
+
+
+def test_batchnorm_gradient_matches_autodiff_of_the_formula():
+    x = jr.normal(jr.PRNGKey(0), (6, 5, 5, 4)) * jnp.array([1.0, 2.0, 0.5, 3.0]) + jnp.array([0.5, -1.0, 2.0, 0.0])
+    scale, offset = jr.normal(jr.PRNGKey(1), (4,)), jr.normal(jr.PRNGKey(2), (4,))
+
+    def reference(x, scale, offset):  # hk.BatchNorm's training arithmetic, differentiated by JAX
+        mean = jnp.mean(x, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(x), axis=(0, 1, 2)) - jnp.square(mean)
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + offset, mean, var
+
+    ours_out = batch_norm_train(x, scale, offset, 1e-5)
+    for a, b in zip(ours_out, reference(x, scale, offset)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # cotangents for all three outputs (the model stops gradients at mean and var, the function does not)
+    cts = (jr.normal(jr.PRNGKey(3), x.shape), jr.normal(jr.PRNGKey(4), (4,)), jr.normal(jr.PRNGKey(5), (4,)))
+    ours = jax.vjp(lambda *a: batch_norm_train(*a, 1e-5), x, scale, offset)[1](cts)
+    _grads_close(ours, jax.vjp(reference, x, scale, offset)[1](cts), rtol=2e-5)
+    only_y = (cts[0], jnp.zeros(4), jnp.zeros(4))
+    ours = jax.vjp(lambda *a: batch_norm_train(*a, 1e-5), x, scale, offset)[1](only_y)
+    _grads_close(ours, jax.vjp(reference, x, scale, offset)[1](only_y), rtol=2e-5)
 
 
 def test_model_state_updates_in_training_only():

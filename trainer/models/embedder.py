@@ -15,8 +15,9 @@ For one sequence of L examples and L labels (the query's label last):
    batch (its encodings have no batch axis); callers reproduce that by passing the same `pos_key` to
    every sequence.
 
-The ResNet is vmapped over the sequence with axis name "seq"; the caller vmaps over the batch with axis
-name "batch", so BatchNorm sees all B*L images.
+Step 1 works on any number of examples at once (`encode_examples`: the model's `forward` passes all B*L
+examples of a batch, so BatchNorm sees all B*L images, as the original's `hk.BatchApply`); steps 2-5 work
+on one sequence (`tokens`). Calling the embedder on one sequence does both (BatchNorm then sees its L images).
 """
 
 from __future__ import annotations
@@ -80,19 +81,21 @@ class Embedder(eqx.Module):
         self.label_table = truncated_normal(k_lab, (n_label_rows, cfg.emb_dim), 0.02)
         self.inference = False
 
-    def encode_examples(self, examples: Array, state: eqx.nn.State) -> tuple[Float[Array, "l e"], eqx.nn.State]:
+    def encode_examples(self, examples: Array, state: eqx.nn.State) -> tuple[Float[Array, "n e"], eqx.nn.State]:
+        """Examples `[N, H, W, 1]` float or `[N]` int (any N: one sequence or a whole flattened batch) ->
+        `[N, emb_dim]`."""
         enc = self.cfg.example_encoding
         if enc is ExampleEncoding.EMBEDDING:
             if examples.ndim != 1 or not jnp.issubdtype(examples.dtype, jnp.integer):
                 raise ModelInputError(
                     f"the embedding encoder takes integer examples [B, L], got {examples.dtype} with "
-                    f"per-sequence shape {examples.shape}: use symbolic data or another example_encoding"
+                    f"per-example shape {examples.shape[1:]}: use symbolic data or another example_encoding"
                 )
             return self.example_table[examples], state
         if examples.ndim != 4 or not jnp.issubdtype(examples.dtype, jnp.floating):
             raise ModelInputError(
                 f"the {enc.value} encoder takes float images [B, L, H, W, 1], got {examples.dtype} with "
-                f"per-sequence shape {examples.shape}: use image data or example_encoding='embedding'"
+                f"per-example shape {examples.shape[1:]}: use image data or example_encoding='embedding'"
             )
         if enc is ExampleEncoding.LINEAR:
             if examples.shape[1:] != (self.image_size, self.image_size, 1):
@@ -101,8 +104,7 @@ class Embedder(eqx.Module):
                     f"{examples.shape[1:]}: pass image_size={examples.shape[1]} to make_model"
                 )
             return self.encoder(examples.reshape(examples.shape[0], -1)), state
-        encode = jax.vmap(self.encoder, in_axes=(0, None), out_axes=(0, None), axis_name="seq")
-        h, state = encode(examples, state)
+        h, state = self.encoder(examples, state)
         if h.shape[-1] != self.cfg.emb_dim:
             raise ModelInputError(
                 f"flatten_superpixels gives {h.shape[-1]} features per {examples.shape[1]}px image, not "
@@ -120,8 +122,20 @@ class Embedder(eqx.Module):
         example_key: PRNGKeyArray | None,
         pos_key: PRNGKeyArray | None,
     ) -> tuple[Float[Array, "t d"], eqx.nn.State]:
-        cfg = self.cfg
+        """One sequence: examples `[L, ...]`, labels `[L]` -> tokens `[T, D]`."""
         h_example, state = self.encode_examples(examples, state)
+        return self.tokens(h_example, labels, example_key=example_key, pos_key=pos_key), state
+
+    def tokens(
+        self,
+        h_example: Float[Array, "l e"],
+        labels: Int[Array, " l"],
+        *,
+        example_key: PRNGKeyArray | None,
+        pos_key: PRNGKeyArray | None,
+    ) -> Float[Array, "t d"]:
+        """Steps 2-5 for one sequence of encoded examples `[L, emb_dim]` and its labels `[L]`."""
+        cfg = self.cfg
         h_example = dropout(h_example, cfg.example_dropout_prob, example_key)
 
         if cfg.concatenate_labels:
@@ -137,4 +151,4 @@ class Embedder(eqx.Module):
             if not self.inference:
                 pe = dropout(pe, cfg.positional_dropout_prob, pos_key)
             tokens = tokens + pe
-        return tokens, state
+        return tokens

@@ -1,8 +1,9 @@
 """The full model (embedder + sequence model) and its batched forward pass (the original's `_forward_fn`).
 
-`Model.__call__` handles ONE sequence; `forward` vmaps it over the batch with axis name "batch" (the
-ResNet inside is vmapped over the sequence with axis name "seq", and BatchNorm reduces over both), and
-switches training / inference with `eqx.nn.inference_mode`.
+`Model.__call__` handles ONE sequence. `forward` encodes the examples of the whole batch at once (the
+ResNet runs on the flat batch of B*L images, so BatchNorm uses the statistics of all of them, as the
+original's `hk.BatchApply`), then vmaps `Model.sequence_logits` over the sequences; it switches training /
+inference with `eqx.nn.inference_mode`.
 
 Outputs are the original's: logits for every token, `[B, 2L-1, num_classes]` with interleaved labels
 (`x0, y0, ..., x_query`) or `[B, L, num_classes]` with `concatenate_labels`; `targets` gives the label
@@ -78,10 +79,23 @@ class Model(eqx.Module):
         query_only: bool = False,
     ) -> tuple[Float[Array, "t c"], eqx.nn.State]:
         """One sequence: examples `[L, H, W, 1]` float or `[L]` int, labels `[L]` -> logits `[T, C]`
-        (`[1, C]`, the query's, with `query_only`)."""
+        (`[1, C]`, the query's, with `query_only`). BatchNorm sees this sequence's L images."""
+        h_example, state = self.embedder.encode_examples(examples, state)
+        return self.sequence_logits(h_example, labels, key=key, pos_key=pos_key, query_only=query_only), state
+
+    def sequence_logits(
+        self,
+        h_example: Float[Array, "l e"],
+        labels: Int[Array, " l"],
+        *,
+        key: PRNGKeyArray | None,
+        pos_key: PRNGKeyArray | None,
+        query_only: bool = False,
+    ) -> Float[Array, "t c"]:
+        """One sequence of encoded examples `[L, emb_dim]` and its labels `[L]` -> logits `[T, C]`."""
         example_key, seq_key = (None, None) if key is None else jr.split(key)
-        tokens, state = self.embedder(examples, labels, state, example_key=example_key, pos_key=pos_key)
-        return self.seq_model(tokens, key=seq_key, query_only=query_only), state
+        tokens = self.embedder.tokens(h_example, labels, example_key=example_key, pos_key=pos_key)
+        return self.seq_model(tokens, key=seq_key, query_only=query_only)
 
 
 def make_model(
@@ -147,11 +161,15 @@ def forward(
         seq_keys = jr.split(k, batch)
         key_axis = 0
 
-    def one(ex, lab, st, k, pk):
-        return model(ex, lab, st, key=k, pos_key=pk, query_only=query_only)
+    length = labels.shape[1]
+    h_example, state = model.embedder.encode_examples(examples.reshape(batch * length, *examples.shape[2:]), state)
+    h_example = h_example.reshape(batch, length, -1)
 
-    batched = jax.vmap(one, in_axes=(0, 0, None, key_axis, None), out_axes=(0, None), axis_name="batch")
-    return batched(examples, labels, state, seq_keys, pos_key)
+    def one(h, lab, k, pk):
+        return model.sequence_logits(h, lab, key=k, pos_key=pk, query_only=query_only)
+
+    logits = jax.vmap(one, in_axes=(0, 0, key_axis, None))(h_example, labels, seq_keys, pos_key)
+    return logits, state
 
 
 def targets(labels: Int[Array, "... l"], cfg: ModelConfig) -> Int[Array, "... t"]:

@@ -1,6 +1,6 @@
 """The original's example encoder: a small ResNet v1 with bottleneck blocks (`modules/resnet.py`).
 
-`SimpleResNet` maps ONE image `[H, W, C]` (channels last) to a vector:
+`SimpleResNet` maps a batch of images `[N, H, W, C]` (channels last) to vectors `[N, E]`:
 
     7x7/2 conv (64 ch, no bias) -> BatchNorm -> ReLU -> 3x3/2 max-pool (SAME)
     -> 4 groups of bottleneck blocks (default 2 blocks each, widths (16, 32, 32, emb_dim),
@@ -10,10 +10,14 @@
 Every convolution is bias-free with 'SAME' padding and Haiku's default initialiser; the last BatchNorm of
 each block starts with scale 0. Works at any image size (105 px, or 28 px when downsampled).
 
+The ResNet runs on the flat batch of all B*L images (the caller reshapes, as the original's
+`hk.BatchApply`), not per image under `vmap`: BatchNorm couples the images anyway, and on the flat batch
+its backward pass and the convolutions' patch matmuls can be written out (below), which halves the
+first stage's cost on a CPU.
+
 `BatchNorm` reproduces `hk.BatchNorm` exactly (it is NOT `eqx.nn.BatchNorm`, see below): channels-last;
-in training it normalises with the statistics of ALL images of the batch (mean over space here, then
-`pmean` over the named vmap axes, so B*L images as the original's `hk.BatchApply` reshape), with the
-biased variance E[x^2] - E[x]^2, and updates a zero-debiased exponential moving average (decay 0.9,
+in training it normalises with the statistics of ALL images of the batch (every axis but the channels),
+with the biased variance E[x^2] - E[x]^2, and updates a zero-debiased exponential moving average (decay 0.9,
 hidden state starting at zero; the average after n updates is hidden / (1 - decay^n)); at inference it
 normalises with that average. `eqx.nn.BatchNorm(mode="batch")` debiases the same way but starts the
 variance's hidden state at ONE (so its running variance is off by decay^n / (1 - decay^n) for the first
@@ -23,7 +27,7 @@ variance's hidden state at ONE (so its running variance is off by decay^n / (1 -
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
@@ -33,9 +37,6 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from trainer.models.layers import haiku_default_std, truncated_normal
 
-BN_AXES: tuple[str, str] = ("batch", "seq")  # the vmap axis names BatchNorm reduces over
-
-
 class BatchNorm(eqx.Module):
     """`hk.BatchNorm(create_scale=True, create_offset=True, decay_rate, eps)` on channels-last inputs."""
 
@@ -43,7 +44,6 @@ class BatchNorm(eqx.Module):
     offset: Float[Array, " c"]
     stats: eqx.nn.StateIndex  # (counter int32[], hidden_mean f32[c], hidden_var f32[c])
     inference: bool
-    axis_name: tuple[Hashable, ...] = eqx.field(static=True)
     decay: float = eqx.field(static=True)
     eps: float = eqx.field(static=True)
 
@@ -54,7 +54,6 @@ class BatchNorm(eqx.Module):
         decay: float = 0.9,
         eps: float = 1e-5,
         zero_scale: bool = False,
-        axis_name: Hashable | Sequence[Hashable] = BN_AXES,
         inference: bool = False,
     ):
         init = jnp.zeros if zero_scale else jnp.ones
@@ -63,7 +62,6 @@ class BatchNorm(eqx.Module):
         zeros = jnp.zeros((channels,), jnp.float32)
         self.stats = eqx.nn.StateIndex((jnp.array(0, jnp.int32), zeros, zeros))
         self.inference = inference
-        self.axis_name = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
         self.decay = decay
         self.eps = eps
 
@@ -76,28 +74,68 @@ class BatchNorm(eqx.Module):
         var = jnp.where(seen, hidden_var / jnp.where(seen, debias, 1.0), 1.0)
         return mean, var
 
-    def __call__(self, x: Float[Array, "... c"], state: eqx.nn.State) -> tuple[Array, eqx.nn.State]:
+    def __call__(self, x: Float[Array, "n ... c"], state: eqx.nn.State) -> tuple[Array, eqx.nn.State]:
+        """Normalise `x` (all axes but the last are the batch); in training, update the moving averages."""
         if self.inference:
             mean, var = self.running_stats(state)
-        else:
-            axes = tuple(range(x.ndim - 1))
-            mean = jax.lax.pmean(jnp.mean(x, axis=axes), self.axis_name)
-            mean_sq = jax.lax.pmean(jnp.mean(jnp.square(x), axis=axes), self.axis_name)
-            var = mean_sq - jnp.square(mean)
-            counter, hidden_mean, hidden_var = state.get(self.stats)
-            d = self.decay
-            new = (
-                counter + 1,
-                hidden_mean * d + jax.lax.stop_gradient(mean) * (1.0 - d),
-                hidden_var * d + jax.lax.stop_gradient(var) * (1.0 - d),
-            )
-            state = state.set(self.stats, new)
-        inv = self.scale * jax.lax.rsqrt(var + self.eps)
-        return (x - mean) * inv + self.offset, state
+            inv = self.scale * jax.lax.rsqrt(var + self.eps)
+            return (x - mean) * inv + self.offset, state
+        y, mean, var = batch_norm_train(x, self.scale, self.offset, self.eps)
+        counter, hidden_mean, hidden_var = state.get(self.stats)
+        d = self.decay
+        new = (
+            counter + 1,
+            hidden_mean * d + jax.lax.stop_gradient(mean) * (1.0 - d),
+            hidden_var * d + jax.lax.stop_gradient(var) * (1.0 - d),
+        )
+        return y, state.set(self.stats, new)
+
+
+def _batch_stats(x: Array, eps: float) -> tuple[Array, Array, Array]:
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    var = jnp.mean(jnp.square(x), axis=axes) - jnp.square(mean)  # hk.BatchNorm's E[x^2] - E[x]^2
+    return mean, var, jax.lax.rsqrt(var + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: Float[Array, "n ... c"], scale: Array, offset: Array, eps: float) -> tuple[Array, Array, Array]:
+    """Training-mode BatchNorm over every axis but the last: `((x - mean) * rsqrt(var + eps) * scale + offset,
+    mean, var)`, with a hand-written backward pass.
+
+    The backward is two reductions (sum g, sum g * x) and one elementwise pass `dx = a g + c1 x + c0` with
+    per-channel constants (cotangents reaching `mean` and `var` directly are included); autodiff of the
+    statistics emits several more passes over the activations. Tested against autodiff of the formula.
+    """
+    mean, var, inv = _batch_stats(x, eps)
+    return (x - mean) * (scale * inv) + offset, mean, var
+
+
+def _batch_norm_fwd(x, scale, offset, eps):
+    mean, var, inv = _batch_stats(x, eps)
+    return ((x - mean) * (scale * inv) + offset, mean, var), (x, mean, inv, scale)
+
+
+def _batch_norm_bwd(eps, res, cts):
+    x, mean, inv, scale = res
+    g, g_mean, g_var = cts
+    axes = tuple(range(x.ndim - 1))
+    m = x.size // x.shape[-1]
+    g_sum = jnp.sum(g, axis=axes)
+    g_scale = (jnp.sum(g * x, axis=axes) - mean * g_sum) * inv  # sum of g * normalised x
+    a = scale * inv
+    # y = a (x - mean) + offset, mean = E[x], var = E[x^2] - mean^2, a = scale * inv, inv = (var + eps)^-1/2:
+    # dx_i = a g_i + (g_mean - a g_sum) / m + (x_i - mean) (2 g_var - a inv g_scale) / m  =  a g_i + c1 x_i + c0
+    c1 = (2.0 * g_var - a * inv * g_scale) / m
+    c0 = (g_mean - a * g_sum) / m - c1 * mean
+    return x * c1 + (g * a + c0), g_scale, g_sum
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 class Conv2d(eqx.Module):
-    """`hk.Conv2D(with_bias=False, padding="SAME")` on one channels-last image; weights HWIO."""
+    """`hk.Conv2D(with_bias=False, padding="SAME")` on channels-last images `[N, H, W, C]`; weights HWIO."""
 
     weight: Float[Array, "kh kw cin cout"]
     stride: int = eqx.field(static=True)
@@ -106,16 +144,17 @@ class Conv2d(eqx.Module):
         self.weight = truncated_normal(key, (kernel, kernel, cin, cout), haiku_default_std(kernel * kernel * cin))
         self.stride = stride
 
-    def __call__(self, x: Float[Array, "h w cin"]) -> Float[Array, "h2 w2 cout"]:
+    def __call__(self, x: Float[Array, "n h w cin"]) -> Float[Array, "n h2 w2 cout"]:
         s = self.stride
         if self.weight.shape[:2] == (1, 1):
             # A 1x1 'SAME' convolution with stride s reads pixels 0, s, 2s, ...: a strided slice and a matmul
             # (the same arithmetic as the convolution; faster on CPU).
-            return x[::s, ::s] @ self.weight[0, 0]
-        return conv_same(x[None], self.weight, s)[0]
+            return x[:, ::s, ::s] @ self.weight[0, 0]
+        return conv_same(x, self.weight, s)
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _conv(x: Array, w: Array, stride: int) -> Array:
@@ -126,40 +165,50 @@ def _conv(x: Array, w: Array, stride: int) -> Array:
 def conv_same(x: Float[Array, "n h w cin"], w: Float[Array, "kh kw cin cout"], stride: int) -> Array:
     """`lax.conv_general_dilated(x, w, stride, "SAME")` (NHWC, HWIO) with an explicit weight gradient.
 
-    The weight cotangent is one matmul of image patches with the output cotangent. Autodiff emits a
-    convolution over (batch as features, output map as window) whose speed on the CPU depends on the
-    context: XLA lowers it well in a plain step but to a slow loop inside `lax.scan`
-    (steps_per_dispatch), where it tripled the step time. The input cotangent is autodiff's.
-    When differentiated, the forward value is the patches times the flattened kernel (the patches are
-    then kept for the weight gradient): the same sums as the convolution in another order, so training
-    and inference outputs agree up to float round-off (tested).
+    When differentiated, the forward value is one matmul of the image patches `[n*h2*w2, kh*kw*cin]` with
+    the flattened kernel, and the weight cotangent one matmul of the transposed patches
+    `[kh*kw*cin, n*h2*w2]` with the output cotangent. Both patch layouts are cut from the (small) input
+    with strided slices, so neither the large patch array is kept for the backward pass nor transposed
+    (XLA inserted such a transpose, and autodiff's convolution for the weight gradient ran as a slow loop
+    inside `lax.scan`). The input cotangent is autodiff's. The matmuls sum in another order than the
+    convolution, so training and inference outputs agree up to float round-off (tested).
     """
     return _conv(x, w, stride)
 
 
 def _conv_same_fwd(x, w, stride):
     kh, kw, cin, cout = w.shape
-    p = _patches(x, kh, kw, stride)
-    y = jnp.einsum("nijp,po->nijo", p, w.reshape(-1, cout), precision=jax.lax.Precision.HIGHEST)
-    return y, (x, w, p)
+    p = _patches(x, kh, kw, stride)  # [n, h2, w2, kh*kw*cin]
+    y = jnp.dot(p.reshape(-1, p.shape[-1]), w.reshape(-1, cout), precision=_HIGHEST)
+    return y.reshape(*p.shape[:3], cout), (x, w)
 
 
 def _conv_same_bwd(stride, res, g):
-    x, w, p = res
+    x, w = res
     kh, kw, cin, cout = w.shape
     (g_x,) = jax.linear_transpose(lambda x_: _conv(x_, w, stride), x)(g)  # autodiff's input cotangent
-    g_w = jnp.einsum("nijp,nijo->po", p, g, precision=jax.lax.Precision.HIGHEST)
+    pt = _patches(x, kh, kw, stride, transposed=True)  # [kh*kw*cin, n, h2, w2]
+    g_w = jnp.dot(pt.reshape(pt.shape[0], -1), g.reshape(-1, cout), precision=_HIGHEST)
     return g_x, g_w.reshape(kh, kw, cin, cout)
 
 
-def _patches(x: Array, kh: int, kw: int, stride: int) -> Array:
+def _patches(x: Array, kh: int, kw: int, stride: int, *, transposed: bool = False) -> Array:
     """[n, i, j, (a * kw + b) * cin + c] = x_padded[n, stride * i + a, stride * j + b, c]: the input under
-    each output pixel's window ('SAME' padding), flattened in HWIO weight order, from kh * kw strided slices."""
+    each output pixel's window ('SAME' padding), flattened in HWIO weight order, from kh * kw strided slices.
+    `transposed` returns the same values as [(a * kw + b) * cin + c, n, i, j]."""
     n, h, w, cin = x.shape
     ho, wo = -(-h // stride), -(-w // stride)
     ph = max((ho - 1) * stride + kh - h, 0)
     pw = max((wo - 1) * stride + kw - w, 0)
     xp = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    if transposed:
+        xp = jnp.moveaxis(xp, 3, 0)  # [cin, n, H, W]: each slice below is then one contiguous block
+        cols = [
+            jax.lax.slice(xp, (0, 0, a, b), (cin, n, a + stride * (ho - 1) + 1, b + stride * (wo - 1) + 1),
+                          (1, 1, stride, stride))
+            for a in range(kh) for b in range(kw)
+        ]
+        return jnp.stack(cols, axis=0).reshape(kh * kw * cin, n, ho, wo)
     cols = [
         jax.lax.slice(xp, (0, a, b, 0), (n, a + stride * (ho - 1) + 1, b + stride * (wo - 1) + 1, cin),
                       (1, stride, stride, 1))
@@ -229,17 +278,19 @@ def _max3_s2_bwd(x: Array, g: Array, axis: int) -> Array:
     return jax.lax.slice_in_dim(g_x, lo, lo + n, axis=axis)
 
 
-def max_pool_3x3_s2(x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 c"]:
-    """`hk.max_pool(window (3, 3), strides (2, 2), padding "SAME")`: -inf padding never wins.
+def max_pool_3x3_s2(x: Float[Array, "... h w c"]) -> Float[Array, "... h2 w2 c"]:
+    """`hk.max_pool(window (3, 3), strides (2, 2), padding "SAME")` over the axes h, w of one image or a
+    batch (channels last): -inf padding never wins.
 
     Computed as two separable 1-D window maxima over reshaped pairs of rows (the same values as
     `lax.reduce_window`; its CPU gradient, select-and-scatter, is several times slower).
     """
-    return _max3_s2(_max3_s2(x, 0), 1)
+    h_axis = x.ndim - 3
+    return _max3_s2(_max3_s2(x, h_axis), h_axis + 1)
 
 
 @jax.custom_vjp
-def relu_max_pool_3x3_s2(x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 c"]:
+def relu_max_pool_3x3_s2(x: Float[Array, "... h w c"]) -> Float[Array, "... h2 w2 c"]:
     """`max_pool_3x3_s2(relu(x))` with a hand-written backward pass (same cotangents as autodiff's).
 
     Autodiff of the reshape/slice max-pool costs several full passes over the (large) first-stage map;
@@ -254,8 +305,9 @@ def _relu_pool_fwd(x):
 
 
 def _relu_pool_bwd(r, g):
-    rows = _max3_s2(r, 0)
-    g_r = _max3_s2_bwd(r, _max3_s2_bwd(rows, g, 1), 0)
+    h_axis = r.ndim - 3
+    rows = _max3_s2(r, h_axis)
+    g_r = _max3_s2_bwd(r, _max3_s2_bwd(rows, g, h_axis + 1), h_axis)
     return (jnp.where(r > 0, g_r, 0.0),)  # jax.nn.relu's derivative: 1 where x > 0, else 0
 
 
@@ -302,7 +354,7 @@ class BottleneckBlock(eqx.Module):
 
 
 class SimpleResNet(eqx.Module):
-    """The original's `SimpleResNet` (v1, bottleneck, projections on) for one image `[H, W, C]`."""
+    """The original's `SimpleResNet` (v1, bottleneck, projections on) for a batch of images `[N, H, W, C]`."""
 
     initial_conv: Conv2d
     initial_bn: BatchNorm
@@ -338,11 +390,11 @@ class SimpleResNet(eqx.Module):
         self.blocks = tuple(blocks)
         self.flatten_superpixels = flatten_superpixels
 
-    def __call__(self, image: Float[Array, "h w c"], state: eqx.nn.State) -> tuple[Array, eqx.nn.State]:
-        out, state = self.initial_bn(self.initial_conv(image), state)
+    def __call__(self, images: Float[Array, "n h w c"], state: eqx.nn.State) -> tuple[Array, eqx.nn.State]:
+        out, state = self.initial_bn(self.initial_conv(images), state)
         out = relu_max_pool_3x3_s2(out)
         for block in self.blocks:
             out, state = block(out, state)
         if self.flatten_superpixels:
-            return out.reshape(-1), state
-        return jnp.mean(out, axis=(0, 1)), state
+            return out.reshape(out.shape[0], -1), state
+        return jnp.mean(out, axis=(1, 2)), state
