@@ -186,10 +186,31 @@ def _conv_same_fwd(x, w, stride):
 def _conv_same_bwd(stride, res, g):
     x, w = res
     kh, kw, cin, cout = w.shape
-    (g_x,) = jax.linear_transpose(lambda x_: _conv(x_, w, stride), x)(g)  # autodiff's input cotangent
+    g_x = _input_cotangent(g, w, x.shape, stride)
     pt = _patches(x, kh, kw, stride, transposed=True)  # [kh*kw*cin, n, h2, w2]
     g_w = jnp.dot(pt.reshape(pt.shape[0], -1), g.reshape(-1, cout), precision=_HIGHEST)
     return g_x, g_w.reshape(kh, kw, cin, cout)
+
+
+def _input_cotangent(g: Array, w: Array, x_shape: tuple[int, ...], stride: int) -> Array:
+    """The convolution's input cotangent: the patch cotangents `g @ w^T` added back onto the (padded) input
+    grid, one strided shifted copy per kernel tap (`_patches` transposed)."""
+    kh, kw, cin, cout = w.shape
+    n, h, wd, _ = x_shape
+    _, ho, wo, _ = g.shape
+    ph = max((ho - 1) * stride + kh - h, 0)
+    pw = max((wo - 1) * stride + kw - wd, 0)
+    hp, wp = h + ph, wd + pw
+    g_p = jnp.dot(g.reshape(-1, cout), w.reshape(-1, cout).T, precision=_HIGHEST).reshape(n, ho, wo, kh, kw, cin)
+    zero = jnp.zeros((), g.dtype)
+    total = None
+    for a in range(kh):
+        for b in range(kw):
+            span_h, span_w = (ho - 1) * stride + 1, (wo - 1) * stride + 1
+            tap = jax.lax.pad(g_p[:, :, :, a, b, :], zero, ((0, 0, 0), (a, hp - a - span_h, stride - 1),
+                                                           (b, wp - b - span_w, stride - 1), (0, 0, 0)))
+            total = tap if total is None else total + tap
+    return total[:, ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + wd, :]
 
 
 def _patches(x: Array, kh: int, kw: int, stride: int, *, transposed: bool = False) -> Array:
