@@ -1,18 +1,18 @@
 """Time one training step of the paper's model: forward + backward (+ Adam) at 28 px, batch 32, 9 examples.
 
-    python bench/model_bench.py [--image-size 28] [--batch 32] [--seq-len 9] [--layers 12] [--unroll]
+    python bench/model_bench.py [--image-size 28] [--batch 32] [--seq-len 9] [--layers 12] [--scan]
                                 [--seq-model transformer] [--steps 20]
 
 Prints compile time, ms/step of `jit(value_and_grad(loss))` and of a full step (grad + Adam update, as
-the trainer does), FLOPs per step from XLA's cost analysis, and the achieved GFLOP/s. `--unroll` runs the
-transformer blocks as a Python loop instead of `lax.scan`, to compare compile and run times.
+the trainer does), FLOPs per step from XLA's cost analysis, and the achieved GFLOP/s. `--scan` runs the
+transformer blocks with `lax.scan` instead of unrolled (the default), to compare compile and run times.
 The loss is the original's default: cross-entropy of the query prediction only.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import time
 
 import equinox as eqx
@@ -22,7 +22,7 @@ import optax
 
 from trainer.models import ModelConfig, SeqModel, forward, make_model, targets
 
-from benchkit import cost_flops, unrolled_transformer
+from benchkit import cost_flops
 
 
 def _time(fn, args, steps: int) -> float:
@@ -47,16 +47,14 @@ def main() -> None:
     ap.add_argument("--num-classes", type=int, default=1623)
     ap.add_argument("--seq-model", default="transformer", choices=[m.value for m in SeqModel])
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--unroll", action="store_true", help="Python loop over transformer blocks (no scan)")
+    ap.add_argument("--scan", action="store_true", help="run the transformer blocks with lax.scan (unroll_layers off)")
     args = ap.parse_args()
-
-    with unrolled_transformer() if args.unroll else contextlib.nullcontext():
-        run(args)
+    run(args)
 
 
 def run(args: argparse.Namespace) -> None:
 
-    cfg = ModelConfig(num_layers=args.layers, seq_model=SeqModel(args.seq_model))
+    cfg = ModelConfig(num_layers=args.layers, seq_model=SeqModel(args.seq_model), unroll_layers=not args.scan)
     model, state = make_model(cfg, args.num_classes, key=jr.PRNGKey(0), image_size=args.image_size)
     k1, k2, k3 = jr.split(jr.PRNGKey(1), 3)
     examples = jr.uniform(k1, (args.batch, args.seq_len, args.image_size, args.image_size, 1))
@@ -87,8 +85,16 @@ def run(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     compiled = grad_fn.lower(*grad_args).compile()
     t_compile = time.perf_counter() - t0
-    with unrolled_transformer():  # XLA counts a loop body once: count FLOPs on the unrolled program
-        flops = cost_flops(jax.jit(jax.value_and_grad(pure_loss, has_aux=True)).lower(*grad_args).compile())
+    # XLA counts a loop body once: count FLOPs on the same model with unrolled blocks
+    unrolled, unrolled_state = make_model(dataclasses.replace(cfg, unroll_layers=True), args.num_classes,
+                                          key=jr.PRNGKey(0), image_size=args.image_size)
+    unrolled_params, unrolled_static = eqx.partition(unrolled, eqx.is_array)
+
+    def unrolled_loss(p, st, ex, lab, key):
+        return loss_fn(eqx.combine(p, unrolled_static), st, ex, lab, key)
+
+    flops = cost_flops(jax.jit(jax.value_and_grad(unrolled_loss, has_aux=True))
+                       .lower(unrolled_params, unrolled_state, *grad_args[2:]).compile())
     t_grad = _time(compiled, grad_args, args.steps)
 
     step_args = (params, state, opt_state, examples, labels, k3)
@@ -98,7 +104,7 @@ def run(args: argparse.Namespace) -> None:
     t_step = _time(compiled_step, step_args, args.steps)
 
     print(
-        f"{args.seq_model} layers={args.layers} {'unrolled' if args.unroll else 'scan'} "
+        f"{args.seq_model} layers={args.layers} {'scan' if args.scan else 'unrolled'} "
         f"image={args.image_size} batch={args.batch} seq_len={args.seq_len} devices={jax.devices()}"
     )
     print(f"compile: value_and_grad {t_compile:.1f} s, train step {t_compile_step:.1f} s")

@@ -43,7 +43,7 @@ from trainer.distributed import make_topology, replicate  # noqa: E402
 from trainer.step import StepContext, init_state, make_train_step  # noqa: E402
 from trainer.hugepages import TUNABLE, reexec_with_hugepages  # noqa: E402
 
-from benchkit import cost_flops, unrolled_transformer  # noqa: E402
+from benchkit import cost_flops  # noqa: E402
 
 
 class HostImages(StepContext):
@@ -54,11 +54,10 @@ class HostImages(StepContext):
 
 
 def _flops_per_step(ctx, table, state, batches) -> float:
-    """FLOPs of ONE step: XLA's cost analysis counts a loop body once, so count a freshly traced 1-step
-    dispatch with the transformer blocks unrolled."""
-    with unrolled_transformer():
-        step = make_train_step(ctx)
-        return cost_flops(step.lower(table, state, jax.tree_util.tree_map(lambda x: x[:1], batches)).compile())
+    """FLOPs of ONE step: XLA's cost analysis counts a loop body once, so count a 1-step dispatch (the model's
+    transformer blocks are unrolled: `unroll_layers`, checked in main)."""
+    step = make_train_step(ctx)
+    return cost_flops(step.lower(table, state, jax.tree_util.tree_map(lambda x: x[:1], batches)).compile())
 
 
 def _host_images(images_u8: np.ndarray, batch: dict, size: int) -> np.ndarray:
@@ -90,6 +89,7 @@ def main() -> None:
         shards = open_shard_set(set_dir)
         cfg = TrainConfig(model=ModelConfig(num_layers=args.layers),
                           training=TrainingConfig(batch_size=args.batch, image_size=args.image_size)).validate()
+        assert cfg.model.unroll_layers, "FLOPs are counted on unrolled transformer blocks"
         topo = make_topology(1)
         table = device_table(shards, args.image_size, topo, args.omniglot, args.cache_dir)
         images_u8 = np.asarray(load_image_table(args.omniglot, args.cache_dir, progress=False).images)

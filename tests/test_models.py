@@ -30,7 +30,7 @@ from trainer.models import (
     targets,
 )
 from trainer.models.layers import gelu, layer_norm, truncated_normal
-from trainer.models.transformer import causal_attention
+from trainer.models.transformer import Transformer, causal_attention
 from trainer.models.resnet import batch_norm_train, conv_same, max_pool_3x3_s2, relu_max_pool_3x3_s2
 
 NUM_CLASSES = 11
@@ -342,6 +342,23 @@ def test_layer_norm_matches_autodiff_of_the_formula():
     # under vmap (as the model calls it), parameter cotangents are summed over the batch
     batched = jax.vjp(lambda x, s, o: jax.vmap(lambda r: layer_norm(r, s, o, 1e-5))(x), x, scale, offset)[1](g)
     _grads_close(batched, jax.vjp(reference, x, scale, offset)[1](g))
+
+
+def test_unrolled_and_scanned_layers_agree():
+    """`unroll_layers` changes how the identical blocks run, not what they compute (dropout keys included)."""
+    kw = dict(key=jr.PRNGKey(0), dropout_prob=0.2)
+    unrolled, scanned = Transformer(16, 7, 3, 2, unroll=True, **kw), Transformer(16, 7, 3, 2, unroll=False, **kw)
+    x = jr.normal(jr.PRNGKey(1), (5, 16))
+    key = jr.PRNGKey(2)
+    np.testing.assert_allclose(unrolled(x, key=key), scanned(x, key=key), rtol=1e-5, atol=1e-6)
+    plain = eqx.nn.inference_mode(unrolled)(x, key=None)
+    np.testing.assert_allclose(plain, eqx.nn.inference_mode(scanned)(x, key=None), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(unrolled(x, key=key), plain, atol=1e-3)  # dropout acts
+
+    def grads(m):
+        return eqx.filter_grad(lambda m, x: jnp.sum(jnp.sin(m(x, key=jr.PRNGKey(3)))))(m, x)
+
+    _grads_close(eqx.filter(grads(unrolled), eqx.is_array), eqx.filter(grads(scanned), eqx.is_array))
 
 
 def test_gelu_matches_jax_and_its_autodiff():

@@ -56,6 +56,9 @@ class ModelConfig:
     positional_max_time: float = 30.0
     self_att_init_scale: float = 1.0
     dense_init_scale: float = 1.0
+    # How the transformer's identical blocks are run (not what they compute): unrolled (faster per step on a
+    # CPU, longer compile) or as one `lax.scan` body (compiles one block). Results agree up to float round-off.
+    unroll_layers: bool = True
 
     def __post_init__(self) -> None:
         # Accept plain strings for the enums (e.g. from click), store the Enum.

@@ -23,7 +23,6 @@ on one sequence (`tokens`). Calling the embedder on one sequence does both (Batc
 from __future__ import annotations
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray

@@ -55,6 +55,7 @@ class Model(eqx.Module):
                 dropout_prob=cfg.dropout_prob,
                 self_att_init_scale=cfg.self_att_init_scale,
                 dense_init_scale=cfg.dense_init_scale,
+                unroll=cfg.unroll_layers,
                 key=k_seq,
             )
         else:

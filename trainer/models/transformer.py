@@ -14,7 +14,9 @@ acts at training only; the original's attention-weight dropout is 0 and is not o
 Implementation choices (same arithmetic as the original): q, k and v come from one fused [D, 3D] matrix
 (three independently initialised [D, D] blocks side by side); attention is `causal_attention` (the
 arithmetic of `jax.nn.dot_product_attention(is_causal=True)`, faster on CPU); the identical blocks are
-stacked (built with `eqx.filter_vmap`) and run with `jax.lax.scan`, which compiles one block instead of twelve.
+stacked (built with `eqx.filter_vmap`) and run either as an unrolled Python loop (`unroll`, the default: on
+a 2-core CPU about 5 ms/step faster at 12 layers, because the scan stacks and slices every layer's saved
+activations) or with `jax.lax.scan`, which compiles one block instead of twelve.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ class Transformer(eqx.Module):
     final_ln: LayerNorm
     head: Dense
     num_layers: int = eqx.field(static=True)
+    unroll: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -137,6 +140,7 @@ class Transformer(eqx.Module):
         dropout_prob: float = 0.0,
         self_att_init_scale: float = 1.0,
         dense_init_scale: float = 1.0,
+        unroll: bool = True,
         key: PRNGKeyArray,
     ):
         k_blocks, k_head = jr.split(key)
@@ -156,6 +160,7 @@ class Transformer(eqx.Module):
         self.final_ln = LayerNorm(dim)
         self.head = Dense(dim, num_classes, std=variance_scaling_std(dim, dense_init_scale), key=k_head)
         self.num_layers = num_layers
+        self.unroll = unroll
 
     def __call__(self, x: Float[Array, "t d"], *, key: PRNGKeyArray | None,
                  query_only: bool = False) -> Float[Array, "t c"]:
@@ -166,5 +171,9 @@ class Transformer(eqx.Module):
             p, k = xs
             return eqx.combine(p, static)(h, key=k), None
 
-        x, _ = jax.lax.scan(layer, x, (params, keys))
+        if self.unroll:
+            for i in range(self.num_layers):
+                x, _ = layer(x, jax.tree_util.tree_map(lambda a: a[i], (params, keys)))
+        else:
+            x, _ = jax.lax.scan(layer, x, (params, keys))
         return self.head(self.final_ln(x[-1:] if query_only else x))
