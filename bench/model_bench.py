@@ -53,7 +53,6 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-
     cfg = ModelConfig(num_layers=args.layers, seq_model=SeqModel(args.seq_model), unroll_layers=not args.scan)
     model, state = make_model(cfg, args.num_classes, key=jr.PRNGKey(0), image_size=args.image_size)
     k1, k2, k3 = jr.split(jr.PRNGKey(1), 3)
@@ -85,16 +84,19 @@ def run(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     compiled = grad_fn.lower(*grad_args).compile()
     t_compile = time.perf_counter() - t0
-    # XLA counts a loop body once: count FLOPs on the same model with unrolled blocks
-    unrolled, unrolled_state = make_model(dataclasses.replace(cfg, unroll_layers=True), args.num_classes,
-                                          key=jr.PRNGKey(0), image_size=args.image_size)
-    unrolled_params, unrolled_static = eqx.partition(unrolled, eqx.is_array)
+    # XLA counts a loop body once: with --scan, count FLOPs on the same model with unrolled blocks
+    if args.scan:
+        unrolled, unrolled_state = make_model(dataclasses.replace(cfg, unroll_layers=True), args.num_classes,
+                                              key=jr.PRNGKey(0), image_size=args.image_size)
+        unrolled_params, unrolled_static = eqx.partition(unrolled, eqx.is_array)
 
-    def unrolled_loss(p, st, ex, lab, key):
-        return loss_fn(eqx.combine(p, unrolled_static), st, ex, lab, key)
+        def unrolled_loss(p, st, ex, lab, key):
+            return loss_fn(eqx.combine(p, unrolled_static), st, ex, lab, key)
 
-    flops = cost_flops(jax.jit(jax.value_and_grad(unrolled_loss, has_aux=True))
-                       .lower(unrolled_params, unrolled_state, *grad_args[2:]).compile())
+        flops = cost_flops(jax.jit(jax.value_and_grad(unrolled_loss, has_aux=True))
+                           .lower(unrolled_params, unrolled_state, *grad_args[2:]).compile())
+    else:
+        flops = cost_flops(compiled)
     t_grad = _time(compiled, grad_args, args.steps)
 
     step_args = (params, state, opt_state, examples, labels, k3)

@@ -38,7 +38,7 @@ class TrainingConfig:
     w_interim_predictions: float = 0.0
     image_size: int = 105  # 28 = the original's `downsample` option
     # Steps per jitted call (lax.scan): the same arithmetic up to float round-off. Each call has a fixed
-    # cost (XLA's scratch memory is mapped and page-faulted afresh: ~40 ms on a 2-core CPU), which 10 amortises.
+    # cost (XLA's scratch memory is mapped and page-faulted afresh; README, Speed), which 10 amortises.
     steps_per_dispatch: int = 10
     log_every: int = 100
     eval_every: int = 5000
