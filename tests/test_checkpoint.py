@@ -69,5 +69,5 @@ def test_missing_step_and_foreign_metadata(tmp_path):
     with pytest.raises(CheckpointError, match="available steps: 1"):
         checkpoint.read_metadata(tmp_path, 2)
     (path / "metadata.json").write_text(json.dumps({"format": "other", "format_version": 9}))
-    with pytest.raises(CheckpointError, match="not a version-1"):
+    with pytest.raises(CheckpointError, match="not an emergent-icl checkpoint this version can read"):
         checkpoint.load(tmp_path, 1, _tree())

@@ -389,6 +389,38 @@ def test_attention_matches_autodiff_and_library():
     _grads_close(ours, ref)
 
 
+@pytest.mark.parametrize("tq", [1, 3])
+def test_attention_of_the_last_queries_only(tq):
+    """q holding only the last tq tokens' queries gives those rows of the full causal attention."""
+    q, k, v = (jr.normal(jr.PRNGKey(i), (7, 3, 4)) for i in range(3))
+    full = causal_attention(q, k, v)
+    np.testing.assert_allclose(causal_attention(q[-tq:], k, v), full[-tq:], rtol=1e-5, atol=1e-6)
+    g = jr.normal(jr.PRNGKey(5), (tq, 3, 4))
+    ours = jax.vjp(lambda q, k, v: causal_attention(q[-tq:], k, v), q, k, v)[1](g)
+    ref = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)[-tq:], q, k, v)[1](g)
+    _grads_close(ours, ref)
+
+
+@pytest.mark.parametrize("unroll", [True, False])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_query_only_transformer_is_the_last_row(unroll, layers):
+    """query_only runs the last block for the query token alone: same logits and gradients as the full
+    output's last row."""
+    tr = eqx.nn.inference_mode(Transformer(16, 7, layers, 2, unroll=unroll, key=jr.PRNGKey(0)))
+    x = jr.normal(jr.PRNGKey(1), (5, 16))
+    query = tr(x, key=None, query_only=True)
+    assert query.shape == (1, 7)
+    np.testing.assert_allclose(query, tr(x, key=None)[-1:], rtol=1e-5, atol=1e-6)
+
+    def grads(query_only):
+        def f(m, x):
+            out = m(x, key=None, query_only=query_only)
+            return jnp.sum(jnp.sin(out[-1]))
+        return eqx.filter_grad(f)(tr, x)
+
+    _grads_close(eqx.filter(grads(True), eqx.is_array), eqx.filter(grads(False), eqx.is_array))
+
+
 @pytest.mark.parametrize("h,w", [(2, 3), (7, 7), (14, 14), (27, 27)])
 def test_relu_max_pool_gradient_matches_autodiff(h, w):
     # Integer-valued inputs: ties inside windows and exact zeros exercise the tie-splitting rules.

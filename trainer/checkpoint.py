@@ -23,7 +23,8 @@ import numpy as np
 from seqgen.atomic import fsync_dir, fsync_file
 
 FORMAT = "emergent-icl/checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: flat optimizer state (one mu / nu vector); 1: one per parameter array
+READABLE_VERSIONS = (1, 2)  # the caller rebuilds the skeleton of the stored version and upgrades it
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -87,10 +88,10 @@ def read_metadata(run_dir: str | os.PathLike, step: int) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint at step {step} in {run_dir} (available steps: {available})") from None
     except json.JSONDecodeError:
         raise CheckpointError(f"checkpoint metadata {path} is corrupt; delete that folder or pick another --step") from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format") != FORMAT or meta.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path} is not a version-{FORMAT_VERSION} emergent-icl checkpoint "
-            f"(found {meta.get('format')!r} v{meta.get('format_version')!r})"
+            f"{path} is not an emergent-icl checkpoint this version can read (format versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; found {meta.get('format')!r} v{meta.get('format_version')!r})"
         )
     return meta
 

@@ -17,7 +17,7 @@ from trainer.config import TrainConfig
 from trainer.data import DataError, ShardSet, check_compatible, open_shard_set
 from trainer.distributed import Topology, replicate
 from trainer.images import prepare_table
-from trainer.step import StepContext, TrainState, make_eval_step, state_skeleton
+from trainer.step import StepContext, TrainState, make_eval_step, state_skeleton, upgrade_state
 
 
 @dataclass
@@ -72,8 +72,9 @@ def make_session(
 
 
 def restore(run_dir: str | os.PathLike, step: int, cfg: TrainConfig, num_classes: int, topo: Topology) -> TrainState:
-    state = checkpoint.load(run_dir, step, state_skeleton(cfg, num_classes))
-    return replicate(topo, state)
+    version = checkpoint.read_metadata(run_dir, step)["format_version"]
+    state = checkpoint.load(run_dir, step, state_skeleton(cfg, num_classes, version))
+    return replicate(topo, upgrade_state(state, version))
 
 
 def manifest_fingerprint(s: ShardSet) -> str:

@@ -163,31 +163,30 @@ def _conv(x: Array, w: Array, stride: int) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_same(x: Float[Array, "n h w cin"], w: Float[Array, "kh kw cin cout"], stride: int) -> Array:
-    """`lax.conv_general_dilated(x, w, stride, "SAME")` (NHWC, HWIO) with an explicit weight gradient.
+    """`lax.conv_general_dilated(x, w, stride, "SAME")` (NHWC, HWIO) with an explicit backward pass.
 
-    When differentiated, the forward value is one matmul of the image patches `[n*h2*w2, kh*kw*cin]` with
-    the flattened kernel, and the weight cotangent one matmul of the transposed patches
-    `[kh*kw*cin, n*h2*w2]` with the output cotangent. Both patch layouts are cut from the (small) input
-    with strided slices, so neither the large patch array is kept for the backward pass nor transposed
-    (XLA inserted such a transpose, and autodiff's convolution for the weight gradient ran as a slow loop
-    inside `lax.scan`). The input cotangent is autodiff's. The matmuls sum in another order than the
-    convolution, so training and inference outputs agree up to float round-off (tested).
+    When differentiated, the forward value is one matmul of the flattened kernel with the transposed image
+    patches `[kh*kw*cin, n*h2*w2]` (then transposed to NHWC), and the weight cotangent one matmul of the
+    same patches, kept from the forward pass, with the output cotangent: both in the layout each matmul
+    wants, so XLA adds no transposes of the large patch array. The input cotangent is the patch
+    cotangents `g @ w^T` added back tap by tap. The matmuls sum in another order than the convolution, so
+    training and inference outputs agree up to float round-off (tested).
     """
     return _conv(x, w, stride)
 
 
 def _conv_same_fwd(x, w, stride):
     kh, kw, cin, cout = w.shape
-    p = _patches(x, kh, kw, stride)  # [n, h2, w2, kh*kw*cin]
-    y = jnp.dot(p.reshape(-1, p.shape[-1]), w.reshape(-1, cout), precision=_HIGHEST)
-    return y.reshape(*p.shape[:3], cout), (x, w)
+    pt = _patches(x, kh, kw, stride)  # [kh*kw*cin, n, h2, w2]
+    # y^T = w^T pt: a plain matmul on the transposed patches, which the weight gradient reuses.
+    y_t = jnp.dot(w.reshape(-1, cout).T, pt.reshape(pt.shape[0], -1), precision=_HIGHEST)
+    return y_t.T.reshape(*pt.shape[1:], cout), (x, w, pt)
 
 
 def _conv_same_bwd(stride, res, g):
-    x, w = res
+    x, w, pt = res
     kh, kw, cin, cout = w.shape
     g_x = _input_cotangent(g, w, x.shape, stride)
-    pt = _patches(x, kh, kw, stride, transposed=True)  # [kh*kw*cin, n, h2, w2]
     g_w = jnp.dot(pt.reshape(pt.shape[0], -1), g.reshape(-1, cout), precision=_HIGHEST)
     return g_x, g_w.reshape(kh, kw, cin, cout)
 
@@ -213,29 +212,30 @@ def _input_cotangent(g: Array, w: Array, x_shape: tuple[int, ...], stride: int) 
     return total[:, ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + wd, :]
 
 
-def _patches(x: Array, kh: int, kw: int, stride: int, *, transposed: bool = False) -> Array:
-    """[n, i, j, (a * kw + b) * cin + c] = x_padded[n, stride * i + a, stride * j + b, c]: the input under
-    each output pixel's window ('SAME' padding), flattened in HWIO weight order, from kh * kw strided slices.
-    `transposed` returns the same values as [(a * kw + b) * cin + c, n, i, j]."""
+def _patches(x: Array, kh: int, kw: int, stride: int) -> Array:
+    """Transposed image patches: [(a * kw + b) * cin + c, n, i, j] = x_padded[n, stride * i + a, stride * j + b, c],
+    the input under each output pixel's window ('SAME' padding), with the rows in HWIO weight order.
+
+    Cut as kw column slices of the padded input (stacked to [kw, cin, n, H, wo]), then kh row slices of
+    those: two stacks of a few large slices, which XLA fuses into two passes, where kh * kw small slices
+    and their stack took three (and kh * kw + 1 operations).
+    """
     n, h, w, cin = x.shape
     ho, wo = -(-h // stride), -(-w // stride)
     ph = max((ho - 1) * stride + kh - h, 0)
     pw = max((wo - 1) * stride + kw - w, 0)
     xp = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
-    if transposed:
-        xp = jnp.moveaxis(xp, 3, 0)  # [cin, n, H, W]: each slice below is then one contiguous block
-        cols = [
-            jax.lax.slice(xp, (0, 0, a, b), (cin, n, a + stride * (ho - 1) + 1, b + stride * (wo - 1) + 1),
-                          (1, 1, stride, stride))
-            for a in range(kh) for b in range(kw)
-        ]
-        return jnp.stack(cols, axis=0).reshape(kh * kw * cin, n, ho, wo)
-    cols = [
-        jax.lax.slice(xp, (0, a, b, 0), (n, a + stride * (ho - 1) + 1, b + stride * (wo - 1) + 1, cin),
-                      (1, stride, stride, 1))
-        for a in range(kh) for b in range(kw)
-    ]
-    return jnp.stack(cols, axis=3).reshape(n, ho, wo, kh * kw * cin)
+    xp = jnp.moveaxis(xp, 3, 0)  # [cin, n, H, W]
+    big_h = xp.shape[2]
+    cols = jnp.stack([
+        jax.lax.slice(xp, (0, 0, 0, b), (cin, n, big_h, b + stride * (wo - 1) + 1), (1, 1, 1, stride))
+        for b in range(kw)
+    ])
+    rows = jnp.stack([
+        jax.lax.slice(cols, (0, 0, 0, a, 0), (kw, cin, n, a + stride * (ho - 1) + 1, wo), (1, 1, 1, stride, 1))
+        for a in range(kh)
+    ])
+    return rows.reshape(kh * kw * cin, n, ho, wo)
 
 
 conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)

@@ -31,17 +31,19 @@ from trainer.models.layers import Dense, LayerNorm, dropout, gelu, truncated_nor
 
 
 def _attention(q: Array, k: Array, v: Array) -> tuple[Array, Array]:
-    t, _, head_dim = q.shape
+    t_q, _, head_dim = q.shape
+    t_k = k.shape[0]
     scores = jnp.einsum("thk,shk->hts", q, k) * jnp.float32(1.0 / head_dim**0.5)
-    causal = jnp.tril(jnp.ones((t, t), bool))
+    causal = jnp.tril(jnp.ones((t_q, t_k), bool), k=t_k - t_q)  # the queries are the last t_q tokens
     weights = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(jnp.float32).min), axis=-1)
     return jnp.einsum("hts,shk->thk", weights, v), weights
 
 
 @jax.custom_vjp
-def causal_attention(q: Float[Array, "t h k"], k: Float[Array, "t h k"], v: Float[Array, "t h k"]) -> Array:
+def causal_attention(q: Float[Array, "tq h k"], k: Float[Array, "t h k"], v: Float[Array, "t h k"]) -> Array:
     """Softmax(q k^T / sqrt(head_dim)) v with a causal mask, per head: `jax.nn.dot_product_attention(q, k, v,
-    is_causal=True)` up to float32 round-off.
+    is_causal=True)` up to float32 round-off. `q` may hold only the last `tq` of the `t` tokens' queries
+    (the transformer's last block, when only the query token's output is needed).
 
     Written as two einsums over [heads, t, t] scores: on CPU these lower to two batched matmuls each way,
     where the library function adds layout transposes and a costlier backward pass (~30% slower here).
@@ -106,14 +108,17 @@ class TransformerBlock(eqx.Module):
         self.num_heads = num_heads
         self.dropout_prob = dropout_prob
 
-    def __call__(self, x: Float[Array, "t d"], *, key: PRNGKeyArray | None) -> Float[Array, "t d"]:
+    def __call__(self, x: Float[Array, "t d"], *, key: PRNGKeyArray | None, last_only: bool = False) -> Array:
+        """`[T, D] -> [T, D]`, or `[1, D]` (the last token's output alone) with `last_only`."""
         t, d = x.shape
         rate = 0.0 if self.inference else self.dropout_prob
         k_att, k_mlp = jr.split(key) if (key is not None and rate > 0) else (None, None)
 
         qkv = self.ln_attn(x) @ self.qkv_weight + self.qkv_bias
         q, k, v = jnp.split(qkv.reshape(t, 3 * self.num_heads, d // self.num_heads), 3, axis=1)
-        att = causal_attention(q, k, v).reshape(t, d)
+        if last_only:
+            q, x = q[-1:], x[-1:]
+        att = causal_attention(q, k, v).reshape(x.shape[0], d)
         x = x + dropout(self.attn_out(att), rate, k_att)
 
         h = gelu(self.mlp_in(self.ln_mlp(x)))
@@ -171,9 +176,18 @@ class Transformer(eqx.Module):
             p, k = xs
             return eqx.combine(p, static)(h, key=k), None
 
+        def select(i):
+            return jax.tree_util.tree_map(lambda a: a[i], (params, keys))
+
+        # With query_only the last block computes the query token's output alone (its keys and values
+        # still come from every token): the other tokens' outputs of the last block reach nothing.
+        full = self.num_layers - 1 if query_only else self.num_layers
         if self.unroll:
-            for i in range(self.num_layers):
-                x, _ = layer(x, jax.tree_util.tree_map(lambda a: a[i], (params, keys)))
-        else:
-            x, _ = jax.lax.scan(layer, x, (params, keys))
-        return self.head(self.final_ln(x[-1:] if query_only else x))
+            for i in range(full):
+                x, _ = layer(x, select(i))
+        elif full > 0:
+            x, _ = jax.lax.scan(layer, x, jax.tree_util.tree_map(lambda a: a[:full], (params, keys)))
+        if query_only:
+            p, k = select(self.num_layers - 1)
+            x = eqx.combine(p, static)(x, key=k, last_only=True)
+        return self.head(self.final_ln(x))
