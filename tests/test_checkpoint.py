@@ -28,7 +28,7 @@ def test_round_trip_and_metadata(tmp_path):
     path = checkpoint.save(tmp_path, 7, tree, {"hello": "world"})
     assert path.name == "step-7" and (path / "metadata.json").is_file()
     meta = checkpoint.read_metadata(tmp_path, 7)
-    assert meta["step"] == 7 and meta["hello"] == "world" and meta["format_version"] == 1
+    assert meta["step"] == 7 and meta["hello"] == "world" and meta["format_version"] == 2
     loaded = checkpoint.load(tmp_path, 7, _tree(0))
     assert _equal(loaded, tree) and not _equal(loaded, _tree(0))
 
