@@ -144,9 +144,9 @@ def forward(
 
     Returns logits `[B, T, num_classes]` (T = 2L-1, or L with concatenate_labels) and the new BatchNorm
     state (unchanged at inference). `key` may be None when no dropout is active (example dropout is
-    active at inference too). `query_only` applies the output layer to the query's token alone and
-    returns `[B, 1, num_classes]`: the same query logits for ~1/T of the head's cost, which is all the
-    original's loss and metrics use when interim predictions have no weight.
+    active at inference too). `query_only` runs the transformer's last block and the output layer
+    for the query's token alone and returns `[B, 1, num_classes]`: the same query logits for ~1/T of their
+    cost, which is all the original's loss and metrics use when interim predictions have no weight.
     """
     cfg = model.cfg
     _check_inputs(cfg, examples, labels)

@@ -17,6 +17,8 @@ arithmetic of `jax.nn.dot_product_attention(is_causal=True)`, faster on CPU); th
 stacked (built with `eqx.filter_vmap`) and run either as an unrolled Python loop (`unroll`, the default: on
 a 2-core CPU about 5 ms/step faster at 12 layers, because the scan stacks and slices every layer's saved
 activations) or with `jax.lax.scan`, which compiles one block instead of twelve.
+With `query_only` (the loss and metrics read only the query's logits) the last block computes the query
+token's output alone: its keys and values still come from every token, nothing else of it is used.
 """
 
 from __future__ import annotations
