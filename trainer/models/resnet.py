@@ -193,7 +193,7 @@ def _conv_same_bwd(stride, res, g):
 
 def _input_cotangent(g: Array, w: Array, x_shape: tuple[int, ...], stride: int) -> Array:
     """The convolution's input cotangent: the patch cotangents `g @ w^T` added back onto the (padded) input
-    grid, one strided shifted copy per kernel tap (`_patches` transposed)."""
+    grid, one strided shifted copy per kernel tap (the adjoint of cutting the patches)."""
     kh, kw, cin, cout = w.shape
     n, h, wd, _ = x_shape
     _, ho, wo, _ = g.shape
