@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
+from jax.flatten_util import ravel_pytree
 
 from seqgen.config import BuildConfig, SeqType
 from trainer import checkpoint
@@ -102,10 +103,8 @@ def upgrade_state(state: TrainState, format_version: int) -> TrainState:
     def is_param_tree(t) -> bool:
         return jax.tree_util.tree_structure(t) == treedef
 
-    def flat(t):
-        if not is_param_tree(t):
-            return t
-        return jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(t)])
+    def flat(t):  # ravel_pytree concatenates the leaves in tree order, as optax.flatten does
+        return ravel_pytree(t)[0] if is_param_tree(t) else t
 
     opt_state = jax.tree_util.tree_map(flat, state.opt_state, is_leaf=is_param_tree)
     return eqx.tree_at(lambda s: s.opt_state, state, opt_state)

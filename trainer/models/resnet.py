@@ -191,21 +191,26 @@ def _conv_same_bwd(stride, res, g):
     return g_x, g_w.reshape(kh, kw, cin, cout)
 
 
+def _same_geometry(h: int, w: int, kh: int, kw: int, stride: int) -> tuple[int, int, int, int]:
+    """'SAME' convolution geometry: output height and width, and the total padding along each axis (the
+    smaller half goes in front, as in XLA)."""
+    ho, wo = -(-h // stride), -(-w // stride)
+    return ho, wo, max((ho - 1) * stride + kh - h, 0), max((wo - 1) * stride + kw - w, 0)
+
+
 def _input_cotangent(g: Array, w: Array, x_shape: tuple[int, ...], stride: int) -> Array:
     """The convolution's input cotangent: the patch cotangents `g @ w^T` added back onto the (padded) input
     grid, one strided shifted copy per kernel tap (the adjoint of cutting the patches)."""
     kh, kw, cin, cout = w.shape
     n, h, wd, _ = x_shape
-    _, ho, wo, _ = g.shape
-    ph = max((ho - 1) * stride + kh - h, 0)
-    pw = max((wo - 1) * stride + kw - wd, 0)
+    ho, wo, ph, pw = _same_geometry(h, wd, kh, kw, stride)
     hp, wp = h + ph, wd + pw
     g_p = jnp.dot(g.reshape(-1, cout), w.reshape(-1, cout).T, precision=_HIGHEST).reshape(n, ho, wo, kh, kw, cin)
     zero = jnp.zeros((), g.dtype)
+    span_h, span_w = (ho - 1) * stride + 1, (wo - 1) * stride + 1
     total = None
     for a in range(kh):
         for b in range(kw):
-            span_h, span_w = (ho - 1) * stride + 1, (wo - 1) * stride + 1
             tap = jax.lax.pad(g_p[:, :, :, a, b, :], zero, ((0, 0, 0), (a, hp - a - span_h, stride - 1),
                                                            (b, wp - b - span_w, stride - 1), (0, 0, 0)))
             total = tap if total is None else total + tap
@@ -221,9 +226,7 @@ def _patches(x: Array, kh: int, kw: int, stride: int) -> Array:
     and their stack took three (and kh * kw + 1 operations).
     """
     n, h, w, cin = x.shape
-    ho, wo = -(-h // stride), -(-w // stride)
-    ph = max((ho - 1) * stride + kh - h, 0)
-    pw = max((wo - 1) * stride + kw - w, 0)
+    ho, wo, ph, pw = _same_geometry(h, w, kh, kw, stride)
     xp = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
     xp = jnp.moveaxis(xp, 3, 0)  # [cin, n, H, W]
     big_h = xp.shape[2]
