@@ -35,3 +35,22 @@ def commit(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     fsync_file(tmp)
     os.replace(tmp, final)
     fsync_dir(Path(final).parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through `<path>.tmp` and `commit`: readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    commit(tmp, path)
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy `src` to `dst` through `<dst>.tmp` and `commit`."""
+    import shutil
+
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    commit(tmp, dst)

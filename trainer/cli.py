@@ -138,7 +138,7 @@ def plot(run_dir) -> None:
 
 
 def _register_sweep() -> None:
-    from trainer.sweep import sweep_command
+    from trainer.sweep.cli import sweep_command
 
     main.add_command(sweep_command, "sweep")
 

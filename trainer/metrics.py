@@ -11,7 +11,10 @@ the query is position -1.
 
 Headline numbers (say them plainly in outputs):
 - ICL (in-context learning) = `accuracy_closed` on `fewshot_holdout` sequences: the query's label
-  among the `ways` labels 0..ways-1 used in the context; chance = 1 / ways.
+  among the `ways` labels 0..ways-1 used in the context; chance = 1 / ways. Its CEILING is below 1: the
+  ways' classes are drawn with replacement (as in the original), so with 10 holdout classes and 2 ways
+  one sequence in 10 shows a single class under both labels, where even a perfect in-context learner
+  can only guess: the ceiling is 0.95 (`icl_ceiling`).
 - IWL (in-weights learning) = `accuracy_query` on `no_support_zipfian` sequences (the query's class
   never appears in the context, so only knowledge stored in the weights helps).
 - The original's logged `eval_accuracy` was `accuracy_query`: open vocabulary (argmax over all C
@@ -47,7 +50,8 @@ from seqgen.config import BuildConfig, Labeling, SeqType
 
 __all__ = [
     "BINARY_METRICS", "DESCRIPTIONS", "METRICS", "LabelSets", "MetricsError", "batch_sums", "chance_level",
-    "headline", "per_sequence_metrics", "summarize", "training_loss",
+    "column_of", "headline", "icl_ceiling", "label_of", "metric_key_of", "per_sequence_metrics", "summarize",
+    "training_loss",
 ]
 
 DESCRIPTIONS = {
@@ -259,6 +263,49 @@ def summarize(sums: dict[str, float], sumsq: dict[str, float], n: int) -> dict[s
             lo = hi = float("nan")
         out[name] = {"mean": mean, "ci95": [lo, hi], "n": n}
     return out
+
+
+# The one table of headline numbers: the column name (in sweep tables, checks and plots) and the metric
+# key of each evaluation type. Types not named here get a column named after the type.
+_COLUMNS = {
+    SeqType.FEWSHOT_HOLDOUT: "icl",
+    SeqType.NO_SUPPORT_ZIPFIAN: "iwl",
+    SeqType.NO_SUPPORT_COMMON: "iwl_common",
+    SeqType.NO_SUPPORT_RARE: "iwl_rare",
+}
+
+
+def metric_key_of(seq_type: SeqType | str) -> str:
+    """The metric that is an evaluation type's headline: accuracy_closed on few-shot sets, else accuracy_query."""
+    return "accuracy_closed" if SeqType(seq_type).is_fewshot else "accuracy_query"
+
+
+def column_of(seq_type: SeqType | str) -> str:
+    """The column of an evaluation type's headline number: icl, iwl, iwl_common, iwl_rare or the type itself."""
+    seq_type = SeqType(seq_type)
+    return _COLUMNS.get(seq_type, seq_type.value)
+
+
+def label_of(seq_type: SeqType | str) -> str:
+    """E.g. 'ICL: accuracy_closed on fewshot_holdout', for plot legends and tables."""
+    seq_type = SeqType(seq_type)
+    column, key = column_of(seq_type), metric_key_of(seq_type)
+    if column == seq_type.value:
+        return f"{key} on {seq_type.value}"
+    return f"{column.upper().replace('_', ' ')}: {key} on {seq_type.value}"
+
+
+def icl_ceiling(ways: int, n_classes: int) -> float:
+    """The best expected accuracy_closed of a perfect in-context learner on few-shot sequences whose `ways`
+    classes are drawn uniformly WITH replacement from `n_classes` (the original's fewshot_holdout).
+
+    The query's class then stands under k >= 1 of the ways' labels (k - 1 ~ Binomial(ways - 1, 1 / n_classes)),
+    and the context cannot tell those labels apart: the best guess is right with probability 1 / k. For 2
+    ways of 10 holdout classes: 0.9 + 0.1 / 2 = 0.95."""
+    if ways < 1 or n_classes < 1:
+        raise ValueError(f"ways and n_classes must be >= 1, got {ways}, {n_classes}")
+    p = 1.0 / n_classes
+    return sum(math.comb(ways - 1, j) * p**j * (1 - p) ** (ways - 1 - j) / (j + 1) for j in range(ways))
 
 
 def headline(seq_type: SeqType) -> tuple[str, str] | None:

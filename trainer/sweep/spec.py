@@ -16,6 +16,8 @@ that `seqgen build --config` and `trainer fit --config` read) and lists the runs
     eval_seqs = 2048                    # optional (default 2048): sequences per evaluation set
     eval_types = ["fewshot_holdout", "no_support_zipfian"]   # optional; these are the default
     eval_seed = 1                       # optional (default 1): seqgen seed of the evaluation sets
+    deviations = ["28 px, not 105"]     # optional: how this setting departs from the paper (in results.md)
+    seeds = [0, 1, 2]                   # optional: train every run once per seed (see below)
 
     [trainer.training]                  # optional: overrides applied to every run, after the base
     steps = 20000
@@ -27,9 +29,26 @@ that `seqgen build --config` and `trainer fit --config` read) and lists the runs
     [runs.seqgen.sequence]              # optional: this run's overrides, last
     p_bursty = 0.9
 
+    [[checks]]                          # optional: the paper's claim as comparisons (trainer.sweep.checks)
+    claim = "ICL needs bursty data"     # required: what is checked, in words
+    metric = "icl"                      # required: a column (icl, iwl, iwl_common, iwl_rare, ...)
+    run = "p0.9"                        # required: a run name
+    compare = "greater"                 # required: greater | less | near
+    than = "p0"                         # required: another run's name, or a number (e.g. 0.5 = chance)
+    margin = 0.1                        # greater / less: the mean difference must be >= margin (default 0)
+    tolerance = 0.05                    # near: |difference| <= tolerance in a seed (required for near)
+
+Seeds: with `seeds = [s0, s1, ...]` each run becomes one run per seed, named `<name>/seed-<s>` and trained
+into `<out>/runs/<name>/seed-<s>`: seed s is both the trainer's seed (`training.seed`) and the training
+set's seed (`seqgen.seed`), so do not set either in the tables. The evaluation sets keep `eval_seed` and
+are shared: every seed is scored on the same sequences. Without `seeds` a run is trained once, with the
+seeds of its tables, into `<out>/runs/<name>` (as before seeds existed). The seed of a training set may
+equal `eval_seed`: sequence i of a set is a function of (seed, sequence type, i), and a training set is
+bursty while the evaluation sets are of other types (an evaluation type `bursty` is refused then).
+
 Every run gets a bursty training set (`seq_type`, `num_seqs` are set by the sweep: do not set them in
 the tables) and one evaluation set per `eval_types`, with the run's dataset / split / sequence options
-(so the class split matches) and seed `eval_seed` (must differ from the training seed). Sequence options
+(so the class split matches) and seed `eval_seed`. Sequence options
 that an evaluation type never reads (e.g. `p_bursty` for `fewshot_holdout`) are reset to their defaults,
 so runs that differ only there share evaluation sets. `trainer.training.eval_seqs` defaults to
 `eval_seqs` (evaluate whole sets).
@@ -39,32 +58,39 @@ Shard sets live in a shared folder (default `data/shards/sweeps/`), one per conf
 train into `<out>/runs/<name>` (default out: `runs/sweeps/<sweep name>`); a rerun skips finished runs
 (final checkpoint and final evaluations present), resumes partial ones and evaluates a finished run on
 evaluation sets it has not seen. Ctrl+C stops the sweep after the current run saves a checkpoint.
-`<out>` receives `results.csv`, `results.md`, `figure.png`, `curves.png` (see `trainer.sweep_report`)
-and `sweep.json` (the resolved plan).
+`<out>` receives `results.csv`, `results.md`, `figure.png`, `curves.png` (see `trainer.sweep.report`)
+and `sweep.json` (the resolved plan); with `--results DIR` (default `results/<sweep name>` when `--out` is
+not given) the report and a copy of each run's `config.json`, `metrics.jsonl` and `evaluations/` go there
+instead, so that the report can be rebuilt from that folder alone.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 from seqgen.config import BuildConfig, ConfigError, SeqType, SequenceConfig, load_toml
+from trainer.config import TrainConfig
+from trainer.metrics import column_of
 
 DEFAULT_EVAL_TYPES = (SeqType.FEWSHOT_HOLDOUT, SeqType.NO_SUPPORT_ZIPFIAN)
 DEFAULT_EVAL_SEQS = 2048
 DEFAULT_SHARDS_DIR = Path("data/shards/sweeps")
 _SWEEP_KEYS = {"name", "figure", "claim", "base", "x", "x_scale", "train_seqs", "eval_seqs", "eval_types",
-               "eval_seed"}
+               "eval_seed", "seeds", "deviations"}
 _RUN_KEYS = {"name", "x", "base", "seqgen", "trainer"}
+_CHECK_KEYS = {"claim", "metric", "run", "compare", "than", "margin", "tolerance"}
 # Options that do not change what a run learns: a finished or partial run is still this run if they differ
 # (a resumed run keeps its stored values; the final evaluation uses the sweep's eval_seqs).
-_BOOKKEEPING = {"training.steps", "training.eval_seqs", "training.eval_every", "training.eval_batch_size",
-                "training.log_every", "training.checkpoint_every", "training.keep_checkpoints",
-                "training.steps_per_dispatch"}
+BOOKKEEPING = {"training.steps", "training.eval_seqs", "training.eval_every", "training.eval_batch_size",
+               "training.log_every", "training.checkpoint_every", "training.keep_checkpoints",
+               "training.steps_per_dispatch"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -74,16 +100,52 @@ class SweepError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-    name: str
+    """One training run: a setting of the figure (`setting`, its x) at one seed (None: no seed dimension)."""
+
+    setting: str
+    seed: int | None
     x: float | str
     train: BuildConfig
     evals: tuple[BuildConfig, ...]
-    trainer: Any  # trainer.config.TrainConfig
+    trainer: TrainConfig
     bases: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        """`<setting>/seed-<s>`, or the setting alone without a seed dimension; also the run folder."""
+        return self.setting if self.seed is None else f"{self.setting}/seed-{self.seed}"
 
     @property
     def steps(self) -> int:
         return self.trainer.training.steps
+
+
+class Compare(str, enum.Enum):
+    GREATER = "greater"
+    LESS = "less"
+    NEAR = "near"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckSpec:
+    """A claim as a comparison of one metric between two settings (paired by seed) or a setting and a number."""
+
+    claim: str
+    metric: str
+    run: str
+    compare: Compare
+    than: str | float
+    margin: float = 0.0
+    tolerance: float | None = None
+
+    def describe(self) -> str:
+        other = f"{self.than:g}" if isinstance(self.than, float) else f"{self.metric}({self.than})"
+        left = f"{self.metric}({self.run})"
+        if self.compare is Compare.NEAR:
+            return f"|{left} - {other}| <= {self.tolerance:g} in every seed"
+        sign = ">" if self.compare is Compare.GREATER else "<"
+        by = f", by >= {self.margin:g} on the mean" if self.margin else ""
+        return f"{left} {sign} {other} in every seed{by}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +160,11 @@ class Sweep:
     eval_seqs: int
     eval_types: tuple[SeqType, ...]
     eval_seed: int
+    seeds: tuple[int, ...] | None
+    settings: tuple[str, ...]
     runs: tuple[RunSpec, ...]
-
-    def run(self, name: str) -> RunSpec:
-        return next(r for r in self.runs if r.name == name)
+    checks: tuple[CheckSpec, ...] = ()
+    deviations: tuple[str, ...] = ()
 
 
 # ---- loading and validation -----------------------------------------------------------------------
@@ -142,6 +205,14 @@ def _int(table: dict[str, Any], key: str, where: str, default: int | None, minim
     return value
 
 
+def _number(value: Any, where: str, key: str, minimum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (minimum is not None and value < minimum):
+        bound = f" >= {minimum:g}" if minimum is not None else ""
+        raise ConfigError(f"{where}: '{key}' must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
 def eval_config(train: BuildConfig, seq_type: SeqType, num_seqs: int, seed: int) -> BuildConfig:
     """The evaluation set of `seq_type` matching training set `train`: same dataset, split and labels.
 
@@ -174,10 +245,9 @@ def _check_buildable(cfg: BuildConfig, where: str) -> None:
         raise ConfigError(f"{where}: {cfg.seq_type.value} set: {e}") from None
 
 
-def _run_spec(entry: dict[str, Any], i: int, sweep: dict[str, Any], data: dict[str, Any], folder: Path,
-              sweep_bases: tuple[Path, ...] | None, eval_types: tuple[SeqType, ...]) -> RunSpec:
-    from trainer.config import TrainConfig
-
+def _setting_tables(entry: dict[str, Any], i: int, data: dict[str, Any], folder: Path,
+                    sweep_bases: tuple[Path, ...] | None, seeded: bool) -> tuple[str, float | str, tuple[Path, ...], dict[str, Any]]:
+    """(name, x, bases, merged {seqgen, trainer} tables) of one [[runs]] entry."""
     where = f"runs[{i}]"
     _check_keys(entry, _RUN_KEYS, where)
     name = entry.get("name")
@@ -200,28 +270,103 @@ def _run_spec(entry: dict[str, Any], i: int, sweep: dict[str, Any], data: dict[s
         for k in ("seqgen", "trainer"):
             if k in layer and not isinstance(layer[k], dict):
                 raise ConfigError(f"{where}: '{k}' must be a table of options")
-            if k == "seqgen" and isinstance(layer.get(k), dict):
+            table = layer.get(k)
+            if k == "seqgen" and isinstance(table, dict):
                 for forbidden in ("seq_type", "num_seqs"):
-                    if forbidden in layer[k]:
+                    if forbidden in table:
                         raise ConfigError(f"{where}: seqgen.{forbidden} is set by the sweep "
                                           "(train_seqs / eval_types); remove it")
+                if seeded and "seed" in table:
+                    raise ConfigError(f"{where}: seqgen.seed is set by [sweep] seeds; remove it")
+            if k == "trainer" and seeded and isinstance(table, dict) \
+                    and isinstance(table.get("training"), dict) and "seed" in table["training"]:
+                raise ConfigError(f"{where}: trainer.training.seed is set by [sweep] seeds; remove it")
             merged = _merge(merged, {k: layer.get(k, {})})
+    return name, x, bases, merged
+
+
+def _run_spec(name: str, x: float | str, bases: tuple[Path, ...], merged: dict[str, Any], seed: int | None,
+              sweep: dict[str, Any], eval_types: tuple[SeqType, ...]) -> RunSpec:
+    where = f"run '{name}'" + (f" seed {seed}" if seed is not None else "")
     seq = dict(merged["seqgen"], seq_type=SeqType.BURSTY.value, num_seqs=sweep["train_seqs"])
     trainer = merged["trainer"]
     training = trainer.get("training", {})
     if isinstance(training, dict) and "eval_seqs" not in training:
         trainer = _merge(trainer, {"training": {"eval_seqs": sweep["eval_seqs"]}})
+    if seed is not None:
+        seq["seed"] = seed
+        trainer = _merge(trainer, {"training": {"seed": seed}})
     try:
         train = BuildConfig.from_dict(seq)
         tcfg = TrainConfig.from_dict(trainer).validate()
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    if train.seed == sweep["eval_seed"]:
-        raise ConfigError(f"{where}: training seed {train.seed} equals eval_seed; change [sweep] eval_seed")
+    if SeqType.BURSTY in eval_types and train.seed == sweep["eval_seed"]:
+        raise ConfigError(f"{where}: training seed {train.seed} equals eval_seed and a bursty evaluation set "
+                          "would repeat the training set; change [sweep] eval_seed")
     evals = tuple(eval_config(train, t, sweep["eval_seqs"], sweep["eval_seed"]) for t in eval_types)
     for cfg in (train, *evals):
         _check_buildable(cfg, where)
-    return RunSpec(name, x, train, evals, tcfg, tuple(str(b) for b in bases))
+    return RunSpec(name, seed, x, train, evals, tcfg, tuple(str(b) for b in bases))
+
+
+def _seeds(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**31 for s in value):
+        raise ConfigError(f"[sweep]: seeds must be a non-empty list of integers in [0, 2**31), got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError("[sweep]: seeds lists a seed twice")
+    return tuple(value)
+
+
+def _checks(entries: Any, settings: tuple[str, ...], columns: set[str]) -> tuple[CheckSpec, ...]:
+    if entries is None:
+        return ()
+    if not isinstance(entries, list):
+        raise ConfigError("checks must be [[checks]] tables")
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"checks[{i}]"
+        _check_keys(entry, _CHECK_KEYS, where)
+        for key in ("claim", "metric", "run", "compare", "than"):
+            if key not in entry:
+                raise ConfigError(f"{where}: '{key}' is required")
+        claim, metric, run = entry["claim"], entry["metric"], entry["run"]
+        if not isinstance(claim, str) or not claim:
+            raise ConfigError(f"{where}: 'claim' must be a non-empty string")
+        if metric not in columns:
+            raise ConfigError(f"{where}: metric {metric!r} is not measured by this sweep; "
+                              f"one of: {', '.join(sorted(columns))}")
+        if run not in settings:
+            raise ConfigError(f"{where}: run {run!r} is not in this sweep; runs: {', '.join(settings)}")
+        try:
+            compare = Compare(entry["compare"])
+        except ValueError:
+            raise ConfigError(f"{where}: compare must be one of {', '.join(c.value for c in Compare)}, "
+                              f"got {entry['compare']!r}") from None
+        than = entry["than"]
+        if isinstance(than, str):
+            if than not in settings:
+                raise ConfigError(f"{where}: than {than!r} is neither a run of this sweep nor a number; "
+                                  f"runs: {', '.join(settings)}")
+            if than == run:
+                raise ConfigError(f"{where}: a run compared with itself; name another run in 'than'")
+        else:
+            than = _number(than, where, "than")
+        margin = _number(entry.get("margin", 0.0), where, "margin", 0.0)
+        tolerance = None
+        if compare is Compare.NEAR:
+            if "tolerance" not in entry:
+                raise ConfigError(f"{where}: compare = near needs 'tolerance'")
+            if "margin" in entry:
+                raise ConfigError(f"{where}: 'margin' is for greater / less; near uses 'tolerance'")
+            tolerance = _number(entry["tolerance"], where, "tolerance", 0.0)
+        elif "tolerance" in entry:
+            raise ConfigError(f"{where}: 'tolerance' is for compare = near; greater / less use 'margin'")
+        out.append(CheckSpec(claim, metric, run, compare, than, margin, tolerance))
+    return tuple(out)
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -235,7 +380,7 @@ def load_sweep(path: str | Path) -> Sweep:
 
 
 def _load(path: Path, data: dict[str, Any]) -> Sweep:
-    _check_keys(data, {"sweep", "seqgen", "trainer", "runs"}, "top level")
+    _check_keys(data, {"sweep", "seqgen", "trainer", "runs", "checks"}, "top level")
     if "sweep" not in data:
         raise ConfigError("missing [sweep] table (base, x, train_seqs, ...)")
     sw = _check_keys(data["sweep"], _SWEEP_KEYS, "[sweep]")
@@ -252,11 +397,15 @@ def _load(path: Path, data: dict[str, Any]) -> Sweep:
     for key in ("figure", "claim"):
         if not isinstance(sw.get(key, ""), str):
             raise ConfigError(f"[sweep]: '{key}' must be a string")
+    deviations = sw.get("deviations", [])
+    if not isinstance(deviations, list) or not all(isinstance(d, str) and d for d in deviations):
+        raise ConfigError("[sweep]: deviations must be a list of non-empty strings")
     resolved = {
         "train_seqs": _int(sw, "train_seqs", "[sweep]", None, 1),
         "eval_seqs": _int(sw, "eval_seqs", "[sweep]", DEFAULT_EVAL_SEQS, 1),
         "eval_seed": _int(sw, "eval_seed", "[sweep]", 1, 0),
     }
+    seeds = _seeds(sw.get("seeds"))
     types = sw.get("eval_types", [t.value for t in DEFAULT_EVAL_TYPES])
     if not isinstance(types, list) or not types:
         raise ConfigError("[sweep]: eval_types must be a non-empty list of sequence types")
@@ -270,13 +419,16 @@ def _load(path: Path, data: dict[str, Any]) -> Sweep:
     entries = data.get("runs")
     if not isinstance(entries, list) or not entries:
         raise ConfigError("no runs: add [[runs]] tables (name, x, seqgen / trainer overrides)")
-    seen: set[str] = set()
+    settings: list[str] = []
     runs = []
     for i, entry in enumerate(entries):
-        spec = _run_spec(entry, i, resolved, data, path.parent, sweep_bases, eval_types)
-        if spec.name in seen:
-            raise ConfigError(f"two runs are named '{spec.name}'; run names must be unique")
-        seen.add(spec.name)
-        runs.append(spec)
+        setting, x, bases, merged = _setting_tables(entry, i, data, path.parent, sweep_bases, seeds is not None)
+        if setting in settings:
+            raise ConfigError(f"two runs are named '{setting}'; run names must be unique")
+        settings.append(setting)
+        for seed in seeds or (None,):
+            runs.append(_run_spec(setting, x, bases, merged, seed, resolved, eval_types))
+    checks = _checks(data.get("checks"), tuple(settings), {column_of(t) for t in eval_types})
     return Sweep(path, name, sw.get("figure", ""), sw.get("claim", ""), x_label, x_scale,
-                 resolved["train_seqs"], resolved["eval_seqs"], eval_types, resolved["eval_seed"], tuple(runs))
+                 resolved["train_seqs"], resolved["eval_seqs"], eval_types, resolved["eval_seed"], seeds,
+                 tuple(settings), tuple(runs), checks, tuple(deviations))

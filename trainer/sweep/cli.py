@@ -1,0 +1,132 @@
+"""`trainer sweep FILE`: one command per figure of the paper (build sets, train runs, tabulate, plot, check)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import click
+
+from seqgen.config import ConfigError
+from trainer.errors import fail, known_errors
+from trainer.sweep.checks import Verdict
+from trainer.sweep.execute import execute
+from trainer.sweep.plan import default_out, describe_plan, make_plan
+from trainer.sweep.spec import DEFAULT_SHARDS_DIR, Sweep, SweepError, load_sweep
+
+
+def reproduce_command(sweep_file: str, out: str | None, shards_dir: str | None, only: Sequence[str],
+                      results: str | None = None) -> str:
+    parts = ["trainer", "sweep", sweep_file]
+    if out:
+        parts += ["--out", out]
+    if results:
+        parts += ["--results", results]
+    if shards_dir:
+        parts += ["--shards-dir", shards_dir]
+    for n in only:
+        parts += ["--only", n]
+    return shlex.join(parts)
+
+
+def results_folder(sweep: Sweep, out: str | None, results: str | None) -> Path:
+    """--results, else <out> when --out is given (the report beside the runs), else results/<sweep name>."""
+    if results:
+        return Path(results)
+    return Path(out) if out else Path("results") / sweep.name
+
+
+@click.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder of the run directories, checkpoints included (default: runs/sweeps/<sweep name>).")
+@click.option("--results", type=click.Path(file_okay=False), default=None,
+              help="Folder of the report and of the copies of each run's config.json / metrics.jsonl that it is "
+                   "built from (default: results/<sweep name>, or --out when --out is given).")
+@click.option("--shards-dir", type=click.Path(file_okay=False), default=None,
+              help=f"Shared folder of shard sets (default: {DEFAULT_SHARDS_DIR}).")
+@click.option("--omniglot", "omniglot_dir", type=click.Path(file_okay=False), default=None,
+              help="Omniglot folder (default: $OMNIGLOT_DIR or data/omniglot).")
+@click.option("--cache-dir", default="data/cache", show_default=True, type=click.Path(file_okay=False),
+              help="Where the cached image table lives.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes building each shard set (seqgen build --workers).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs trained at once, each in its own process on its share of the CPU cores.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when on a terminal).")
+@click.option("--only", multiple=True, metavar="NAME",
+              help="Only this run: a setting (all its seeds) or SETTING/seed-S (repeat for several).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (sets to build / reuse, runs to train / skip) only.")
+@click.option("--report-only", is_flag=True, help="Rewrite tables and figures from the results folder only.")
+@click.option("--check", is_flag=True,
+              help="Print each check's verdict; exit 1 if any is FAIL or PENDING (with --report-only or after a run).")
+def sweep_command(sweep_file, out, results, shards_dir, omniglot_dir, cache_dir, workers, jobs, progress, only,
+                  dry_run, report_only, check) -> None:
+    """Build the shard sets, train every run of SWEEP_FILE, write results.csv/md and figures, check its claims."""
+    try:
+        code = _sweep(sweep_file, out, results, shards_dir, omniglot_dir, cache_dir, workers, jobs, progress, only,
+                      dry_run, report_only, check)
+    except (SweepError, *known_errors()) as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"{e.strerror or e}" + (f" ({e.filename})" if getattr(e, "filename", None) else ""))
+    except KeyboardInterrupt:
+        click.echo("interrupted; rerun the same command to resume (finished sets and runs are kept)", err=True)
+        sys.exit(130)
+    if code:
+        sys.exit(code)
+
+
+def _print_checks(sweep: Sweep, folder: Path, shards: Path) -> int:
+    from trainer.sweep.report import check_report
+
+    checks = check_report(sweep, folder, shards)
+    if not checks:
+        click.echo(f"{sweep.path} states no [[checks]]")
+        return 0
+    for c in checks:
+        click.echo(f"{c.verdict.value:<12} {c.spec.claim}: {c.spec.describe()}; {c.detail}")
+    bad = [c for c in checks if c.verdict in (Verdict.FAIL, Verdict.PENDING)]
+    counts = {v: sum(c.verdict is v for c in checks) for v in Verdict}
+    click.echo(", ".join(f"{n} {v.value}" for v, n in counts.items() if n))
+    return 1 if bad else 0
+
+
+def _sweep(sweep_file, out, results, shards_dir, omniglot_dir, cache_dir, workers, jobs, progress, only, dry_run,
+           report_only, check) -> int:
+    if dry_run and report_only:
+        raise ConfigError("--dry-run and --report-only exclude each other; pass one")
+    sweep = load_sweep(sweep_file)
+    command = reproduce_command(sweep_file, out, shards_dir, only, results)
+    shards = Path(shards_dir) if shards_dir else DEFAULT_SHARDS_DIR
+    folder = results_folder(sweep, out, results)
+    if report_only:
+        from trainer.sweep.report import write_report
+
+        if not (folder / "runs").is_dir():
+            raise SweepError(f"{folder} holds no runs yet; run `{command}` first")
+        for p in write_report(sweep, folder, command=command, shards_dir=shards):
+            click.echo(str(p))
+        return _print_checks(sweep, folder, shards) if check else 0
+    plan = make_plan(sweep, out=out if out else default_out(sweep), shards_dir=shards, only=only)
+    for line in describe_plan(plan):
+        click.echo(line)
+    if dry_run:
+        return 0
+    outcome = execute(plan, command=command, results=folder, omniglot_dir=omniglot_dir, cache_dir=cache_dir,
+                      workers=workers, jobs=jobs, progress=progress, echo=click.echo)
+    for p in outcome.outputs:
+        click.echo(str(p))
+    if outcome.interrupted:
+        click.echo(f"interrupted: progress saved; rerun `{command}` to resume "
+                   f"({len(outcome.trained)} runs finished this time)")
+        return 130
+    if outcome.failed:
+        click.echo(f"error: {len(outcome.failed)} runs failed ({', '.join(outcome.failed)}); see their logs in "
+                   f"{plan.out / 'logs'}", err=True)
+        return 2
+    click.echo(f"done: {len(outcome.trained)} runs trained, {len(outcome.skipped)} already finished; "
+               f"results in {folder}")
+    return _print_checks(sweep, folder, shards) if check else 0

@@ -1,0 +1,188 @@
+"""What a sweep would do now: which shard sets to build or reuse, which runs to train, resume, evaluate or skip.
+
+Shard sets live in a shared folder (default `data/shards/sweeps/`), one per config, named
+`<seq_type>-<sha256 of the BuildConfig, 12 hex>`, so sets are reused across runs, seeds and sweeps. Runs
+train into `<out>/runs/<run name>` (default out: `runs/sweeps/<sweep name>`); a run is skipped when its
+final checkpoint and final evaluations are there, resumed from its latest checkpoint when partial, and
+evaluated (not retrained) when finished but not yet scored on (some of) the current evaluation sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from seqgen.config import BuildConfig, ConfigError, flatten
+from trainer.checkpoint import latest_step
+from trainer.config import TrainConfig
+from trainer.run import RunDir
+from trainer.sweep.spec import BOOKKEEPING, DEFAULT_SHARDS_DIR, RunSpec, Sweep, SweepError
+
+
+def config_hash(cfg: BuildConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def set_folder(shards_dir: str | Path, cfg: BuildConfig) -> Path:
+    return Path(shards_dir) / f"{cfg.seq_type.value}-{config_hash(cfg)}"
+
+
+class SetAction(str, enum.Enum):
+    BUILD = "build"
+    RESUME = "resume build"
+    REUSE = "reuse"
+
+
+class RunAction(str, enum.Enum):
+    TRAIN = "train"
+    RESUME = "resume"
+    EVALUATE = "evaluate"  # trained to the end, but not yet evaluated on (some of) the current sets
+    SKIP = "skip"
+
+
+@dataclasses.dataclass(frozen=True)
+class SetPlan:
+    cfg: BuildConfig
+    folder: Path
+    action: SetAction
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    spec: RunSpec
+    run_dir: Path
+    train_dir: Path
+    eval_dirs: tuple[Path, ...]
+    action: RunAction
+    step: int  # latest checkpoint (0 when none)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    sweep: Sweep
+    out: Path
+    shards_dir: Path
+    sets: tuple[SetPlan, ...]
+    runs: tuple[RunPlan, ...]
+
+
+def set_action(cfg: BuildConfig, folder: Path) -> SetAction:
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        try:
+            stored = json.loads(manifest.read_text()).get("config")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            stored = None
+        if stored != cfg.to_dict():
+            raise SweepError(f"{folder} holds a different shard set than its name says; delete that folder")
+        return SetAction.REUSE
+    return SetAction.RESUME if folder.is_dir() and any(folder.iterdir()) else SetAction.BUILD
+
+
+def final_records(run_dir: Path, step: int, set_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """{set name: metrics} of the evaluations at `step` found in metrics.jsonl or evaluations/step-N.json
+    (the latest record wins)."""
+    run = RunDir(run_dir)
+    wanted = set(set_names)
+    found: dict[str, dict[str, Any]] = {}
+    for r in run.read_metrics():
+        if isinstance(r, dict) and r.get("kind") == "eval" and r.get("step") == step and r.get("set") in wanted \
+                and isinstance(r.get("metrics"), dict):
+            found[r["set"]] = r["metrics"]
+    path = run.evaluations_dir / f"step-{step}.json"
+    if path.is_file():
+        try:
+            for s in json.loads(path.read_text()).get("sets", []):
+                if s.get("set") in wanted and s["set"] not in found and isinstance(s.get("metrics"), dict):
+                    found[s["set"]] = s["metrics"]
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, UnicodeDecodeError):
+            pass
+    return found
+
+
+def final_results(run_dir: Path, step: int, set_names: Sequence[str]) -> dict[str, dict[str, Any]] | None:
+    """{set name: metrics} of the evaluations at `step` on every named set; None when one is missing."""
+    found = final_records(run_dir, step, set_names)
+    return found if all(n in found for n in set_names) else None
+
+
+def run_action(spec: RunSpec, run_dir: Path, train_dir: Path, eval_dirs: Sequence[Path]) -> tuple[RunAction, int]:
+    config = run_dir / "config.json"
+    latest = latest_step(run_dir)
+    if not config.is_file():
+        if latest is not None:
+            raise SweepError(f"{run_dir} holds checkpoints but no config.json; delete it or choose another --out")
+        return RunAction.TRAIN, 0
+    try:
+        stored = json.loads(config.read_text())
+        old = TrainConfig.from_dict(stored["trainer"])
+        old_train = Path(stored["data"]["train"]["path"]).name
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, ConfigError):
+        raise SweepError(f"{config} is unreadable; delete {run_dir} or choose another --out") from None
+    diff = _difference(flatten(old.to_dict()), flatten(spec.trainer.to_dict()), ignore=BOOKKEEPING)
+    if diff or old_train != train_dir.name:
+        what = f"trainer options ({diff})" if diff else f"a training set ({old_train}) of other seqgen options"
+        raise SweepError(f"{run_dir} was trained with {what} than run '{spec.name}' of this sweep; "
+                         "delete it or choose another --out")
+    if latest is None:
+        return RunAction.TRAIN, 0  # started but stopped before its first checkpoint: start afresh
+    if latest < spec.steps:
+        return RunAction.RESUME, latest
+    if final_results(run_dir, latest, [p.name for p in eval_dirs]) is None:
+        return RunAction.EVALUATE, latest
+    return RunAction.SKIP, latest
+
+
+def _difference(old: dict[str, Any], new: dict[str, Any], ignore: set[str]) -> str:
+    keys = [k for k in sorted(set(old) | set(new)) if k not in ignore and old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys[:2]) + (", ..." if len(keys) > 2 else "")
+
+
+def default_out(sweep: Sweep) -> Path:
+    return Path("runs/sweeps") / sweep.name
+
+
+def selected(sweep: Sweep, only: Sequence[str]) -> list[RunSpec]:
+    """The runs named by --only (a setting name selects all its seeds; `<setting>/seed-<s>` one run)."""
+    names = {r.name for r in sweep.runs} | set(sweep.settings)
+    for n in only:
+        if n not in names:
+            raise ConfigError(f"--only {n}: no such run in {sweep.path}; runs: {', '.join(sweep.settings)}")
+    return [r for r in sweep.runs if not only or r.name in only or r.setting in only]
+
+
+def make_plan(sweep: Sweep, *, out: str | Path | None = None, shards_dir: str | Path = DEFAULT_SHARDS_DIR,
+              only: Sequence[str] = ()) -> Plan:
+    """What a sweep would do now: which sets to build or reuse, which runs to train, resume or skip."""
+    specs = selected(sweep, only)
+    out = Path(out) if out is not None else default_out(sweep)
+    shards_dir = Path(shards_dir)
+    sets: dict[Path, SetPlan] = {}
+    runs = []
+    for spec in specs:
+        folders = []
+        for cfg in (spec.train, *spec.evals):
+            folder = set_folder(shards_dir, cfg)
+            if folder not in sets:
+                sets[folder] = SetPlan(cfg, folder, set_action(cfg, folder))
+            folders.append(folder)
+        run_dir = out / "runs" / spec.name
+        action, step = run_action(spec, run_dir, folders[0], folders[1:])
+        runs.append(RunPlan(spec, run_dir, folders[0], tuple(folders[1:]), action, step))
+    return Plan(sweep, out, shards_dir, tuple(sets.values()), tuple(runs))
+
+
+def describe_plan(plan: Plan) -> list[str]:
+    lines = [f"sweep {plan.sweep.name} ({plan.sweep.path}): {len(plan.runs)} runs, output {plan.out}"]
+    for s in plan.sets:
+        lines.append(f"  set  {s.action.value:<12} {s.folder}  ({s.cfg.num_seqs} seqs)")
+    for r in plan.runs:
+        at = f" from step {r.step}" if r.action is RunAction.RESUME and r.step else ""
+        passes = r.spec.steps * r.spec.trainer.training.batch_size / r.spec.train.num_seqs
+        reuse = f", {passes:.1f} passes over its training set" if passes > 1 else ""
+        lines.append(f"  run  {r.action.value:<12} {r.run_dir}  (x = {r.spec.x}, {r.spec.steps} steps{at}{reuse})")
+    return lines
