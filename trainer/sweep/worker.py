@@ -29,35 +29,43 @@ def _die_with_parent(parent: int) -> None:
 
 def main(argv: list[str]) -> int:
     from trainer.hugepages import reexec_with_hugepages
+    from trainer.signals import GracefulInterrupt
 
     reexec_with_hugepages()
     order = json.loads(argv[0])
     _die_with_parent(order["parent"])
     if order.get("cpus") and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, order["cpus"])
+    print(f"worker: cpus {sorted(os.sched_getaffinity(0))}", flush=True)
+    with GracefulInterrupt() as stop:  # before the heavy imports: a stop at any moment is one flag
+        return _run(order, stop)
 
+
+def _run(order: dict, stop) -> int:
     from trainer.config import TrainConfig
     from trainer.errors import fail, known_errors
-    from trainer.signals import GracefulInterrupt
 
     cfg = TrainConfig.from_dict(order["trainer"])
     try:
-        with GracefulInterrupt() as stop:
-            if order["action"] == "evaluate":
-                from trainer.distributed import make_topology
-                from trainer.evaluate_cli import evaluate_run
+        if stop.stop_requested:
+            return 130
+        if order["action"] == "evaluate":
+            from trainer.distributed import make_topology
+            from trainer.evaluate_cli import evaluate_run
 
-                res = evaluate_run(order["run_dir"], order["evals"], step=order["step"], train_dir=order["train"],
-                                   max_seqs=cfg.training.eval_seqs, batch_size=cfg.training.eval_batch_size,
-                                   omniglot_dir=order["omniglot_dir"], cache_dir=order["cache_dir"],
-                                   topo=make_topology(), echo=print)
-                return 0 if res is not None else 130
-            from trainer.fit import fit
+            res = evaluate_run(order["run_dir"], order["evals"], step=order["step"], train_dir=order["train"],
+                               max_seqs=cfg.training.eval_seqs, batch_size=cfg.training.eval_batch_size,
+                               omniglot_dir=order["omniglot_dir"], cache_dir=order["cache_dir"],
+                               topo=make_topology(), echo=print)
+            return 0 if res is not None else 130
+        from trainer.fit import fit
 
-            result = fit(cfg, order["train"], order["evals"], order["run_dir"], resume=order["action"] == "resume",
-                         omniglot_dir=order["omniglot_dir"], cache_dir=order["cache_dir"], progress=False,
-                         interrupt=stop)
-            return 130 if result.interrupted else 0
+        if stop.stop_requested:
+            return 130
+        result = fit(cfg, order["train"], order["evals"], order["run_dir"], resume=order["action"] == "resume",
+                     omniglot_dir=order["omniglot_dir"], cache_dir=order["cache_dir"], progress=False,
+                     interrupt=stop)
+        return 130 if result.interrupted else 0
     except known_errors() as e:
         fail(str(e))
     except OSError as e:

@@ -1,0 +1,311 @@
+"""Seeds as a sweep dimension, the results folder, claims as checks, and `--jobs` worker processes, on tiny
+symbolic sweeps (seconds of training). The verdict logic itself is tested on hand-made numbers too."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from seqgen.config import ConfigError
+from trainer.checkpoint import latest_step
+from trainer.cli import main
+from trainer.signals import GracefulInterrupt
+from trainer.sweep import (
+    CheckSpec, Compare, Verdict, evaluate_check, execute, load_sweep, make_plan,
+)
+from trainer.sweep.execute import cpu_groups
+
+BASE = """
+[seqgen]
+shard_size = 256
+[seqgen.dataset]
+example_type = "symbolic"
+symbolic_size = 40
+[seqgen.split]
+n_rare_classes = 30
+n_common_classes = 5
+n_holdout_classes = 5
+[trainer.model]
+example_encoding = "embedding"
+emb_dim = 16
+num_layers = 1
+num_heads = 2
+[trainer.optimizer]
+warmup_steps = 2
+[trainer.training]
+steps = 6
+batch_size = 8
+log_every = 3
+eval_every = 3
+checkpoint_every = 3
+eval_batch_size = 32
+"""
+
+SWEEP = """
+# a seeded test sweep
+[sweep]
+figure = "Fig. S"
+claim = "tiny, seeded"
+base = "base.toml"
+x = "p_bursty"
+train_seqs = 300
+eval_seqs = 48
+seeds = [3, 4]
+deviations = ["tiny symbolic data"]
+
+[[runs]]
+name = "p0"
+x = 0.0
+[runs.seqgen.sequence]
+p_bursty = 0.0
+
+[[runs]]
+name = "p1"
+x = 1.0
+[runs.seqgen.sequence]
+p_bursty = 1.0
+
+[[checks]]
+claim = "accuracies are at least -1"
+metric = "icl"
+run = "p1"
+compare = "greater"
+than = -1.0
+
+[[checks]]
+claim = "accuracies are below -1"
+metric = "iwl"
+run = "p0"
+compare = "less"
+than = -1.0
+"""
+
+
+def _write(folder: Path, sweep: str = SWEEP, base: str = BASE) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "base.toml").write_text(base)
+    (folder / "sweep.toml").write_text(sweep)
+    return folder / "sweep.toml"
+
+
+def _rows(path: Path) -> dict[str, dict[str, str]]:
+    with path.open() as f:
+        return {r["name"]: r for r in csv.DictReader(f)}
+
+
+# ---- the verdicts, on hand-made numbers -------------------------------------------------------------
+def _check(compare: str, than, margin: float = 0.0, tolerance: float | None = None) -> CheckSpec:
+    return CheckSpec("c", "icl", "a", Compare(compare), than, margin, tolerance)
+
+
+@pytest.mark.parametrize("compare, a, b, margin, verdict", [
+    ("greater", [0.8, 0.7, 0.9], [0.5, 0.5, 0.6], 0.1, Verdict.PASS),
+    ("greater", [0.8, 0.7, 0.9], [0.75, 0.65, 0.85], 0.1, Verdict.FAIL),  # every seed holds, the margin is short
+    ("greater", [0.4, 0.5, 0.3], [0.5, 0.6, 0.6], 0.0, Verdict.FAIL),  # no seed holds
+    ("greater", [0.8, 0.4, 0.9], [0.5, 0.5, 0.5], 0.0, Verdict.INCONCLUSIVE),  # the seeds disagree
+    ("greater", [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], 0.0, Verdict.FAIL),  # equal is not greater
+    ("less", [0.1, 0.2, 0.0], [0.4, 0.4, 0.4], 0.2, Verdict.PASS),
+    ("less", [0.3, 0.35, 0.3], [0.4, 0.4, 0.4], 0.2, Verdict.FAIL),
+    ("less", [0.5, 0.2, 0.3], [0.4, 0.4, 0.4], 0.0, Verdict.INCONCLUSIVE),
+])
+def test_greater_and_less_against_another_run(compare, a, b, margin, verdict):
+    finals = {"a": dict(enumerate(a)), "b": dict(enumerate(b))}
+    res = evaluate_check(_check(compare, "b", margin), finals, [0, 1, 2])
+    assert res.verdict is verdict, res.detail
+    assert res.left == dict(enumerate(a)) and res.right == dict(enumerate(b))
+    assert f"{sum(x > y if compare == 'greater' else x < y for x, y in zip(a, b))}/3 seeds hold" in res.detail
+
+
+@pytest.mark.parametrize("values, verdict", [
+    ([0.51, 0.49, 0.53], Verdict.PASS), ([0.7, 0.8, 0.9], Verdict.FAIL), ([0.52, 0.7, 0.5], Verdict.INCONCLUSIVE),
+])
+def test_near_a_number(values, verdict):
+    res = evaluate_check(_check("near", 0.5, tolerance=0.05), {"a": dict(enumerate(values))}, [0, 1, 2])
+    assert res.verdict is verdict and res.right == {0: 0.5, 1: 0.5, 2: 0.5}
+
+
+def test_pending_until_every_seed_is_evaluated_and_single_seed_sweeps():
+    res = evaluate_check(_check("greater", "b"), {"a": {0: 0.9, 1: 0.9}, "b": {0: 0.5}}, [0, 1])
+    assert res.verdict is Verdict.PENDING and "seed(s) 1" in res.detail
+    one = evaluate_check(_check("greater", "b"), {"a": {None: 0.9}, "b": {None: 0.5}}, [None])
+    assert one.verdict is Verdict.PASS and one.left == {None: 0.9}
+
+
+# ---- sweep files with seeds and checks --------------------------------------------------------------
+def test_seeds_expand_runs_and_share_eval_sets(tmp_path):
+    sweep = load_sweep(_write(tmp_path))
+    assert sweep.settings == ("p0", "p1") and sweep.seeds == (3, 4)
+    assert [r.name for r in sweep.runs] == ["p0/seed-3", "p0/seed-4", "p1/seed-3", "p1/seed-4"]
+    for r in sweep.runs:
+        assert r.train.seed == r.seed and r.trainer.training.seed == r.seed
+    plan = make_plan(sweep, out=tmp_path / "out", shards_dir=tmp_path / "shards")
+    assert len({r.train_dir for r in plan.runs}) == 4  # one training set per setting and seed
+    assert len({r.eval_dirs for r in plan.runs}) == 1  # every seed scored on the same sequences
+    assert plan.runs[0].run_dir == tmp_path / "out" / "runs" / "p0" / "seed-3"
+    only = make_plan(sweep, out=tmp_path / "out", shards_dir=tmp_path / "shards", only=["p1", "p0/seed-4"])
+    assert [r.spec.name for r in only.runs] == ["p0/seed-4", "p1/seed-3", "p1/seed-4"]
+    assert [c.describe() for c in sweep.checks] == ["icl(p1) > -1 in every seed", "iwl(p0) < -1 in every seed"]
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s: s.replace("p_bursty = 0.0", "p_bursty = 0.0\n[runs.seqgen]\nseed = 5"), "seqgen.seed is set by [sweep] seeds"),
+    (lambda s: s.replace("seeds = [3, 4]", "seeds = [3, 3]"), "seeds lists a seed twice"),
+    (lambda s: s.replace("seeds = [3, 4]", "seeds = []"), "seeds must be a non-empty list"),
+    (lambda s: s.replace('metric = "icl"', 'metric = "loss"'), "metric 'loss' is not measured"),
+    (lambda s: s.replace('run = "p1"', 'run = "p9"'), "run 'p9' is not in this sweep"),
+    (lambda s: s.replace('compare = "greater"', 'compare = "bigger"'), "compare must be one of"),
+    (lambda s: s.replace("than = -1.0\n\n", 'than = "p7"\n\n', 1), "than 'p7' is neither a run"),
+    (lambda s: s.replace("than = -1.0\n\n", "than = -1.0\ntolerance = 0.1\n\n", 1), "'tolerance' is for compare = near"),
+    (lambda s: s.replace("than = -1.0\n\n", "than = nan\n\n", 1), "'than' must be a finite number"),
+    (lambda s: s.replace('claim = "accuracies are at least -1"\n', ""), "'claim' is required"),
+    (lambda s: s + '\n[[checks]]\nclaim = "x"\nmetric = "icl"\nrun = "p0"\ncompare = "near"\nthan = 0.5\n',
+     "compare = near needs 'tolerance'"),
+])
+def test_seed_and_check_errors_are_one_line(tmp_path, edit, needle):
+    path = _write(tmp_path, edit(SWEEP))
+    res = CliRunner().invoke(main, ["sweep", str(path), "--dry-run", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.output
+    with pytest.raises(ConfigError):
+        load_sweep(path)
+
+
+# ---- a seeded sweep end to end, in this process and in --jobs workers -------------------------------
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seeded")
+    path = _write(root / "cfg")
+    out, shards, results = root / "out", root / "shards", root / "results"
+    args = [str(path), "--out", str(out), "--results", str(results), "--shards-dir", str(shards), "--no-progress"]
+    res = CliRunner().invoke(main, ["sweep", *args, "--check"])
+    return {"root": root, "path": path, "out": out, "shards": shards, "results": results, "args": args, "res": res}
+
+
+def test_seeded_sweep_writes_runs_per_seed_and_a_results_folder(seeded):
+    res, out, results = seeded["res"], seeded["out"], seeded["results"]
+    # check 2 is FAIL by construction, so --check exits 1 after a complete sweep
+    assert res.exit_code == 1, res.output
+    assert "done: 4 runs trained" in res.output
+    assert "PASS         accuracies are at least -1" in res.output and "FAIL         accuracies are below -1" in res.output
+    for name in ("p0/seed-3", "p0/seed-4", "p1/seed-3", "p1/seed-4"):
+        assert latest_step(out / "runs" / name) == 6
+        published = results / "runs" / name
+        assert sorted(p.name for p in published.iterdir()) == ["config.json", "metrics.jsonl"]
+        assert (published / "metrics.jsonl").read_bytes() == (out / "runs" / name / "metrics.jsonl").read_bytes()
+    assert not list(results.rglob("checkpoints")) and not list(results.rglob("*.eqx"))
+    rows = _rows(results / "results.csv")
+    assert list(rows) == ["p0/seed-3", "p0/seed-4", "p1/seed-3", "p1/seed-4"]
+    assert {(r["setting"], r["seed"], r["status"]) for r in rows.values()} == {
+        ("p0", "3", "done"), ("p0", "4", "done"), ("p1", "3", "done"), ("p1", "4", "done")}
+    assert all(float(r["wall_s"]) > 0 for r in rows.values())
+    prov = json.loads((results / "provenance.json").read_text())
+    assert set(prov) == set(rows) and all(p["segments"][0]["commit"] for p in prov.values())
+
+
+def test_summary_is_the_mean_and_spread_over_seeds(seeded):
+    rows = _rows(seeded["results"] / "results.csv")
+    with (seeded["results"] / "summary.csv").open() as f:
+        summary = {r["setting"]: r for r in csv.DictReader(f)}
+    for setting in ("p0", "p1"):
+        s = summary[setting]
+        assert s["seeds_done"] == "2"
+        for c in ("icl", "iwl"):
+            vals = [float(rows[f"{setting}/seed-{k}"][f"{c}_mean"]) for k in (3, 4)]
+            assert float(s[f"{c}_mean"]) == pytest.approx(sum(vals) / 2, abs=1e-4)
+            assert float(s[f"{c}_min"]) == pytest.approx(min(vals), abs=1e-4)
+            assert float(s[f"{c}_max"]) == pytest.approx(max(vals), abs=1e-4)
+            assert float(s[f"{c}_std"]) == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5, abs=1e-4)
+    md = (seeded["results"] / "results.md").read_text()
+    assert "## Checks" in md and "| PASS | accuracies are at least -1 |" in md and "| FAIL | accuracies are below -1 |" in md
+    assert "Deviations from the paper: tiny symbolic data." in md and "ICL ceiling:" in md and "seeds 3, 4" in md
+    assert "Code at commit: `" in md and "## Settings" in md
+    for png in ("figure.png", "curves.png"):
+        assert (seeded["results"] / png).read_bytes().startswith(b"\x89PNG")
+
+
+def test_report_and_checks_rebuild_from_the_results_folder_alone(seeded, tmp_path):
+    """Copy only the results folder (as committed), delete runs and shards: the report and every verdict
+    come back, INCONCLUSIVE included (a threshold between the two seeds' values)."""
+    results = tmp_path / "results"
+    shutil.copytree(seeded["results"], results)
+    rows = _rows(results / "results.csv")
+    column = next(c for c in ("icl", "iwl") if rows["p1/seed-3"][f"{c}_mean"] != rows["p1/seed-4"][f"{c}_mean"])
+    mid = (float(rows["p1/seed-3"][f"{column}_mean"]) + float(rows["p1/seed-4"][f"{column}_mean"])) / 2
+    sweep = SWEEP + (f'\n[[checks]]\nclaim = "the seeds disagree"\nmetric = "{column}"\nrun = "p1"\n'
+                     f'compare = "greater"\nthan = {mid}\n')
+    path = _write(tmp_path / "cfg", sweep)
+    (results / "results.md").unlink()
+    res = CliRunner().invoke(main, ["sweep", str(path), "--results", str(results), "--report-only", "--check"])
+    assert res.exit_code == 1, res.output  # one FAIL
+    assert "1 PASS, 1 FAIL, 1 INCONCLUSIVE" in res.output and "INCONCLUSIVE the seeds disagree" in res.output
+    assert "| INCONCLUSIVE | the seeds disagree |" in (results / "results.md").read_text()
+    passing = _write(tmp_path / "cfg2", SWEEP.replace("than = -1.0\n", "than = 2.0\n").replace(
+        'compare = "greater"\nthan = 2.0', 'compare = "less"\nthan = 2.0'))
+    ok = CliRunner().invoke(main, ["sweep", str(passing), "--results", str(results), "--report-only", "--check"])
+    assert ok.exit_code == 0 and "2 PASS" in ok.output, ok.output
+
+
+def test_checks_are_pending_until_runs_are_evaluated(tmp_path):
+    path = _write(tmp_path / "cfg")
+    (tmp_path / "results" / "runs").mkdir(parents=True)
+    res = CliRunner().invoke(main, ["sweep", str(path), "--results", str(tmp_path / "results"), "--report-only",
+                                    "--check"])
+    assert res.exit_code == 1 and "2 PENDING" in res.output, res.output
+
+
+class StopWhenStarted(GracefulInterrupt):
+    """Requests a stop (as Ctrl+C would) once both workers have started (their logs name their cores)."""
+
+    def __init__(self, logs: list[Path]) -> None:
+        super().__init__()
+        self.logs = logs
+
+    @property
+    def stop_requested(self) -> bool:
+        return super().stop_requested or all(p.is_file() and "worker: cpus" in p.read_text() for p in self.logs)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--jobs 2 needs two CPU cores")
+def test_jobs_train_in_pinned_workers_resume_after_a_stop_and_match_in_process_runs(seeded, tmp_path):
+    """--jobs 2: two worker processes, one core each; a stop reaches both (each exits 130, none counts as
+    failed), the rerun finishes them; final metrics equal the in-process runs' up to float round-off."""
+    path = seeded["path"]
+    out, results = tmp_path / "out", tmp_path / "results"
+    plan = make_plan(load_sweep(path), out=out, shards_dir=seeded["shards"], only=["p0"])
+    logs = [out / "logs" / "p0" / f"seed-{s}.log" for s in (3, 4)]
+    said: list[str] = []
+    first = execute(plan, command="t", results=results, jobs=2, progress=False,
+                    interrupt=StopWhenStarted(logs), echo=said.append)
+    assert first.interrupted and not first.failed and not first.trained, said
+    assert sum(x.startswith("stopped: p0/seed-") for x in said) == 2, said
+    res = CliRunner().invoke(main, ["sweep", str(path), "--out", str(out), "--results", str(results),
+                                    "--shards-dir", str(seeded["shards"]), "--only", "p0", "--jobs", "2"])
+    assert res.exit_code == 0, res.output
+    cpus = {line for p in logs for line in p.read_text().splitlines() if line.startswith("worker: cpus")}
+    assert cpus == {"worker: cpus [0]", "worker: cpus [1]"}, cpus
+    mine, theirs = _rows(results / "results.csv"), _rows(seeded["results"] / "results.csv")
+    for name in ("p0/seed-3", "p0/seed-4"):
+        assert mine[name]["status"] == "done"
+        for c in ("icl", "iwl"):
+            assert float(mine[name][f"{c}_mean"]) == pytest.approx(float(theirs[name][f"{c}_mean"]), abs=0.03)
+    train = lambda d: [json.loads(x)["metrics"]["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()
+                       if json.loads(x)["kind"] == "train"]
+    for s in (3, 4):
+        assert train(out / "runs" / "p0" / f"seed-{s}") == pytest.approx(
+            train(seeded["out"] / "runs" / "p0" / f"seed-{s}"), rel=1e-4)
+
+
+def test_cpu_groups_split_the_cores():
+    assert cpu_groups(2, [0, 1, 2, 3]) == [[0, 2], [1, 3]]
+    assert cpu_groups(1, [5, 3]) == [[3, 5]]
+    from trainer.sweep import SweepError
+
+    with pytest.raises(SweepError, match="--jobs 3 exceeds the 2 CPU cores"):
+        cpu_groups(3, [0, 1])
