@@ -139,8 +139,10 @@ def plot(run_dir) -> None:
 
 def _register_sweep() -> None:
     from trainer.sweep.cli import sweep_command
+    from trainer.sweep.page import claims_command
 
     main.add_command(sweep_command, "sweep")
+    main.add_command(claims_command, "claims")
 
 
 _register_sweep()
