@@ -309,3 +309,25 @@ def test_cpu_groups_split_the_cores():
 
     with pytest.raises(SweepError, match="--jobs 3 exceeds the 2 CPU cores"):
         cpu_groups(3, [0, 1])
+
+
+def test_claims_page_block_is_rebuilt_from_results_folders(seeded, tmp_path):
+    from trainer.sweep.page import BEGIN, END
+
+    shutil.copytree(seeded["results"], tmp_path / "res" / "sweep")
+    page = tmp_path / "results.md"
+    page.write_text(f"# hand-written head\n\n{BEGIN}\nstale\n{END}\n\nhand-written tail\n")
+    res = CliRunner().invoke(main, ["claims", str(seeded["path"]), "--results-root", str(tmp_path / "res"),
+                                    "--write", str(page)])
+    assert res.exit_code == 1, res.output  # one FAIL among the checks
+    text = page.read_text()
+    assert text.startswith("# hand-written head") and text.rstrip().endswith("hand-written tail")
+    assert "stale" not in text and "| **PASS** |" in text and "| **FAIL** |" in text
+    assert f"`trainer sweep {seeded['path']} --report-only --check`" in text
+    missing = CliRunner().invoke(main, ["claims", str(seeded["path"]), "--results-root", str(tmp_path / "none")])
+    assert missing.exit_code == 0 and missing.output.count("**PENDING**") == 2, missing.output
+    bad = tmp_path / "bad.md"
+    bad.write_text("no markers\n")
+    res = CliRunner().invoke(main, ["claims", str(seeded["path"]), "--results-root", str(tmp_path / "res"),
+                                    "--write", str(bad)])
+    assert res.exit_code == 2 and res.output.startswith("error: the page has no claims block")

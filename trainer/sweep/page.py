@@ -71,12 +71,12 @@ def claims_command(sweep_files, results_root, shards_dir, page) -> None:
             items.append((sweep, folder, check_report(sweep, folder, Path(shards_dir)) if folder.is_dir() else
                           [CheckResult(c, Verdict.PENDING, {}, {}, f"no results in {folder} yet") for c in sweep.checks]))
         table = claims_table(items)
+        updated = replace_block(Path(page).read_text(), table) if page else None
         for line in table:
             click.echo(line)
         if page:
-            path = Path(page)
-            atomic_write_text(path, replace_block(path.read_text(), table))
-            click.echo(f"wrote {path}")
+            atomic_write_text(page, updated)
+            click.echo(f"wrote {page}")
     except (SweepError, *known_errors()) as e:
         fail(str(e))
     except OSError as e:
