@@ -190,3 +190,26 @@ def test_headlines_and_chance():
     assert headline(SeqType.NO_SUPPORT_ZIPFIAN) == ("iwl", "accuracy_query")
     assert headline(SeqType.BURSTY) is None
     assert chance_level(SeqType.FEWSHOT_HOLDOUT, SETS) == 0.5 and chance_level(SeqType.BURSTY, SETS) is None
+
+
+def test_icl_ceiling_formula_and_the_generator():
+    """The ceiling is E[1 / k], k = the number of ways showing the query's class; checked by hand and
+    against fewshot_holdout sequences from the generator (its ways are drawn with replacement)."""
+    from seqgen.config import BuildConfig, DatasetConfig, ExampleType, SplitConfig
+    from seqgen.sampling import generate
+    from seqgen.split import make_split
+    from trainer.metrics import icl_ceiling
+
+    assert icl_ceiling(2, 10) == pytest.approx(0.95)
+    assert icl_ceiling(1, 10) == 1.0 and icl_ceiling(2, 1) == 0.5
+    assert icl_ceiling(3, 4) == pytest.approx((3 / 4) ** 2 + 2 * (1 / 4) * (3 / 4) / 2 + (1 / 4) ** 2 / 3)
+    cfg = BuildConfig(seq_type=SeqType.FEWSHOT_HOLDOUT, num_seqs=20000, seed=3,
+                      dataset=DatasetConfig(example_type=ExampleType.SYMBOLIC, symbolic_size=60),
+                      split=SplitConfig(n_rare_classes=40, n_common_classes=10, n_holdout_classes=10)).validate()
+    seqs = generate(cfg, make_split(cfg), 0, cfg.num_seqs)
+    ex, lab = seqs["example"], seqs["label"]
+    best = []
+    for e, l in zip(ex, lab):
+        labels_of_query_class = {int(b) for a, b in zip(e[:-1], l[:-1]) if a == e[-1]}
+        best.append(1.0 / len(labels_of_query_class))
+    assert np.mean(best) == pytest.approx(icl_ceiling(cfg.sequence.ways, 10), abs=0.006)

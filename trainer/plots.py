@@ -1,8 +1,9 @@
 """`trainer plot RUN_DIR`: PNGs of ICL, IWL and loss against step, from `metrics.jsonl`.
 
-- `plots/icl_iwl.png`: ICL (accuracy_closed on fewshot_holdout sets, chance line at 1/ways) and IWL
-  (accuracy_query on no_support_zipfian sets) with their 95 % intervals as bands; every other eval set's
-  accuracy_closed is drawn thinner.
+- `plots/icl_iwl.png`: ICL (accuracy_closed on fewshot_holdout sets, chance line at 1/ways, and the ICL
+  ceiling of `trainer.metrics.icl_ceiling`: ways are drawn with replacement) and IWL (accuracy_query on
+  no_support_zipfian sets) with their 95 % intervals as bands; every other eval set's accuracy_closed is
+  drawn thinner.
 - `plots/loss.png`: training loss (and eval losses) against step, log-scaled steps.
 """
 
@@ -17,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from trainer.metrics import icl_ceiling  # noqa: E402
 from trainer.run import RunDir, RunError  # noqa: E402
 
 ICL_SET = "fewshot_holdout"
@@ -45,8 +47,12 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     if not train and not evals:
         raise RunError(f"{run.metrics_path} has no metrics yet; train with `trainer fit` first")
     run.plots_dir.mkdir(parents=True, exist_ok=True)
-    ways = run.read().get("data", {}).get("ways")
-    return [_plot_accuracy(run, evals, ways), _plot_loss(run, train, evals)]
+    data = run.read().get("data", {})
+    data = data if isinstance(data, dict) else {}
+    ways, n_holdout = data.get("ways"), data.get("n_holdout")
+    ceiling = icl_ceiling(ways, n_holdout) if isinstance(ways, int) and isinstance(n_holdout, int) \
+        and ways >= 1 and n_holdout >= 1 else None
+    return [_plot_accuracy(run, evals, ways, ceiling), _plot_loss(run, train, evals)]
 
 
 def _band(ax, points, metric, label, **kw):
@@ -59,7 +65,7 @@ def _band(ax, points, metric, label, **kw):
     return True
 
 
-def _plot_accuracy(run: RunDir, evals, ways) -> Path:
+def _plot_accuracy(run: RunDir, evals, ways, ceiling: float | None) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drew = False
     for (name, seq_type), pts in sorted(evals.items()):
@@ -70,6 +76,8 @@ def _plot_accuracy(run: RunDir, evals, ways) -> Path:
         else:
             drew |= _band(ax, pts, "accuracy_closed", f"accuracy_closed, {name}", lw=1, alpha=0.7)
     ax.axhline(0.5 if not ways else 1.0 / ways, color="grey", ls=":", lw=1, label="ICL chance")
+    if ceiling is not None and any(seq_type == ICL_SET for _, seq_type in evals):
+        ax.axhline(ceiling, color="tab:blue", ls="--", lw=0.8, alpha=0.6, label=f"ICL ceiling ({ceiling:.2f})")
     ax.set_xlabel("training step")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)

@@ -97,4 +97,5 @@ def data_record(train: ShardSet, evals: list[ShardSet]) -> dict[str, Any]:
         "eval": [one(e) for e in evals],
         "num_labels": train.num_labels,
         "ways": train.config.sequence.ways,
+        "n_holdout": train.config.split.n_holdout_classes,
     }
