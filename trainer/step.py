@@ -26,7 +26,7 @@ from seqgen.config import BuildConfig, SeqType
 from trainer import checkpoint
 from trainer.config import OptimizerConfig, TrainConfig
 from trainer.images import make_examples
-from trainer.metrics import LabelSets, per_sequence_metrics
+from trainer.metrics import LabelSets, per_sequence_metrics, strategy_metrics
 from trainer.models import forward, make_model, targets
 
 
@@ -126,7 +126,8 @@ class StepContext:
         return make_examples(table, batch, set_cfg)
 
 
-def _loss_and_metrics(model, bn_state, examples, labels, key, ctx: StepContext, seq_type: SeqType, inference: bool):
+def _loss_and_metrics(model, bn_state, examples, labels, key, ctx: StepContext, seq_type: SeqType, inference: bool,
+                      with_logits: bool = False):
     w_interim = ctx.train_cfg.training.w_interim_predictions
     # Loss and every metric read only the query's logits when interim predictions have no weight: then the
     # output layer runs on the query alone (the others' loss weight is 0 and accuracy_interim is defined as
@@ -134,7 +135,7 @@ def _loss_and_metrics(model, bn_state, examples, labels, key, ctx: StepContext, 
     logits, bn_state = forward(model, bn_state, examples, labels, key=key, inference=inference,
                                query_only=not w_interim)
     per = per_sequence_metrics(logits, targets(labels, ctx.train_cfg.model), ctx.label_sets, seq_type, w_interim)
-    return per, bn_state
+    return ((per, logits) if with_logits else per), bn_state
 
 
 def make_train_step(ctx: StepContext) -> Callable:
@@ -172,12 +173,23 @@ def make_train_step(ctx: StepContext) -> Callable:
 def make_eval_step(ctx: StepContext, set_cfg: BuildConfig) -> Callable:
     """Return `evaluate(table, model, bn_state, batch) -> per-sequence metrics dict` in inference mode."""
     seq_type = set_cfg.seq_type
+    trained = None
+    if seq_type.is_strategy:  # flip / copy_available: which answers come from the context, which from weights
+        from seqgen.sampling import trained_label_table
+        from seqgen.split import make_split
+
+        split = make_split(set_cfg)
+        trained = jnp.asarray(trained_label_table(set_cfg, split.rare, split.common), jnp.int32)
 
     @eqx.filter_jit
     def evaluate(table, model, bn_state, batch):
         examples = ctx.examples(table, batch, set_cfg)
         model = eqx.nn.inference_mode(model)
-        per, _ = _loss_and_metrics(model, bn_state, examples, batch["label"], None, ctx, seq_type, True)
+        per, _ = _loss_and_metrics(model, bn_state, examples, batch["label"], None, ctx, seq_type, True,
+                                   with_logits=trained is not None)
+        if trained is not None:
+            per, logits = per
+            per = {**per, **strategy_metrics(logits, batch["label"], batch["example"], trained)}
         return per
 
     return evaluate
