@@ -28,6 +28,7 @@ from trainer.config import OptimizerConfig, TrainConfig
 from trainer.images import make_examples
 from trainer.metrics import LabelSets, per_sequence_metrics, strategy_metrics
 from trainer.models import forward, make_model, targets
+from trainer.regularize import global_norm, l2_penalty
 
 
 # Donation is an optimisation: integer batch buffers can't be reused for float outputs, which XLA reports
@@ -61,7 +62,12 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     """Adam with the original's schedule (and optional global-norm clipping), run on ONE flat vector of all
     parameters (`optax.flatten`): the same elementwise arithmetic as per-array Adam, in a few fused
     operations instead of several per parameter array (about 450 small operations per step at paper size).
-    The optimizer state therefore holds flat `mu` / `nu` vectors (checkpoint format 2)."""
+    The optimizer state therefore holds flat `mu` / `nu` vectors (checkpoint format 2).
+    With `weight_decay` > 0: AdamW (`trainer.regularize.decoupled_optimizer`), a different state layout."""
+    if cfg.weight_decay:
+        from trainer.regularize import decoupled_optimizer
+
+        return decoupled_optimizer(cfg, learning_rate(cfg))
     return optax.flatten(_per_array_optimizer(cfg))
 
 
@@ -140,7 +146,8 @@ def _loss_and_metrics(model, bn_state, examples, labels, key, ctx: StepContext, 
 
 def make_train_step(ctx: StepContext) -> Callable:
     """Return `step(table, state, batches) -> (state, metrics)`; batches have a leading dispatch axis K."""
-    optimizer = make_optimizer(ctx.train_cfg.optimizer)
+    opt_cfg = ctx.train_cfg.optimizer
+    optimizer = make_optimizer(opt_cfg)
     seq_type = ctx.data_cfg.seq_type
 
     def one_step(table, state: TrainState, batch):
@@ -151,13 +158,19 @@ def make_train_step(ctx: StepContext) -> Callable:
             per, bn_state = _loss_and_metrics(
                 model, state.bn_state, examples, batch["label"], step_key, ctx, seq_type, False
             )
-            return jnp.mean(per["loss"]), (bn_state, per)
+            loss = jnp.mean(per["loss"])
+            if opt_cfg.l2:  # classic L2 on the loss (trainer.regularize); "loss" in the records stays the data loss
+                loss = loss + l2_penalty(eqx.filter(model, eqx.is_inexact_array), opt_cfg.l2, opt_cfg.decay_mask)
+            return loss, (bn_state, per)
 
         (_, (bn_state, per)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(state.model)
         params = eqx.filter(state.model, eqx.is_inexact_array)
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
         model = eqx.apply_updates(state.model, updates)
         metrics = {k: jnp.mean(v) for k, v in per.items()}
+        # global norms: of the gradient of the total loss (before any clipping), of the updated parameters
+        metrics["grad_norm"] = global_norm(grads)
+        metrics["param_norm"] = global_norm(eqx.filter(model, eqx.is_inexact_array))
         return TrainState(state.step + 1, model, bn_state, opt_state, key), metrics
 
     @functools.partial(eqx.filter_jit, donate="all-except-first")
