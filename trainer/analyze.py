@@ -7,8 +7,8 @@ layer and head (details and references: docs/analysis.md):
   the query's class (`y_j` at position 2j+1 where `example_j == example_query`), minus the share those
   tokens would get under uniform causal attention (`n_match / T`, T = 2L-1 tokens), averaged over the
   sequences that hold the query's class in their context. 0: no preference; up to 1 - n_match / T: all
-  of the query's attention on those labels. This is the "query attends to the correct label" measure of
-  the induction circuit in this task (Reddy 2023; Singh et al. 2024 track the same attention pattern).
+  of the query's attention on those labels: the attention pattern of the induction head in this task
+  (Reddy 2023; Singh et al. 2024), per head and corrected for uniform attention.
 - **previous-token score**: each support label token's attention to the exemplar token just before it
   (`y_j -> x_j`), minus the uniform share `1 / (2j + 2)`, averaged over label tokens and sequences: the
   first half of the two-layer induction circuit (the label token takes in the content of its exemplar).

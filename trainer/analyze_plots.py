@@ -92,6 +92,8 @@ def _plot_ablation(run: RunDir, rec) -> Path:
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="magma", aspect="auto")
         for (layer, head), v in np.ndenumerate(grid):
             ax.text(head, layer, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
+        ax.set_xticks(range(grid.shape[1]))
+        ax.set_yticks(range(grid.shape[0]))
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         ax.set_title(f"{mode} ablation", fontsize=9)
