@@ -40,6 +40,10 @@ class SeqType(str, enum.Enum):
     FEWSHOT_ZIPFIAN = "fewshot_zipfian"
     FEWSHOT_HOLDOUT = "fewshot_holdout"
     MIXED = "mixed"
+    # strategy evaluations (beyond the paper; seqgen.sampling and docs/analysis.md): few-shot sequences of
+    # TRAINED classes whose in-context labels contradict (flip) or repeat (copy_available) the trained ones
+    FLIP = "flip"
+    COPY_AVAILABLE = "copy_available"
 
     @property
     def is_fewshot(self) -> bool:
@@ -48,6 +52,11 @@ class SeqType(str, enum.Enum):
     @property
     def is_no_support(self) -> bool:
         return self.value.startswith("no_support")
+
+    @property
+    def is_strategy(self) -> bool:
+        """flip / copy_available: `ways` distinct trained classes x `fs_shots` + a query among them."""
+        return self in (SeqType.FLIP, SeqType.COPY_AVAILABLE)
 
 
 class ExampleType(str, enum.Enum):
@@ -156,7 +165,7 @@ class BuildConfig:
     def length(self) -> int:
         """Examples per stored sequence, query included."""
         s = self.sequence
-        if self.seq_type.is_fewshot or self.seq_type is SeqType.MIXED:
+        if self.seq_type.is_fewshot or self.seq_type is SeqType.MIXED or self.seq_type.is_strategy:
             return s.fs_shots * s.ways + 1
         return s.seq_len
 
@@ -270,6 +279,16 @@ class BuildConfig:
                 raise ConfigError(f"{t.value} needs >= 2 {kind} classes (query + a different support class)")
         elif t.is_fewshot:
             needs.append(t.value.removeprefix("fewshot_"))
+        elif t.is_strategy:
+            if t is SeqType.FLIP and sq.ways < 2:
+                raise ConfigError("flip needs ways >= 2 (with one way no label can differ from the trained one); "
+                                  "raise --ways")
+            if pool["zipfian"] < sq.ways:
+                raise ConfigError(f"{t.value} draws {sq.ways} distinct rare/common classes but there are only "
+                                  f"{pool['zipfian']}; lower --ways")
+            if sq.polysemy > 1 or sq.labeling_common is not sq.labeling_rare:
+                raise ConfigError(f"{t.value} needs one trained label per class: polysemy = 1 and labeling_rare = "
+                                  "labeling_common (ordered or original), as the training set's")
         elif t is SeqType.MIXED:
             if sq.p_fewshot > 0:
                 needs.append("rare")

@@ -2,7 +2,7 @@
 
 One kernel per family, `prange` over sequences, each sequence from its own counter-based stream
 (`seqgen.rng`): `_bursty_kernel`, `_fewshot_kernel` (fewshot_* and mixed), `_no_support_kernel`,
-`_noise_seed_kernel`. Kernels take only arrays, scalars and keys, write into preallocated output rows and
+`_strategy_kernel` (flip, copy_available), `_noise_seed_kernel`. Kernels take only arrays, scalars and keys, write into preallocated output rows and
 allocate nothing per sequence.
 
 Class pools (rare, common, holdout, zipfian = rare + common) are passed concatenated: `pool_classes`
@@ -248,3 +248,66 @@ def _no_support_kernel(base, start, pool, lab, pool_classes, pool_cdf, pool_off,
 def _noise_seed_kernel(base, start, out):
     for r in prange(out.shape[0]):
         out[r] = noise_seed(sequence_state(base, start + r))
+
+
+@njit(cache=True, parallel=True)
+def _strategy_kernel(base, start, flip, shots, ways, grouped, lab,
+                     pool_classes, pool_cdf, pool_off, pool_n, pool_uniform, n_ex,
+                     out_ex, out_lb, out_rr, out_exm):
+    """flip / copy_available (`seqgen.sampling`): `ways` DISTINCT classes of the zipfian pool (by its weights;
+    a class already taken is redrawn), each labelled with its trained label `lab`; with `flip`, a uniform
+    derangement (Fisher-Yates permutations redrawn until no way keeps its own label) moves every trained
+    label to another way; then `shots` copies, a query way, the support shuffle (per block of `ways` when
+    `grouped`) and the exemplars, in that order. The only kernel that allocates per sequence (two arrays
+    of `ways` integers: evaluation sets are small)."""
+    sw = shots * ways
+    for r in prange(out_ex.shape[0]):
+        state = sequence_state(base, start + r)
+        trained = np.empty(ways, np.int64)
+        perm = np.empty(ways, np.int64)
+        for w in range(ways):
+            while True:
+                state, idx = _draw_idx(state, ZIPFIAN, pool_cdf, pool_off, pool_n, pool_uniform)
+                cls = pool_classes[pool_off[ZIPFIAN] + idx]
+                taken = False
+                for u in range(w):
+                    if out_ex[r, u] == cls:
+                        taken = True
+                if not taken:
+                    break
+            state, label = _label(state, lab, idx, cls)
+            out_ex[r, w] = cls
+            trained[w] = label
+        for w in range(ways):
+            perm[w] = w
+        if flip:
+            while True:
+                for w in range(ways):
+                    perm[w] = w
+                for i in range(ways - 1, 0, -1):
+                    state, x = next_u64(state)
+                    j = uniform_int(x, i + 1)
+                    perm[i], perm[j] = perm[j], perm[i]
+                fixed = False
+                for w in range(ways):
+                    if perm[w] == w:
+                        fixed = True
+                if not fixed:
+                    break
+        for w in range(ways):
+            out_lb[r, w] = trained[perm[w]]
+        for k in range(ways, sw):
+            out_ex[r, k] = out_ex[r, k - ways]
+            out_lb[r, k] = out_lb[r, k - ways]
+        state, x = next_u64(state)
+        qw = uniform_int(x, ways)
+        out_ex[r, sw] = out_ex[r, qw]
+        out_lb[r, sw] = out_lb[r, qw]
+        for k in range(sw + 1):
+            out_rr[r, k] = 0  # zipfian pool: the original's _get_is_rare_seq flags nothing
+        if grouped:
+            for s in range(shots):
+                state = _shuffle(state, out_ex, out_lb, out_rr, r, s * ways, ways)
+        else:
+            state = _shuffle(state, out_ex, out_lb, out_rr, r, 0, sw)
+        _assign_exemplars(state, out_ex, out_exm, r, n_ex)

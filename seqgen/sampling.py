@@ -20,6 +20,23 @@ generator / labeling that its `Experiment._get_ds_seqs` picks for each sequence 
   among them, support shuffled (within blocks of `ways` when grouped); labels 0..ways-1 ('unfixed').
 - mixed: with p_fewshot a rare few-shot sequence (unfixed), else a random common sequence (ordered).
 
+Strategy evaluations (beyond the paper; not in the original code):
+- flip: `ways` DISTINCT trained classes (zipfian pool, by the Zipf weights: the training distribution),
+  `fs_shots` each, a query among them; the in-context labels are a uniform derangement of the ways'
+  trained labels (with 2 ways, the swap), so no class shows its trained label and following the context
+  and following the weights give different answers (the query's stored label is its in-context label;
+  its trained label is `trained_label_table(...)[query class]`). This is the "flip" relabelling of
+  Singh et al.'s icl-dynamics (`samplers.fewshot_fliplabels`: the query's class and a distractor class,
+  both trained, swap their trained labels; the `flip_icl` evaluator of Singh et al. 2025, "Strategy
+  coopetition"), generalised from 2 to `ways` classes.
+- copy_available: the same sequences with every class under its TRAINED label, so copying the label from
+  the context and recalling it from the weights agree; its accuracy against `no_support_zipfian` (the
+  query's class absent from the context) separates the two. Note: icl-dynamics' `iwl_copy_avail`
+  evaluator is a different sequence (the query's class absent, its trained label attached to another
+  class's exemplar in the context: `assign_query_label_random`); ours is the one the issue asks for.
+  Trained labels follow the training sets' labeling (`labeling_common` = `labeling_rare`: ordered = the
+  index in rare + common, original = the class id); polysemy > 1 is refused (no single trained label).
+
 Exemplars (Omniglot with `exemplars = all`): the drawings of a class are drawn without replacement
 within the whole sequence; otherwise the exemplar is 0.
 
@@ -61,6 +78,8 @@ SEQ_TYPE_TAGS: dict[SeqType, int] = {
     SeqType.FEWSHOT_ZIPFIAN: 0x3F03,
     SeqType.FEWSHOT_HOLDOUT: 0x3F04,
     SeqType.MIXED: 0x4D01,
+    SeqType.FLIP: 0x5F01,
+    SeqType.COPY_AVAILABLE: 0x5C01,
 }
 
 _POOL_OF = {"rare": K.RARE, "common": K.COMMON, "holdout": K.HOLDOUT, "zipfian": K.ZIPFIAN}
@@ -200,6 +219,9 @@ def generate(cfg: BuildConfig, split: ClassSplit, start: int, count: int) -> dic
             lab = (np.array((K.ORIGINAL, 0, 1)) if sq.labeling_common is Labeling.ORIGINAL
                    else np.array(_ordered(pool, sp))).astype(np.int64)
             K._no_support_kernel(base, start, pool, lab, *pools, n_ex, *arrays)
+        elif t.is_strategy:
+            K._strategy_kernel(base, start, t is SeqType.FLIP, sq.fs_shots, sq.ways, sq.grouped,
+                               _trained_labeling(cfg), *pools, n_ex, *arrays)
         else:
             mixed = t is SeqType.MIXED
             fs_pool = K.RARE if mixed else _POOL_OF[t.value.removeprefix("fewshot_")]
@@ -215,6 +237,26 @@ def generate(cfg: BuildConfig, split: ClassSplit, start: int, count: int) -> dic
     return out
 
 
+def _trained_labeling(cfg: BuildConfig) -> np.ndarray:
+    """The (mode, K, X) labeling row of the trained label of a zipfian-pool class (validated: one rule)."""
+    if cfg.sequence.labeling_common is Labeling.ORIGINAL:
+        return np.array((K.ORIGINAL, 0, 1), dtype=np.int64)
+    return np.array(_ordered(K.ZIPFIAN, cfg.split), dtype=np.int64)
+
+
+def trained_label_table(cfg: BuildConfig, rare: np.ndarray, common: np.ndarray) -> np.ndarray:
+    """int64 [num_dataset_classes]: the label a set of this config trains each rare / common class with
+    (ordered: its index in rare + common; original: its class id); -1 for classes without one (holdout,
+    unused). For flip / copy_available: `table[example]` is what following the weights answers."""
+    table = np.full(cfg.dataset.num_dataset_classes, -1, dtype=np.int64)
+    non_holdout = np.concatenate([np.asarray(rare, np.int64), np.asarray(common, np.int64)])
+    if cfg.sequence.labeling_common is Labeling.ORIGINAL:
+        table[non_holdout] = non_holdout
+    else:
+        table[non_holdout] = np.arange(len(non_holdout))
+    return table
+
+
 def warmup() -> None:
     """Compile (or load from cache) every kernel on a tiny config."""
     from seqgen.config import DatasetConfig, ExampleType, SequenceConfig
@@ -222,7 +264,7 @@ def warmup() -> None:
 
     ds = DatasetConfig(example_type=ExampleType.OMNIGLOT)
     sp = SplitConfig(n_rare_classes=20, n_common_classes=5, n_holdout_classes=5)
-    for t in (SeqType.BURSTY, SeqType.FEWSHOT_HOLDOUT, SeqType.NO_SUPPORT_ZIPFIAN):
+    for t in (SeqType.BURSTY, SeqType.FEWSHOT_HOLDOUT, SeqType.NO_SUPPORT_ZIPFIAN, SeqType.FLIP):
         cfg = BuildConfig(seq_type=t, num_seqs=4, dataset=ds, split=sp,
                           sequence=SequenceConfig(noise_scale=0.1))
         generate(cfg, make_split(cfg), 0, 4)

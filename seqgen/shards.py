@@ -270,7 +270,38 @@ def check_invariants(cfg: BuildConfig, header: dict[str, Any], data: dict[str, n
             problems.append(f"few-shot: a query's (class, label) appears < fs_shots={cfg.sequence.fs_shots} times in its context")
     if cfg.seq_type.is_no_support and (ctx == q[:, None]).any():
         problems.append("no-support: a query class appears in its own context")
+    if cfg.seq_type.is_strategy:
+        problems += _strategy_problems(cfg, pools, s_ex, s_lab)
     return problems
+
+
+def _strategy_problems(cfg: BuildConfig, pools: dict[str, np.ndarray], ex: np.ndarray, lab: np.ndarray) -> list[str]:
+    """flip / copy_available (seqgen.sampling): `ways` distinct classes x `fs_shots`, one label each, the
+    query one of them under its class's label; flip: no class under its trained label, the context labels
+    a permutation of the classes' trained labels; copy_available: every label the trained one."""
+    from seqgen.sampling import trained_label_table
+
+    name, ways, shots = cfg.seq_type.value, cfg.sequence.ways, cfg.sequence.fs_shots
+    trained = trained_label_table(cfg, pools["rare"], pools["common"])
+    flip = cfg.seq_type is SeqType.FLIP
+    for e, l in zip(ex, lab):
+        ctx, ctxl = e[:-1], l[:-1]
+        classes, counts = np.unique(ctx, return_counts=True)
+        if len(classes) != ways or (counts != shots).any():
+            return [f"{name}: a context does not hold {ways} distinct classes {shots} times each"]
+        own = {int(c): set(ctxl[ctx == c].tolist()) for c in classes}
+        if any(len(v) != 1 for v in own.values()):
+            return [f"{name}: a class carries two labels within one context"]
+        if int(e[-1]) not in own or {int(l[-1])} != own[int(e[-1])]:
+            return [f"{name}: a query's class or label is not the one its context shows"]
+        ctx_labels = {c: next(iter(v)) for c, v in own.items()}
+        want = {c: int(trained[c]) for c in ctx_labels}
+        if flip and (any(ctx_labels[c] == want[c] for c in ctx_labels)
+                     or sorted(ctx_labels.values()) != sorted(want.values())):
+            return [f"{name}: in-context labels are not a derangement of the classes' trained labels"]
+        if not flip and ctx_labels != want:
+            return [f"{name}: a class in the context is not under its trained label"]
+    return []
 
 
 def _check_shard(

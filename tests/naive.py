@@ -232,8 +232,46 @@ class NaiveGenerator:
             return self.random_seq(rng, "common", seq_len, labeling_common)
         return self.no_support_seq(rng, "common", seq_len, labeling_common)
 
+    def strategy_seq(self, rng, flip: bool):
+        """flip / copy_available: distinct trained classes (redraw a taken one), their trained labels,
+        with flip a derangement of them (whole permutations redrawn until no fixed point), the copies, a
+        query way, the support shuffle."""
+        sq = self.cfg.sequence
+        shots, ways = sq.fs_shots, sq.ways
+        classes, weights = self.classes_to_sample("zipfian")
+        picked: list[int] = []
+        while len(picked) < ways:
+            i = self.choose(rng, weights)
+            if classes[i] not in [classes[j] for j in picked]:
+                picked.append(i)
+        class_options = [classes[i] for i in picked]
+        trained = list(class_options) if sq.labeling_common is Labeling.ORIGINAL else list(picked)
+        perm = list(range(ways))
+        while flip:
+            perm = list(range(ways))
+            rng.shuffle(perm)
+            if all(perm[w] != w for w in range(ways)):
+                break
+        label_options = [trained[perm[w]] for w in range(ways)]
+        query = rng.randint(ways)
+        examples = class_options * shots + [class_options[query]]
+        labels = label_options * shots + [label_options[query]]
+        ordering = list(range(shots * ways))
+        if sq.grouped:
+            for s in range(shots):
+                block = ordering[s * ways:(s + 1) * ways]
+                rng.shuffle(block)
+                ordering[s * ways:(s + 1) * ways] = block
+        else:
+            rng.shuffle(ordering)
+        examples = [examples[k] for k in ordering] + [examples[-1]]
+        labels = [labels[k] for k in ordering] + [labels[-1]]
+        return examples, labels, [0] * len(examples)
+
     def sequence(self, rng):
         cfg, sq, t = self.cfg, self.cfg.sequence, self.cfg.seq_type
+        if t in (SeqType.FLIP, SeqType.COPY_AVAILABLE):
+            return self.strategy_seq(rng, t is SeqType.FLIP)
         if t is SeqType.BURSTY:
             return self.bursty_seq(rng)
         if t.is_no_support:

@@ -322,7 +322,8 @@ print(json.dumps(res))
 def _jobs(count):
     jobs = []
     for t in SeqType:
-        cfg = _cfg(t, OMNIGLOT, ZIPF, SequenceConfig(polysemy=2, noise_scale=0.3), seed=99)
+        seq = SequenceConfig(polysemy=1 if t.is_strategy else 2, noise_scale=0.3)  # strategy types refuse polysemy
+        cfg = _cfg(t, OMNIGLOT, ZIPF, seq, seed=99)
         jobs.append({"cfg": cfg.to_dict(), "start": 1234, "count": count})
     return jobs
 

@@ -1,4 +1,4 @@
-"""`trainer` command line: fit, evaluate (one-off or --watch), plot, sweep.
+"""`trainer` command line: fit, evaluate (one-off or --watch), plot, sweep, analyze.
 
 Options resolve as: defaults < `[trainer.*]` tables of `--config FILE` < command-line options. Every
 known error is printed as one line `error: ...` with exit code 2.
@@ -59,6 +59,8 @@ def _common_data_options(fn: Callable) -> Callable:
 @click.option("--lr", "max_lr", type=float, help="Peak learning rate after warm-up (default 3e-4).")
 @click.option("--warmup-steps", type=int, help="Linear warm-up steps (default 4000).")
 @click.option("--clip-norm", type=float, help="Global-norm gradient clipping (default off, as the original).")
+@click.option("--weight-decay", type=float, help="Decoupled weight decay, optax.adamw's (default 0; docs/analysis.md).")
+@click.option("--l2", type=float, help="Classic L2 penalty (l2/2)*||theta||^2 added to the loss (default 0).")
 @click.option("--w-interim", type=float, help="Loss weight of interim predictions (default 0: query only).")
 @click.option("--seq-model", type=click.Choice([m.value for m in SeqModel]), help="transformer, lstm or vanilla_rnn.")
 @click.option("--example-encoding", type=click.Choice([m.value for m in ExampleEncoding]))
@@ -84,6 +86,7 @@ def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_d
         "steps": "training.steps", "batch_size": "training.batch_size", "seed": "training.seed",
         "image_size": "training.image_size", "max_lr": "optimizer.max_lr",
         "warmup_steps": "optimizer.warmup_steps", "clip_norm": "optimizer.clip_norm",
+        "weight_decay": "optimizer.weight_decay", "l2": "optimizer.l2",
         "w_interim": "training.w_interim_predictions", "seq_model": "model.seq_model",
         "example_encoding": "model.example_encoding", "num_layers": "model.num_layers",
         "num_heads": "model.num_heads", "emb_dim": "model.emb_dim", "log_every": "training.log_every",
@@ -146,6 +149,15 @@ def _register_sweep() -> None:
 
 
 _register_sweep()
+
+
+def _register_analyze() -> None:
+    from trainer.analyze_cli import analyze_command
+
+    main.add_command(analyze_command, "analyze")
+
+
+_register_analyze()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -18,6 +18,7 @@ from typing import Any
 
 from seqgen.config import ConfigError, from_plain, to_plain
 from trainer.models.config import ModelConfig
+from trainer.schedule import ScheduleKind
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,13 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-8
     clip_norm: float | None = None  # global-norm gradient clipping; None = off (as the original's update)
+    # Regularisers (beyond the paper; trainer/regularize.py). weight_decay: decoupled, optax.adamw's
+    # update (Loshchilov & Hutter 2019, the decay scaled by the scheduled learning rate); l2: classic L2,
+    # (l2 / 2) * ||theta||^2 added to the loss (its gradient goes through Adam). Both act on the arrays
+    # that decay_mask selects: "weights" (biases, LayerNorm / BatchNorm scales and offsets excluded) or "all".
+    weight_decay: float = 0.0
+    l2: float = 0.0
+    decay_mask: str = "weights"
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,14 @@ class TrainingConfig:
     eval_batch_size: int = 256
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3  # most recent complete checkpoints kept (0 = keep all)
+    # When to evaluate / checkpoint (trainer/schedule.py): "every" N steps (default), "log" (per_decade
+    # points per factor of 10 in steps), or "list" (the listed steps); always at the last step too.
+    eval_schedule: ScheduleKind = ScheduleKind.EVERY
+    eval_steps: tuple[int, ...] = ()
+    eval_per_decade: int = 10
+    checkpoint_schedule: ScheduleKind = ScheduleKind.EVERY
+    checkpoint_steps: tuple[int, ...] = ()
+    checkpoint_per_decade: int = 10
 
 
 @dataclass(frozen=True)
@@ -72,10 +88,18 @@ class TrainConfig:
             (o.warmup_steps >= 1, f"warmup_steps must be >= 1, got {o.warmup_steps}"),
             (o.clip_norm is None or o.clip_norm > 0, "clip_norm must be > 0 (or omitted for no clipping)"),
             (0 <= t.seed < 2**31, f"seed must be in [0, 2**31), got {t.seed}"),
+            (o.weight_decay >= 0, f"weight_decay must be >= 0, got {o.weight_decay}"),
+            (o.l2 >= 0, f"l2 must be >= 0, got {o.l2}"),
+            (o.decay_mask in ("weights", "all"), f"decay_mask must be \"weights\" or \"all\", got {o.decay_mask!r}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        from trainer.schedule import check as check_schedules
+
+        problem = check_schedules(t)
+        if problem:
+            raise ConfigError(problem)
         if self.model.concatenate_labels and t.w_interim_predictions:
             raise ConfigError("w_interim_predictions needs interleaved labels; drop concatenate_labels")
         return self

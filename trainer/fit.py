@@ -4,7 +4,8 @@ Batch k of the run is rows [k*B, (k+1)*B) of the training shard set (wrapping ar
 step s needs nothing but s: the restored TrainState (model, BatchNorm state, optimizer state, key) and
 `BatchStream(start_step=s)` continue exactly where an uninterrupted run would be. Metrics are fetched from
 the device every `log_every` steps; evaluation every `eval_every` steps; checkpoints every
-`checkpoint_every` steps, at the end, and at the first Ctrl+C / SIGTERM.
+`checkpoint_every` steps, at the end, and at the first Ctrl+C / SIGTERM. (Evaluations and checkpoints
+may instead follow a log-spaced or listed schedule: `trainer.schedule`.)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from trainer.data import BatchStream
 from trainer.distributed import Topology, make_topology, replicate, to_global
 from trainer.evaluate import evaluate_set, set_name
 from trainer.run import RunDir, RunError
+from trainer.schedule import StepSchedule
 from trainer.session import Session, data_record, make_session, restore
 from trainer.signals import GracefulInterrupt
 from trainer.step import TrainState, init_state, make_train_step
@@ -100,6 +102,7 @@ def _loop(session: Session, run: RunDir, state: TrainState, start: int, stop: Gr
     t = cfg.training
     train_step = make_train_step(session.ctx)
     eval_steps = session.eval_steps()
+    eval_due, save_due = StepSchedule.of(t, "eval").due, StepSchedule.of(t, "checkpoint").due
     stream = BatchStream(
         session.train, t.batch_size // topo.process_count, start_step=start,
         process_index=topo.process_index, process_count=topo.process_count,
@@ -125,11 +128,11 @@ def _loop(session: Session, run: RunDir, state: TrainState, start: int, stop: Gr
                 if step % t.log_every == 0 or step == t.steps:
                     _flush_train_metrics(run, topo, pending, bar)
                     pending = []
-                if step % t.eval_every == 0 or step == t.steps:
+                if eval_due(step):
                     if not _evaluate(session, run, eval_steps, state, step, stop):
                         interrupted = True
                         break
-                if step % t.checkpoint_every == 0 or step == t.steps:
+                if save_due(step):
                     _save(run, topo, state, step, cfg, session)
     finally:
         bar.close()
@@ -142,9 +145,9 @@ def _loop(session: Session, run: RunDir, state: TrainState, start: int, stop: Gr
 
 def _dispatch_size(step: int, t: Any) -> int:
     """Steps in the next jitted call: up to steps_per_dispatch, never crossing a log/eval/save boundary."""
-    k = t.steps_per_dispatch
-    for every in (t.log_every, t.eval_every, t.checkpoint_every):
-        k = min(k, every - step % every)
+    k = min(t.steps_per_dispatch, t.log_every - step % t.log_every)
+    for what in ("eval", "checkpoint"):
+        k = min(k, StepSchedule.of(t, what).until_next(step))
     return max(1, min(k, t.steps - step))
 
 

@@ -49,9 +49,9 @@ import optax
 from seqgen.config import BuildConfig, Labeling, SeqType
 
 __all__ = [
-    "BINARY_METRICS", "DESCRIPTIONS", "METRICS", "LabelSets", "MetricsError", "batch_sums", "chance_level",
-    "column_of", "headline", "icl_ceiling", "label_of", "metric_key_of", "per_sequence_metrics", "summarize",
-    "training_loss",
+    "BINARY_METRICS", "DESCRIPTIONS", "METRICS", "STRATEGY_METRICS", "LabelSets", "MetricsError", "batch_sums",
+    "chance_level", "column_of", "headline", "icl_ceiling", "label_of", "metric_key_of", "per_sequence_metrics",
+    "strategy_metrics", "summarize", "training_loss",
 ]
 
 DESCRIPTIONS = {
@@ -71,7 +71,15 @@ DESCRIPTIONS = {
     "from_support_fewshot": "query prediction is in the context and in 0..ways-1",
 }
 METRICS = tuple(DESCRIPTIONS)
-BINARY_METRICS = frozenset(m for m in METRICS if m.startswith(("from_",)) or m in ("accuracy_query", "accuracy_closed"))
+# Strategy evaluations (flip / copy_available sets only; `strategy_metrics`): which answer the query got.
+STRATEGY_DESCRIPTIONS = {
+    "from_context": "query prediction is the label its class carries in the context (open vocabulary)",
+    "from_weights": "query prediction is its class's trained label (open vocabulary)",
+    "neither": "query prediction is neither (on flip sets the two differ, so the three add up to 1)",
+}
+STRATEGY_METRICS = tuple(STRATEGY_DESCRIPTIONS)
+BINARY_METRICS = frozenset(m for m in METRICS + STRATEGY_METRICS
+                           if m.startswith(("from_",)) or m in ("accuracy_query", "accuracy_closed", "neither"))
 Z95 = 1.959963984540054
 
 
@@ -200,7 +208,11 @@ def per_sequence_metrics(logits: jax.Array, targets: jax.Array, label_sets: Labe
     out["accuracy_query"], out["accuracy_interim"] = masks(correct)
 
     valid = _closed_labels(seq_type, label_sets)
-    if valid is None:
+    if seq_type.is_strategy:  # the labels shown in this sequence's context (flip: the ways' trained labels)
+        shown = jnp.any(jax.nn.one_hot(targets[:, :-2:2], n_cls, dtype=jnp.bool_), axis=1)
+        closed = jnp.where(shown, logits[:, -1], -jnp.inf)
+        out["accuracy_closed"] = (jnp.argmax(closed, axis=-1) == targets[:, -1]).astype(jnp.float32)
+    elif valid is None:
         out["accuracy_closed"] = jnp.zeros_like(out["loss"])
     else:
         closed = jnp.where(_label_mask(valid, n_cls), logits[:, -1], -jnp.inf)
@@ -218,6 +230,23 @@ def per_sequence_metrics(logits: jax.Array, targets: jax.Array, label_sets: Labe
                         ("from_support_fewshot", from_support & from_fewshot)]:
         out[name] = value.astype(jnp.float32)
     return {name: out[name] for name in METRICS}
+
+
+def strategy_metrics(logits: jax.Array, labels: jax.Array, examples: jax.Array,
+                     trained_table: jax.Array) -> dict[str, jax.Array]:
+    """from_context / from_weights / neither per sequence ([B] float 0/1) for flip / copy_available sets.
+
+    `logits` [B, T, C] (the query's are the last), `labels` / `examples` [B, L] as stored (the query's
+    label is its in-context label), `trained_table` [num_dataset_classes]: each class's trained label
+    (`seqgen.sampling.trained_label_table`). Open vocabulary (argmax over all labels), as accuracy_query.
+    On flip sets the context and trained labels of a query always differ, so exactly one of the three is
+    1; on copy_available sets they coincide (from_context = from_weights = accuracy_query).
+    """
+    pred = jnp.argmax(logits[:, -1], axis=-1)
+    from_context = pred == jnp.asarray(labels)[:, -1]
+    from_weights = pred == jnp.asarray(trained_table)[jnp.asarray(examples)[:, -1]]
+    return {"from_context": from_context.astype(jnp.float32), "from_weights": from_weights.astype(jnp.float32),
+            "neither": (~from_context & ~from_weights).astype(jnp.float32)}
 
 
 def training_loss(logits: jax.Array, targets: jax.Array, w_interim: float = 0.0) -> jax.Array:

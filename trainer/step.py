@@ -26,8 +26,9 @@ from seqgen.config import BuildConfig, SeqType
 from trainer import checkpoint
 from trainer.config import OptimizerConfig, TrainConfig
 from trainer.images import make_examples
-from trainer.metrics import LabelSets, per_sequence_metrics
+from trainer.metrics import LabelSets, per_sequence_metrics, strategy_metrics
 from trainer.models import forward, make_model, targets
+from trainer.regularize import global_norm, l2_penalty
 
 
 # Donation is an optimisation: integer batch buffers can't be reused for float outputs, which XLA reports
@@ -61,7 +62,12 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     """Adam with the original's schedule (and optional global-norm clipping), run on ONE flat vector of all
     parameters (`optax.flatten`): the same elementwise arithmetic as per-array Adam, in a few fused
     operations instead of several per parameter array (about 450 small operations per step at paper size).
-    The optimizer state therefore holds flat `mu` / `nu` vectors (checkpoint format 2)."""
+    The optimizer state therefore holds flat `mu` / `nu` vectors (checkpoint format 2).
+    With `weight_decay` > 0: AdamW (`trainer.regularize.decoupled_optimizer`), a different state layout."""
+    if cfg.weight_decay:
+        from trainer.regularize import decoupled_optimizer
+
+        return decoupled_optimizer(cfg, learning_rate(cfg))
     return optax.flatten(_per_array_optimizer(cfg))
 
 
@@ -126,7 +132,8 @@ class StepContext:
         return make_examples(table, batch, set_cfg)
 
 
-def _loss_and_metrics(model, bn_state, examples, labels, key, ctx: StepContext, seq_type: SeqType, inference: bool):
+def _loss_and_metrics(model, bn_state, examples, labels, key, ctx: StepContext, seq_type: SeqType, inference: bool,
+                      with_logits: bool = False):
     w_interim = ctx.train_cfg.training.w_interim_predictions
     # Loss and every metric read only the query's logits when interim predictions have no weight: then the
     # output layer runs on the query alone (the others' loss weight is 0 and accuracy_interim is defined as
@@ -134,12 +141,13 @@ def _loss_and_metrics(model, bn_state, examples, labels, key, ctx: StepContext, 
     logits, bn_state = forward(model, bn_state, examples, labels, key=key, inference=inference,
                                query_only=not w_interim)
     per = per_sequence_metrics(logits, targets(labels, ctx.train_cfg.model), ctx.label_sets, seq_type, w_interim)
-    return per, bn_state
+    return ((per, logits) if with_logits else per), bn_state
 
 
 def make_train_step(ctx: StepContext) -> Callable:
     """Return `step(table, state, batches) -> (state, metrics)`; batches have a leading dispatch axis K."""
-    optimizer = make_optimizer(ctx.train_cfg.optimizer)
+    opt_cfg = ctx.train_cfg.optimizer
+    optimizer = make_optimizer(opt_cfg)
     seq_type = ctx.data_cfg.seq_type
 
     def one_step(table, state: TrainState, batch):
@@ -150,13 +158,19 @@ def make_train_step(ctx: StepContext) -> Callable:
             per, bn_state = _loss_and_metrics(
                 model, state.bn_state, examples, batch["label"], step_key, ctx, seq_type, False
             )
-            return jnp.mean(per["loss"]), (bn_state, per)
+            loss = jnp.mean(per["loss"])
+            if opt_cfg.l2:  # classic L2 on the loss (trainer.regularize); "loss" in the records stays the data loss
+                loss = loss + l2_penalty(eqx.filter(model, eqx.is_inexact_array), opt_cfg.l2, opt_cfg.decay_mask)
+            return loss, (bn_state, per)
 
         (_, (bn_state, per)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(state.model)
         params = eqx.filter(state.model, eqx.is_inexact_array)
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
         model = eqx.apply_updates(state.model, updates)
         metrics = {k: jnp.mean(v) for k, v in per.items()}
+        # global norms: of the gradient of the total loss (before any clipping), of the updated parameters
+        metrics["grad_norm"] = global_norm(grads)
+        metrics["param_norm"] = global_norm(eqx.filter(model, eqx.is_inexact_array))
         return TrainState(state.step + 1, model, bn_state, opt_state, key), metrics
 
     @functools.partial(eqx.filter_jit, donate="all-except-first")
@@ -172,12 +186,23 @@ def make_train_step(ctx: StepContext) -> Callable:
 def make_eval_step(ctx: StepContext, set_cfg: BuildConfig) -> Callable:
     """Return `evaluate(table, model, bn_state, batch) -> per-sequence metrics dict` in inference mode."""
     seq_type = set_cfg.seq_type
+    trained = None
+    if seq_type.is_strategy:  # flip / copy_available: which answers come from the context, which from weights
+        from seqgen.sampling import trained_label_table
+        from seqgen.split import make_split
+
+        split = make_split(set_cfg)
+        trained = jnp.asarray(trained_label_table(set_cfg, split.rare, split.common), jnp.int32)
 
     @eqx.filter_jit
     def evaluate(table, model, bn_state, batch):
         examples = ctx.examples(table, batch, set_cfg)
         model = eqx.nn.inference_mode(model)
-        per, _ = _loss_and_metrics(model, bn_state, examples, batch["label"], None, ctx, seq_type, True)
+        per, _ = _loss_and_metrics(model, bn_state, examples, batch["label"], None, ctx, seq_type, True,
+                                   with_logits=trained is not None)
+        if trained is not None:
+            per, logits = per
+            per = {**per, **strategy_metrics(logits, batch["label"], batch["example"], trained)}
         return per
 
     return evaluate
