@@ -185,7 +185,15 @@ class BuildConfig:
         return sp.n_classes
 
     @property
+    def random_rare_images(self) -> bool:
+        """Whether rare classes are shown as random images (`randomly_generate_rare`): never in `mixed`
+        sets, whose generator (the original's get_mixed_seq) passes randomly_generate_rare=False."""
+        return self.sequence.randomly_generate_rare and self.seq_type is not SeqType.MIXED
+
+    @property
     def needs_noise_seed(self) -> bool:
+        # randomly_generate_rare keeps storing noise seeds in mixed sets too (unused there), so that sets
+        # built before `random_rare_images` still verify
         return self.sequence.noise_scale > 0 or self.sequence.randomly_generate_rare
 
     # ---- validation ---------------------------------------------------------------------

@@ -19,6 +19,7 @@ from trainer.evaluate import evaluate_set, format_table, set_name, write_evaluat
 from trainer.run import RunDir, RunError
 from trainer.session import make_session, restore
 from trainer.signals import GracefulInterrupt
+from trainer.step import eval_key
 
 
 def _train_path(run: RunDir, override: Any) -> str:
@@ -36,6 +37,7 @@ def _evaluate_step(run: RunDir, session: Any, step: int, max_seqs: int | None, b
         summary = evaluate_set(
             eval_step, session.table, state.model, state.bn_state, shard_set, session.topo,
             max_seqs=max_seqs, batch_size=batch_size, should_stop=lambda: stop.stop_requested,
+            key=eval_key(session.cfg.training.seed, step),
         )
         if summary is None:
             return None
