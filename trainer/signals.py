@@ -64,6 +64,17 @@ def install_early_exit() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # delivers (and handles) pending ones
 
 
+def use_keyboard_interrupt() -> None:
+    """Back to Python's own regime (SIGINT raises KeyboardInterrupt, SIGTERM terminates), for a command
+    that handles KeyboardInterrupt itself (`trainer sweep`: it stops its builds' worker pools cleanly)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is _early_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is _early_handler:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def block_interrupts() -> set[int] | None:
     """Block SIGINT and SIGTERM (before an `execve`: blocked signals stay pending across it); returns the
     previous mask for `restore_mask`, or None where signal masks do not exist. A signal caught before the
