@@ -103,8 +103,8 @@ def _assert_loadable(run: Path) -> None:
     checkpoint.load(run, step, state_skeleton(cfg, json.loads((run / "config.json").read_text())["data"]["num_labels"]))
 
 
-@pytest.mark.parametrize("moment", ["at-start", "after-setup"])
-def test_early_interrupt_exits_130_with_one_line(setup, tmp_path, moment):
+@pytest.mark.parametrize("moment, sig", [("at-start", signal.SIGINT), ("after-setup", signal.SIGTERM)])
+def test_early_interrupt_exits_130_with_one_line(setup, tmp_path, moment, sig):
     """At 0.3 s (interpreter start, re-execution, imports) and as soon as the run directory is written
     (restoring / compiling / first steps): never a traceback, `Aborted!` or a run that goes on."""
     root, train, _, cfg = setup
@@ -115,7 +115,7 @@ def test_early_interrupt_exits_130_with_one_line(setup, tmp_path, moment):
         time.sleep(0.3)
     else:
         assert _wait_for(lambda: (run / "config.json").exists(), proc), "fit ended before writing its run"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     rc, out, err = _finish(proc, log)
     _interrupted_cleanly(rc, out, err)
     assert "done" not in out
