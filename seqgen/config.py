@@ -178,7 +178,14 @@ class BuildConfig:
 
     @property
     def num_labels(self) -> int:
-        """Size of the label space = the model's number of output classes (as the original computes it)."""
+        """Size of the label space = the model's number of output classes.
+
+        As the original (`_get_sub_configs`): polysemy X > 1 gives X * n_rare + n_common, otherwise
+        n_rare + n_common + n_holdout -- except under `original` labeling, where labels are dataset class
+        ids: the original still used n_rare + n_common + n_holdout, too small whenever the split leaves
+        classes out (labels >= num_classes get a zero one-hot target and can never be learnt); here it is
+        the dataset's class count (the same number for the paper's 1603 + 10 + 10 Omniglot split).
+        """
         sp, sq = self.split, self.sequence
         if sq.labeling_rare is Labeling.ORDERED and sq.polysemy > 1:
             return sq.polysemy * sp.n_rare_classes + sp.n_common_classes
@@ -187,7 +194,15 @@ class BuildConfig:
         return sp.n_classes
 
     @property
+    def random_rare_images(self) -> bool:
+        """Whether rare classes are shown as random images (`randomly_generate_rare`): never in `mixed`
+        sets, whose generator (the original's get_mixed_seq) passes randomly_generate_rare=False."""
+        return self.sequence.randomly_generate_rare and self.seq_type is not SeqType.MIXED
+
+    @property
     def needs_noise_seed(self) -> bool:
+        # randomly_generate_rare keeps storing noise seeds in mixed sets too (unused there), so that sets
+        # built before `random_rare_images` still verify
         return self.sequence.noise_scale > 0 or self.sequence.randomly_generate_rare
 
     # ---- validation ---------------------------------------------------------------------
@@ -225,6 +240,9 @@ class BuildConfig:
             raise ConfigError(f"polysemy must be >= 1, got {sq.polysemy}")
         if sq.polysemy > 1 and sq.labeling_rare is not Labeling.ORDERED:
             raise ConfigError("polysemy > 1 needs labeling_rare = ordered (the original's ordered_polysemyX)")
+        if sq.polysemy > 1 and sq.labeling_common is not Labeling.ORDERED:
+            raise ConfigError("polysemy > 1 labels common classes n_rare*polysemy + index (the original's "
+                              "ordered{K}); use labeling_common = ordered")
         if sq.labeling_common is Labeling.UNFIXED:
             raise ConfigError("labeling_common must be ordered or original (unfixed is for rare / few-shot labels)")
         for name in ("p_bursty", "p_bursty_common", "p_bursty_zipfian", "p_fewshot"):

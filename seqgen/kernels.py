@@ -8,7 +8,10 @@ allocate nothing per sequence.
 Class pools (rare, common, holdout, zipfian = rare + common) are passed concatenated: `pool_classes`
 (dataset class ids), `pool_cdf` (cumulative weights), and per pool `pool_off`, `pool_n`, `pool_uniform`.
 A labeling is a row `(mode, K, X)` of an int64 table: ORIGINAL (the class id), ORDERED (index in the pool
-+ K), POLYSEMY (index * X + K + uniform draw in [0, X)), UNFIXED (the way, 0..ways-1; few-shot only).
++ K), POLYSEMY (index * X + K + uniform draw in [0, X)), UNFIXED (the way, 0..ways-1; few-shot only),
+ZIPF_POLYSEMY (the zipfian pool = rare then common under polysemy X: rare index i < K = n_rare gets
+i * X + a uniform draw in [0, X), common index i >= K gets its common label K * X + (i - K); one draw
+either way).
 
 The order of random draws below is the contract that `tests/naive.py` re-implements in plain Python:
 change one, change both.
@@ -22,7 +25,7 @@ from numba import njit, prange
 from seqgen.rng import next_u64, noise_seed, search_cdf, sequence_state, uniform_float, uniform_int
 
 RARE, COMMON, HOLDOUT, ZIPFIAN = 0, 1, 2, 3
-ORIGINAL, ORDERED, POLYSEMY, UNFIXED = 0, 1, 2, 3
+ORIGINAL, ORDERED, POLYSEMY, UNFIXED, ZIPF_POLYSEMY = 0, 1, 2, 3, 4
 # rows of the bursty labeling table
 NB, FS_RARE, REM_COMMON, FS_COMMON, REM_RARE, FS_ZIPF, REM_ZIPF = 0, 1, 2, 3, 4, 5, 6
 # non-bursty kinds
@@ -69,6 +72,11 @@ def _label(state, lab, idx, cls):
     if mode == POLYSEMY:
         state, x = next_u64(state)
         return state, idx * lab[2] + lab[1] + uniform_int(x, lab[2])
+    if mode == ZIPF_POLYSEMY:
+        state, x = next_u64(state)
+        if idx < lab[1]:
+            return state, idx * lab[2] + uniform_int(x, lab[2])
+        return state, lab[1] * lab[2] + (idx - lab[1])
     return state, idx + lab[1]
 
 

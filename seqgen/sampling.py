@@ -13,7 +13,8 @@ generator / labeling that its `Experiment._get_ds_seqs` picks for each sequence 
   non-bursty sequence (non_bursty_type). Labels: labeling_rare for the rare and zipfian parts,
   labeling_common for the common parts; polysemy X > 1 (the original's `ordered_polysemyX`) gives rare
   class k the labels k*X .. k*X+X-1 (one drawn per few-shot class / remainder example) and every
-  labeling_common part the labels `index + n_rare*X` (the original's `ordered{n_rare*X}`).
+  labeling_common part the labels `index + n_rare*X` (the original's `ordered{n_rare*X}`); a zipfian
+  (rare + common) part labels each class as its own pool does (deviation below).
 - no_support_{common,rare,zipfian}: query class first (by the pool's weights), support from the other
   classes with replacement (renormalised weights); labeling_common (as the original; no polysemy shift).
 - fewshot_{common,rare,zipfian,holdout}: `ways` classes drawn with replacement, `fs_shots` each, a query
@@ -51,6 +52,12 @@ Deviations from the original (each where it crashes, is ill-defined, or differs 
   for later zipfian draws; here they stay intact;
 - the few-shot block of a bursty sequence is not shuffled before the whole support is (same distribution;
   `grouped` therefore has no effect on bursty sequences, as in the original);
+- polysemy X > 1 with a zipfian pool (non-bursty zipfian sequences, p_bursty_zipfian > 0): the original
+  labels zipfian index i as `i*X + draw` (few-shot / remainder) or `i + n_rare*X` (non-bursty), which for
+  common members and beyond overruns its own num_labels = X*n_rare + n_common (labels up to
+  (n_rare + n_common)*X - 1, or n_rare*X + n_rare + n_common - 1) and gives one label to two classes;
+  here a rare member i gets `i*X + draw` and common member n_rare + j the common label `n_rare*X + j`,
+  as in every other part of the sequence (mode ZIPF_POLYSEMY, one draw per example either way);
 - randomly_generate_rare only adds `noise_seed`: the trainer draws the random rare images from it
   (exemplars are still drawn, and unused for those classes).
 """
@@ -127,11 +134,15 @@ def _bursty_labels(cfg: BuildConfig) -> np.ndarray:
     X = sq.polysemy
 
     def common(pool: int) -> tuple[int, int, int]:
+        if X > 1 and pool == K.ZIPFIAN:  # the original's ordered{n_rare*X} would overrun num_labels here
+            return (K.ZIPF_POLYSEMY, sp.n_rare_classes, X)
         if X > 1:  # the original overrides labeling_common with f"ordered{n_rare * X}"
             return (K.ORDERED, sp.n_rare_classes * X, 1)
         return (K.ORIGINAL, 0, 1) if sq.labeling_common is Labeling.ORIGINAL else _ordered(pool, sp)
 
     def rare(pool: int) -> tuple[int, int, int]:
+        if X > 1 and pool == K.ZIPFIAN:  # rare members polysemous, common members their common label
+            return (K.ZIPF_POLYSEMY, sp.n_rare_classes, X)
         if X > 1:
             return (K.POLYSEMY, 0, X)
         return {Labeling.ORIGINAL: (K.ORIGINAL, 0, 1), Labeling.UNFIXED: (K.UNFIXED, 0, 1)}.get(
@@ -230,6 +241,10 @@ def generate(cfg: BuildConfig, split: ClassSplit, start: int, count: int) -> dic
             rnd_lab = np.array(_ordered(K.COMMON, sp), dtype=np.int64)
             K._fewshot_kernel(base, start, fs_pool, sq.fs_shots, sq.ways, grouped, fs_lab, mixed,
                               sq.p_fewshot, rnd_lab, *pools, n_ex, *arrays)
+        lab = out["label"]
+        if count and (lab.min() < 0 or lab.max() >= cfg.num_labels):  # the stored dtype holds [0, num_labels)
+            raise RuntimeError(f"internal error: {t.value} labels in [{lab.min()}, {lab.max()}] overrun "
+                               f"num_labels={cfg.num_labels}")
         if cfg.needs_noise_seed:
             out["noise_seed"] = np.zeros(count, dtype=np.uint32)
             if count:

@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from seqgen.atomic import commit
-from seqgen.config import IMAGE_SIZE, BuildConfig, ConfigError, ExampleType, SeqType
+from seqgen.config import IMAGE_SIZE, BuildConfig, ConfigError, ExampleType, Labeling, SeqType
 
 FORMAT = "emergent-icl/seqgen-shards"
 FORMAT_VERSION = 1
@@ -235,6 +235,46 @@ def _in(values: np.ndarray, pool: np.ndarray, size: int) -> np.ndarray:
     return table[values]
 
 
+def class_label_ranges(cfg: BuildConfig, pools: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per dataset class, the labels [lo, hi) its examples may carry in a set of this config, where the
+    labeling fixes them (None where it does not: few-shot 'unfixed' labels, mixed sets, rare 'unfixed').
+
+    Ordered labels: rare index i -> [i*X, i*X + X) under polysemy X (X = 1 otherwise), common index j ->
+    n_rare*X + j (bursty; no-support sets use the unshifted n_rare + j, as the original), holdout after
+    the common ones; `original` labeling: the class id itself."""
+    sq, t = cfg.sequence, cfg.seq_type
+    n_cls = cfg.dataset.num_dataset_classes
+    if t.is_fewshot or t is SeqType.MIXED:
+        return None
+    lo = np.full(n_cls, -1, np.int64)
+    hi = np.full(n_cls, -1, np.int64)
+    rare, common, holdout = pools["rare"], pools["common"], pools["holdout"]
+    n_rare, n_common = len(rare), len(common)
+    if t is SeqType.BURSTY:
+        original = (sq.labeling_rare is Labeling.ORIGINAL, sq.labeling_common is Labeling.ORIGINAL)
+        if sq.labeling_rare is Labeling.UNFIXED or original[0] != original[1]:
+            return None  # a rare class's label then depends on the part of the sequence it is in
+        if all(original):
+            both = np.concatenate([rare, common])
+            lo[both], hi[both] = both, both + 1
+            return lo, hi
+        X = sq.polysemy
+        lo[rare] = np.arange(n_rare) * X
+        hi[rare] = lo[rare] + X
+        lo[common] = n_rare * X + np.arange(n_common)
+        hi[common] = lo[common] + 1
+        return lo, hi
+    if sq.labeling_common is Labeling.ORIGINAL:
+        every = np.concatenate([rare, common, holdout])
+        lo[every], hi[every] = every, every + 1
+        return lo, hi
+    lo[rare] = np.arange(n_rare)
+    lo[common] = n_rare + np.arange(n_common)
+    lo[holdout] = n_rare + n_common + np.arange(len(holdout))
+    hi[:] = np.where(lo >= 0, lo + 1, -1)
+    return lo, hi
+
+
 def check_invariants(cfg: BuildConfig, header: dict[str, Any], data: dict[str, np.ndarray], sample: int) -> list[str]:
     """Problems (one line each) in one shard's arrays, as read from disk."""
     problems: list[str] = []
@@ -252,6 +292,19 @@ def check_invariants(cfg: BuildConfig, header: dict[str, Any], data: dict[str, n
     kind = allowed_pool(cfg.seq_type)
     if not _in(ex, pools[kind], n_cls).all():
         problems.append(f"classes outside the {kind} pool that {cfg.seq_type.value} draws from")
+        return problems
+    ranges = class_label_ranges(cfg, pools)
+    in_range = not (lab.size and (lab.min() < 0 or lab.max() >= cfg.num_labels))
+    if ranges is not None and ex.size and in_range:
+        lo, hi = ranges[0][ex], ranges[1][ex]
+        if ((lab < lo) | (lab >= hi)).any():
+            r, k = (int(a[0]) for a in np.nonzero((lab < lo) | (lab >= hi)))
+            problems.append(f"labels disagree with their classes' labeling (row {r}, position {k}: class "
+                            f"{int(ex[r, k])} labelled {int(lab[r, k])}, expected [{int(lo[r, k])}, {int(hi[r, k])}))")
+    elif (cfg.seq_type.is_fewshot or cfg.seq_type is SeqType.MIXED) and lab.size and in_range:
+        fs = slice(None) if cfg.seq_type.is_fewshot else (rare[:, -1] == 1)
+        if (lab[fs] >= cfg.sequence.ways).any():
+            problems.append(f"few-shot labels outside 0..ways-1 = 0..{cfg.sequence.ways - 1}")
     if not _in(ex[rare == 1], pools["rare"], n_cls).all():
         problems.append("is_rare = 1 on classes outside the rare pool")
     rows = ex.shape[0]

@@ -112,6 +112,13 @@ class NaiveGenerator:
             return min(bisect.bisect_right(cdf, t, 0, q), q - 1)
         return min(bisect.bisect_right(cdf, (t - lo) + cdf[q], q + 1, n), n - 1)
 
+    def zipf_polysemy(self, i: int, factor: int, extra: int) -> int:
+        """Deviation: under polysemy a zipfian index i (rare, then common) gets its own pool's label
+        (rare: i*factor + extra; common: its ordered{n_rare*factor} label); the original overruns
+        num_labels here (i*factor + extra, or i + n_rare*factor, for every i)."""
+        n = self.n_rare_classes
+        return i * factor + extra if i < n else n * factor + (i - n)
+
     # ---- the original's generators, one record each -----------------------------------------
     def random_seq(self, rng, class_type, seq_len, labeling):
         classes, weights = self.classes_to_sample(class_type)
@@ -131,6 +138,8 @@ class NaiveGenerator:
         elif "ordered" in labeling and "polysemy" not in labeling:
             start = int(labeling.split("ordered")[1])
             labels = [i + start for i in idx]
+        elif labeling.startswith("zipf_polysemy"):
+            labels = [self.zipf_polysemy(i, int(labeling.split("polysemy")[1]), e) for i, e in zip(idx, extra)]
         elif "polysemy" in labeling:
             start = int(labeling.split("ordered")[1].split("_")[0])
             factor = int(labeling.split("polysemy")[1])
@@ -147,7 +156,10 @@ class NaiveGenerator:
         for w in range(ways):
             i = self.choose(rng, weights)
             class_options.append(classes[i])
-            if "polysemy" in labeling:
+            if labeling.startswith("zipf_polysemy"):
+                label_options.append(self.zipf_polysemy(i, int(labeling.split("polysemy")[1]), rng.randint(
+                    int(labeling.split("polysemy")[1]))))
+            elif "polysemy" in labeling:
                 start = int(labeling.split("ordered")[1].split("_")[0])
                 factor = int(labeling.split("polysemy")[1])
                 label_options.append(i * factor + rng.randint(factor) + start)
@@ -212,7 +224,8 @@ class NaiveGenerator:
         if rng.random() < sq.p_bursty:
             d = rng.random()
             if d < sq.p_bursty_zipfian:
-                kinds = ("zipfian", labeling_rare, "zipfian", labeling_rare)
+                zipf = f"zipf_polysemy{sq.polysemy}" if sq.polysemy > 1 else labeling_rare
+                kinds = ("zipfian", zipf, "zipfian", zipf)
             elif d < sq.p_bursty_common + sq.p_bursty_zipfian:
                 kinds = ("common", labeling_common, "rare", labeling_rare)
             else:
@@ -227,7 +240,8 @@ class NaiveGenerator:
             return [ex[k] for k in pick], [lb[k] for k in pick], [rr[k] for k in pick]
         kind = sq.non_bursty_type.value
         if kind == "zipfian":
-            return self.random_seq(rng, "zipfian", seq_len, labeling_common)
+            zipf = f"zipf_polysemy{sq.polysemy}" if sq.polysemy > 1 else labeling_common
+            return self.random_seq(rng, "zipfian", seq_len, zipf)
         if kind == "common_uniform":
             return self.random_seq(rng, "common", seq_len, labeling_common)
         return self.no_support_seq(rng, "common", seq_len, labeling_common)

@@ -6,12 +6,13 @@ known error is printed as one line `error: ...` with exit code 2.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any, Callable
 
 import click
 
-from seqgen.config import load_toml
+from seqgen.config import flatten, load_toml
 from trainer.config import TrainConfig, train_config_from_toml, with_overrides
 from trainer.errors import one_line_errors
 from trainer.models.config import ExampleEncoding, SeqModel
@@ -22,9 +23,23 @@ def main() -> None:
     """Train and evaluate the paper's model on seqgen shard sets."""
 
 
-def _config_from(config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    base = train_config_from_toml(load_toml(config_file)) if config_file else TrainConfig()
+def _config_from(config_file: str | None, overrides: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """defaults (or `base`: a resumed run's stored config) < the file's [trainer.*] tables < `overrides`."""
+    if base is None:
+        base = train_config_from_toml(load_toml(config_file)) if config_file else TrainConfig()
+    elif config_file:
+        data = load_toml(config_file)
+        train_config_from_toml(data)  # refuses unknown keys and wrong types, one line
+        base = with_overrides(base, flatten(data.get("trainer", {})))
     return with_overrides(base, overrides).validate()
+
+
+def _stored_config(run_dir: str) -> TrainConfig | None:
+    """The config a --resume continues (None when the run directory holds no run: fit then says so)."""
+    from trainer.run import RunDir
+
+    run = RunDir(run_dir)
+    return run.train_config() if run.exists() else None
 
 
 def _common_data_options(fn: Callable) -> Callable:
@@ -93,9 +108,11 @@ def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_d
         "eval_every": "training.eval_every", "eval_seqs": "training.eval_seqs",
         "checkpoint_every": "training.checkpoint_every", "steps_per_dispatch": "training.steps_per_dispatch",
     }
-    cfg = _config_from(config_file, {keys[k]: v for k, v in opts.items()})
+    # --resume continues the stored config: options given now must agree with it (only --steps may change)
+    cfg = _config_from(config_file, {keys[k]: v for k, v in opts.items()},
+                       base=_stored_config(run_dir) if resume else None)
     result = run_fit(cfg, train_dir, eval_dirs, run_dir, resume=resume, omniglot_dir=omniglot_dir,
-                     cache_dir=cache_dir, topo=make_topology(devices), progress=progress)
+                     cache_dir=cache_dir, topo=make_topology(devices), progress=progress, strict_resume=True)
     if result.interrupted:
         click.echo(f"interrupted: checkpoint saved at step {result.step} in {run_dir}; continue with --resume")
         sys.exit(130)
@@ -119,14 +136,20 @@ def evaluate(eval_dirs, run_dir, step, train_dir, max_seqs, batch_size, watch, p
     from trainer.distributed import initialize, make_topology
     from trainer.evaluate_cli import evaluate_run, watch_run
 
+    from trainer.signals import GracefulInterrupt, set_early_message
+
+    set_early_message("before any evaluation was written")
     initialize(distributed, coordinator, num_processes, process_id)
     topo = make_topology(devices)
+    stop = GracefulInterrupt("stopping the evaluation; nothing is saved")
     kwargs = dict(train_dir=train_dir, max_seqs=max_seqs, batch_size=batch_size, omniglot_dir=omniglot_dir,
-                  cache_dir=cache_dir, topo=topo, echo=click.echo)
+                  cache_dir=cache_dir, topo=topo, echo=click.echo, interrupt=stop)
     if watch:
         watch_run(run_dir, eval_dirs, poll=poll, **kwargs)
     else:
         evaluate_run(run_dir, eval_dirs, step=step, **kwargs)
+    if stop.stop_requested:
+        sys.exit(130)
 
 
 @main.command()
@@ -144,6 +167,16 @@ def _register_sweep() -> None:
     from trainer.sweep.cli import sweep_command
     from trainer.sweep.page import claims_command
 
+    callback = sweep_command.callback
+
+    @functools.wraps(callback)
+    def sweep_with_its_own_interrupts(*args: Any, **kwargs: Any) -> Any:
+        from trainer.signals import use_keyboard_interrupt
+
+        use_keyboard_interrupt()  # the sweep turns KeyboardInterrupt into its one line and exit 130
+        return callback(*args, **kwargs)
+
+    sweep_command.callback = sweep_with_its_own_interrupts
     main.add_command(sweep_command, "sweep")
     main.add_command(claims_command, "claims")
 

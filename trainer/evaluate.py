@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trainer.data import ShardSet, eval_batches
-from trainer.distributed import Topology, to_global
+from trainer.distributed import Topology, replicate, to_global
 from trainer.metrics import summarize
 
 
@@ -34,20 +34,25 @@ def evaluate_set(
     max_seqs: int | None,
     batch_size: int,
     should_stop: Callable[[], bool] = lambda: False,
+    key: Any = None,
 ) -> dict[str, dict[str, Any]] | None:
-    """Summaries {metric: {"mean", "ci95", "n"}} over the first `max_seqs` sequences; None if stopped."""
+    """Summaries {metric: {"mean", "ci95", "n"}} over the first `max_seqs` sequences; None if stopped.
+
+    `key` (`trainer.step.eval_key(seed, step)`): batch b is evaluated with `fold_in(key, b)`; needed only by
+    models with example dropout (active at evaluation, as the original)."""
     batch_size = -(-batch_size // topo.num_devices) * topo.num_devices
     sums: dict[str, float] = {}
     sumsq: dict[str, float] = {}
     n = 0
-    for batch in eval_batches(shard_set, batch_size, max_seqs, process_index=topo.process_index,
-                              process_count=topo.process_count):
+    for b, batch in enumerate(eval_batches(shard_set, batch_size, max_seqs, process_index=topo.process_index,
+                                           process_count=topo.process_count)):
         if should_stop():
             return None
         batch["valid"] = np.asarray(batch["valid"], np.float32)
         batch = to_global(topo, batch)
         valid = batch.pop("valid")
-        per = eval_step(table, model, bn_state, batch)
+        batch_key = None if key is None else replicate(topo, jax.random.fold_in(key, b))
+        per = eval_step(table, model, bn_state, batch, batch_key)
         # reduced on the device: replicated scalars are readable on every host of a multi-host job
         s, sq, count = jax.device_get(_masked_sums(per, valid))
         for k in s:

@@ -19,6 +19,7 @@ from trainer.evaluate import evaluate_set, format_table, set_name, write_evaluat
 from trainer.run import RunDir, RunError
 from trainer.session import make_session, restore
 from trainer.signals import GracefulInterrupt
+from trainer.step import eval_key
 
 
 def _train_path(run: RunDir, override: Any) -> str:
@@ -36,6 +37,7 @@ def _evaluate_step(run: RunDir, session: Any, step: int, max_seqs: int | None, b
         summary = evaluate_set(
             eval_step, session.table, state.model, state.bn_state, shard_set, session.topo,
             max_seqs=max_seqs, batch_size=batch_size, should_stop=lambda: stop.stop_requested,
+            key=eval_key(session.cfg.training.seed, step),
         )
         if summary is None:
             return None
@@ -54,13 +56,15 @@ def _open(run_dir: Any, eval_dirs: Sequence[Any], train_dir: Any, omniglot_dir: 
 
 def evaluate_run(run_dir: Any, eval_dirs: Sequence[Any], *, step: int | None, train_dir: Any, max_seqs: int | None,
                  batch_size: int, omniglot_dir: Any, cache_dir: Any, topo: Topology,
-                 echo: Callable[[str], None] = print) -> list[tuple[str, str, dict]] | None:
+                 echo: Callable[[str], None] = print,
+                 interrupt: GracefulInterrupt | None = None) -> list[tuple[str, str, dict]] | None:
+    """Evaluate one checkpoint; None when interrupted (nothing written)."""
     run, session = _open(run_dir, eval_dirs, train_dir, omniglot_dir, cache_dir, topo)
     if step is None:
         step = checkpoint.latest_step(run.path)
         if step is None:
             raise RunError(f"{run.path} has no complete checkpoint yet; wait for `trainer fit` to save one")
-    with GracefulInterrupt() as stop:
+    with (interrupt or GracefulInterrupt("stopping the evaluation; nothing is saved")) as stop:
         results = _evaluate_step(run, session, step, max_seqs, batch_size, stop)
     if results is None:
         echo("interrupted: no evaluation written")
@@ -74,15 +78,17 @@ def evaluate_run(run_dir: Any, eval_dirs: Sequence[Any], *, step: int | None, tr
 
 def watch_run(run_dir: Any, eval_dirs: Sequence[Any], *, poll: float, train_dir: Any, max_seqs: int | None,
               batch_size: int, omniglot_dir: Any, cache_dir: Any, topo: Topology,
-              echo: Callable[[str], None] = print, max_idle_polls: int | None = None) -> list[int]:
-    """Evaluate each new checkpoint; return the steps evaluated. Ends after the run's last step."""
+              echo: Callable[[str], None] = print, max_idle_polls: int | None = None,
+              interrupt: GracefulInterrupt | None = None) -> list[int]:
+    """Evaluate each new checkpoint; return the steps evaluated. Ends after the run's last step (or at an
+    interrupt: `interrupt.stop_requested` then tells)."""
     run, session = _open(run_dir, eval_dirs, train_dir, omniglot_dir, cache_dir, topo)
     names = {set_name(s) for s in session.evals}
     done = {r["step"] for r in run.read_metrics()
             if r.get("source") == "watch" and r.get("set") in names}
     evaluated: list[int] = []
     idle = 0
-    with GracefulInterrupt() as stop:
+    with (interrupt or GracefulInterrupt("stopping --watch; evaluations already written are kept")) as stop:
         while not stop.stop_requested:
             final = run.train_config().training.steps
             todo = [s for s in checkpoint.list_steps(run.path) if s not in done]

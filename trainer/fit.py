@@ -5,7 +5,8 @@ step s needs nothing but s: the restored TrainState (model, BatchNorm state, opt
 `BatchStream(start_step=s)` continue exactly where an uninterrupted run would be. Metrics are fetched from
 the device every `log_every` steps; evaluation every `eval_every` steps; checkpoints every
 `checkpoint_every` steps, at the end, and at the first Ctrl+C / SIGTERM. (Evaluations and checkpoints
-may instead follow a log-spaced or listed schedule: `trainer.schedule`.)
+may instead follow a log-spaced or listed schedule: `trainer.schedule`.) A resume first redoes the
+evaluations an interrupt cut short (`trainer.resume`).
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ import numpy as np
 from tqdm import tqdm
 
 from trainer import checkpoint
-from trainer.config import TrainConfig, with_overrides
+from trainer.config import TrainConfig
 from trainer.data import BatchStream
 from trainer.distributed import Topology, make_topology, replicate, to_global
 from trainer.evaluate import evaluate_set, set_name
+from trainer.resume import owed_evaluations, resumed_config
 from trainer.run import RunDir, RunError
 from trainer.schedule import StepSchedule
 from trainer.session import Session, data_record, make_session, restore
 from trainer.signals import GracefulInterrupt
-from trainer.step import TrainState, init_state, make_train_step
+from trainer.step import TrainState, eval_key, init_state, make_train_step
 
 
 @dataclass(frozen=True)
@@ -38,21 +40,30 @@ class FitResult:
     run_dir: str
 
 
-def _prepare_run(run: RunDir, cfg: TrainConfig, resume: bool, session_data: dict[str, Any]) -> int | None:
-    """Validate the run directory for a fresh start or a resume; return the step to resume from."""
+def _resume_step(run: RunDir) -> int:
+    """The checkpoint a --resume continues from; RunError (one line) when there is none."""
+    if not run.exists():
+        raise RunError(f"--resume given but {run.path} holds no run; drop --resume to start one")
+    step = checkpoint.latest_step(run.path)
+    if step is None:
+        raise RunError(f"--resume given but {run.path} has no complete checkpoint (it stopped before its first "
+                       "save); drop --resume to start afresh")
+    return step
+
+
+def _prepare_run(run: RunDir, cfg: TrainConfig, resume: bool, session_data: dict[str, Any]) -> None:
+    """Validate the run directory for a fresh start or a resume. A fresh start is refused where a
+    checkpoint exists; a run that never saved one is started afresh (its config and metrics replaced)."""
     if resume:
-        if not run.exists():
-            raise RunError(f"--resume given but {run.path} holds no run; drop --resume to start one")
         stored = run.read()
         if stored["data"]["train"]["fingerprint"] != session_data["train"]["fingerprint"]:
             raise RunError(
                 f"--train differs from the shard set this run was trained on ({stored['data']['train']['path']}); "
                 "resume with the same --train"
             )
-        return checkpoint.latest_step(run.path)
-    if run.exists() or checkpoint.list_steps(run.path):
+        return
+    if checkpoint.list_steps(run.path):
         raise RunError(f"{run.path} already holds a run; use --resume to continue it or pick another --run-dir")
-    return None
 
 
 def fit(
@@ -67,34 +78,54 @@ def fit(
     topo: Topology | None = None,
     progress: bool | None = None,
     interrupt: GracefulInterrupt | None = None,
+    strict_resume: bool = False,
 ) -> FitResult:
+    """Train (or with `resume`, continue) the run in `run_dir`. A resume keeps the stored config; only
+    `training.steps` may differ (`trainer.resume`: other changed options are refused, and with
+    `strict_resume` the loop's bookkeeping options too, else those are kept from the stored config)."""
     cfg = cfg.validate()
     topo = topo or make_topology()
     topo.check_batch(cfg.training.batch_size)
     run = RunDir(run_dir)
-    if resume and run.exists():
-        cfg = _resumed_config(run, cfg)
+    start = _resume_step(run) if resume else None
+    stored_steps = None
+    if start is not None:
+        stored = run.train_config()
+        stored_steps = stored.training.steps
+        cfg, recorded = resumed_config(stored, cfg, start, run.path, strict=strict_resume)
     session = make_session(cfg, train_path, eval_paths, topo, omniglot_dir=omniglot_dir, cache_dir=cache_dir)
     record = data_record(session.train, session.evals)
-    start = _prepare_run(run, cfg, resume, record)
+    _prepare_run(run, cfg, resume, record)
     num_classes = session.train.num_labels
+    owed: list[tuple[int, list[str]]] = []
     if start is None:
         state = replicate(topo, init_state(cfg, num_classes))
         start = 0
         if topo.is_main:
+            run.metrics_path.unlink(missing_ok=True)  # of a run that never saved a checkpoint
             run.create(cfg, record)
     else:
         state = restore(run.path, start, cfg, num_classes, topo)
         if topo.is_main:
             run.truncate_metrics_after(start)
-            run.create(cfg, record)  # records the (possibly extended) number of steps
+            run.create(recorded, record)  # an extended run records its new number of steps; never fewer
+        owed = owed_evaluations(run.read_metrics(), checkpoint.list_steps(run.path), start, cfg,
+                                (stored_steps, cfg.training.steps), [set_name(s) for s in session.evals])
     with (interrupt or GracefulInterrupt()) as stop:
+        if not _redo_evaluations(session, run, state, start, owed, stop):
+            return FitResult(step=start, interrupted=True, run_dir=str(run.path))
         return _loop(session, run, state, start, stop, progress)
 
 
-def _resumed_config(run: RunDir, given: TrainConfig) -> TrainConfig:
-    """A resumed run keeps its stored config; only the number of steps may change (to extend a run)."""
-    return with_overrides(run.train_config(), {"training.steps": given.training.steps})
+def _redo_evaluations(session: Session, run: RunDir, state: TrainState, start: int,
+                      owed: list[tuple[int, list[str]]], stop: GracefulInterrupt) -> bool:
+    """Evaluate what an interrupted run still owes (`trainer.resume.owed_evaluations`), each from its own
+    checkpoint; False when interrupted (the checkpoints are already there: nothing to save)."""
+    for step, names in owed:
+        at = state if step == start else restore(run.path, step, session.cfg, session.train.num_labels, session.topo)
+        if not _evaluate(session, run, session.eval_steps(), at, step, stop, only=set(names)):
+            return False
+    return True
 
 
 def _loop(session: Session, run: RunDir, state: TrainState, start: int, stop: GracefulInterrupt, progress: bool | None) -> FitResult:
@@ -165,12 +196,16 @@ def _flush_train_metrics(run: RunDir, topo: Topology, pending: list, bar: Any) -
         bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy_query']:.3f}")
 
 
-def _evaluate(session: Session, run: RunDir, eval_steps: list, state: TrainState, step: int, stop: GracefulInterrupt) -> bool:
+def _evaluate(session: Session, run: RunDir, eval_steps: list, state: TrainState, step: int, stop: GracefulInterrupt,
+              only: set[str] | None = None) -> bool:
     t = session.cfg.training
     for shard_set, eval_step in zip(session.evals, eval_steps):
+        if only is not None and set_name(shard_set) not in only:
+            continue
         summary = evaluate_set(
             eval_step, session.table, state.model, state.bn_state, shard_set, session.topo,
             max_seqs=t.eval_seqs, batch_size=t.eval_batch_size, should_stop=lambda: stop.stop_requested,
+            key=eval_key(t.seed, step),
         )
         if summary is None:
             return False

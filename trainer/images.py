@@ -4,7 +4,7 @@ The original (Chan et al. 2022, datasets/data_generators.py + datasets/utils.py)
 the host in float32: `tf.image.convert_image_dtype` (uint8 -> [0, 1]) then `tf.image.rgb_to_grayscale`
 (weights 0.2989 + 0.5870 + 0.1140, so white is 0.9999, not 1), the x8 augmentation (`flip_left_right`
 then `rot90(k)`, counter-clockwise), Gaussian pixel noise N(0, noise_scale) (`_create_noisy_image_seq`),
-and, with `randomly_generate_rare`, a random binary {0, 1} image per rare class and sequence (the same
+and, with `randomly_generate_rare` (never in `mixed` sets, as the original), a random binary {0, 1} image per rare class and sequence (the same
 image for every instance of that class in the sequence; "rare" = in the split's rare pool). With the
 `downsample` option, `prepare_seqs_for_transformer` then resizes each (noisy) image to 28x28 with
 `tf.image.resize` defaults: bilinear, half-pixel centres, NO antialiasing.
@@ -165,13 +165,13 @@ def make_examples(table: jax.Array, batch: dict[str, jax.Array], cfg: BuildConfi
     pixels = pixels.reshape(*example.shape, size, size)
 
     sq = cfg.sequence
-    if sq.noise_scale > 0 or sq.randomly_generate_rare:
+    if sq.noise_scale > 0 or cfg.random_rare_images:
         # Everything random is drawn at 105 px and resized once: resize is linear, so
         # resize(where(rare, rand, img) + noise) = where(rare, 0, resize(img)) + resize(where(rare, rand, 0) + noise).
         seeds = jnp.asarray(batch["noise_seed"]).astype(jnp.uint32)
         keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(0), s))(seeds)  # [B]
         extra = jnp.zeros((*example.shape, IMAGE_SIZE, IMAGE_SIZE), jnp.float32)
-        if sq.randomly_generate_rare:
+        if cfg.random_rare_images:
             mask = jnp.asarray(rare_mask(cfg) if rare is None else rare)[example][..., None, None]  # [B, L, 1, 1]
 
             def seq_rare(key, classes):

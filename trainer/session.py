@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,9 +28,13 @@ class Session:
     topo: Topology
     table: Any  # replicated device array (uint8 images) or a placeholder for symbolic data
     ctx: StepContext
+    _eval_steps: list[Any] | None = field(default=None, init=False, repr=False)
 
     def eval_steps(self) -> list[Any]:
-        return [make_eval_step(self.ctx, s.config) for s in self.evals]
+        """One jitted eval step per eval set, made once (each compiles on its first call)."""
+        if self._eval_steps is None:
+            self._eval_steps = [make_eval_step(self.ctx, s.config) for s in self.evals]
+        return self._eval_steps
 
 
 def open_sets(train_path: str | os.PathLike, eval_paths: Sequence[str | os.PathLike]) -> tuple[ShardSet, list[ShardSet]]:

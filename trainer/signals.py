@@ -1,8 +1,21 @@
-"""Graceful interruption: the first Ctrl+C / SIGTERM sets a flag, the second exits at once.
+"""Interrupts: exit 130 with one line at any moment, saving what there is to save.
 
-The training loop checks `stop_requested` at step boundaries and evaluation loops check it between
-batches; on a request the loop saves a checkpoint synchronously and returns. Periodic checkpoints remain
-the real guarantee (a SIGKILL gives no warning).
+Two regimes, both for SIGINT (Ctrl+C) and SIGTERM:
+
+- **Early** (`install_early_exit`, first thing the `trainer` command does, before any import of weight):
+  while nothing needs saving (imports, compilation, opening shard sets, restoring a checkpoint), an
+  interrupt writes one line to stderr and ends the process at once with status 130 (`os._exit`: no
+  KeyboardInterrupt, so no traceback, no click `Aborted!`, and no library `except` can swallow it). The
+  files the trainer writes are complete-or-absent (temporary name, then rename), so exiting at any point
+  leaves nothing half-written that looks complete.
+- **Graceful** (`GracefulInterrupt`, around training and evaluation loops): the first interrupt sets a
+  flag; the training loop checks it at step boundaries and saves a checkpoint, evaluation loops check it
+  between batches; a second interrupt exits at once. Leaving the context restores the early handler.
+
+The `trainer` command re-executes itself once (huge pages, `trainer.hugepages`): SIGINT / SIGTERM are
+blocked across that `execve` (`block_interrupts`), so a signal that arrives then stays pending and is
+delivered by `install_early_exit` in the new process image instead of being lost. Periodic checkpoints
+remain the real guarantee (a SIGKILL gives no warning).
 """
 
 from __future__ import annotations
@@ -14,12 +27,79 @@ import threading
 from types import FrameType
 
 
-class GracefulInterrupt:
-    """Context manager installing SIGINT/SIGTERM handlers (main thread only; elsewhere a no-op)."""
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_INTERRUPTED = 130
+_early_message = "while starting: nothing new was saved"
 
-    def __init__(self) -> None:
+
+def _write_line(text: str) -> None:
+    try:
+        os.write(2, (text + "\n").encode())
+    except OSError:
+        pass
+
+
+def _early_handler(signum: int, frame: FrameType | None) -> None:
+    _write_line(f"\ninterrupted ({signal.Signals(signum).name}) {_early_message}")
+    os._exit(EXIT_INTERRUPTED)
+
+
+def set_early_message(text: str) -> None:
+    """What the early handler says after `interrupted (SIGINT) ` (e.g. for evaluation: no result written)."""
+    global _early_message
+    _early_message = text
+
+
+def install_early_exit() -> None:
+    """Install the early handler for SIGINT and SIGTERM (a SIGINT ignored by the parent, e.g. `nohup`,
+    stays ignored), then unblock both, so that one that arrived during the huge-pages re-execution is
+    delivered now. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in SIGNALS:
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            continue
+        signal.signal(sig, _early_handler)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # delivers (and handles) pending ones
+
+
+def use_keyboard_interrupt() -> None:
+    """Back to Python's own regime (SIGINT raises KeyboardInterrupt, SIGTERM terminates), for a command
+    that handles KeyboardInterrupt itself (`trainer sweep`: it stops its builds' worker pools cleanly)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is _early_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is _early_handler:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def block_interrupts() -> set[int] | None:
+    """Block SIGINT and SIGTERM (before an `execve`: blocked signals stay pending across it); returns the
+    previous mask for `restore_mask`, or None where signal masks do not exist. A signal caught before the
+    block is handled right here (pthread_sigmask runs pending Python handlers)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+
+
+def restore_mask(previous: set[int] | None) -> None:
+    """Unblock SIGINT / SIGTERM unless `previous` (from `block_interrupts`) had them blocked."""
+    if previous is not None and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [s for s in SIGNALS if s not in previous])
+
+
+class GracefulInterrupt:
+    """Context manager installing SIGINT/SIGTERM handlers (main thread only; elsewhere a no-op).
+
+    `action` completes the line the first interrupt prints (`SIGINT: <action> (interrupt again to exit
+    now)`): what the interrupted loop does next."""
+
+    def __init__(self, action: str = "saving a checkpoint at the next step boundary") -> None:
         self._event = threading.Event()
         self._previous: dict[int, object] = {}
+        self._action = action
 
     @property
     def stop_requested(self) -> bool:
@@ -32,10 +112,10 @@ class GracefulInterrupt:
         if self._event.is_set():
             sys.stderr.write("\nsecond interrupt: exiting now without saving\n")
             sys.stderr.flush()
-            os._exit(130)
+            os._exit(EXIT_INTERRUPTED)
         self._event.set()
         name = signal.Signals(signum).name
-        sys.stderr.write(f"\n{name}: saving a checkpoint at the next step boundary (interrupt again to exit now)\n")
+        sys.stderr.write(f"\n{name}: {self._action} (interrupt again to exit now)\n")
         sys.stderr.flush()
 
     def __enter__(self) -> "GracefulInterrupt":

@@ -183,8 +183,20 @@ def make_train_step(ctx: StepContext) -> Callable:
     return step
 
 
+EVAL_KEY_TAG = 0x4556414C  # "EVAL": the evaluation key stream, apart from model init and training
+
+
+def eval_key(seed: int, step: int) -> jax.Array:
+    """Base key of the evaluation of the checkpoint at `step`: batch b of every eval set uses
+    `fold_in(eval_key(seed, step), b)`. Example dropout acts at evaluation too (the original applies it
+    at train and test: it is noise on the examples), so an evaluation needs a key; as a pure function of
+    the run seed, the step and the batch index, any evaluation can be redone exactly (same batch size)."""
+    return jr.fold_in(jr.fold_in(jr.PRNGKey(seed), EVAL_KEY_TAG), step)
+
+
 def make_eval_step(ctx: StepContext, set_cfg: BuildConfig) -> Callable:
-    """Return `evaluate(table, model, bn_state, batch) -> per-sequence metrics dict` in inference mode."""
+    """Return `evaluate(table, model, bn_state, batch, key=None) -> per-sequence metrics dict` in inference
+    mode. `key` (see `eval_key`) is used only when the model has example dropout; None otherwise."""
     seq_type = set_cfg.seq_type
     trained = None
     if seq_type.is_strategy:  # flip / copy_available: which answers come from the context, which from weights
@@ -193,13 +205,14 @@ def make_eval_step(ctx: StepContext, set_cfg: BuildConfig) -> Callable:
 
         split = make_split(set_cfg)
         trained = jnp.asarray(trained_label_table(set_cfg, split.rare, split.common), jnp.int32)
+    uses_key = ctx.train_cfg.model.example_dropout_prob > 0
 
     @eqx.filter_jit
-    def evaluate(table, model, bn_state, batch):
+    def evaluate(table, model, bn_state, batch, key=None):
         examples = ctx.examples(table, batch, set_cfg)
         model = eqx.nn.inference_mode(model)
-        per, _ = _loss_and_metrics(model, bn_state, examples, batch["label"], None, ctx, seq_type, True,
-                                   with_logits=trained is not None)
+        per, _ = _loss_and_metrics(model, bn_state, examples, batch["label"], key if uses_key else None, ctx,
+                                   seq_type, True, with_logits=trained is not None)
         if trained is not None:
             per, logits = per
             per = {**per, **strategy_metrics(logits, batch["label"], batch["example"], trained)}

@@ -1,0 +1,92 @@
+"""What `trainer fit --resume` may change, and which evaluations it still owes.
+
+A resumed run continues its stored config (`config.json`). Only the number of steps may change: more
+steps extend the run (config.json then records the larger number), fewer steps (but not below the
+checkpoint's step) train only that far this time, and config.json keeps the larger stored number. Any
+other option that differs from the stored one is refused with one line naming it and both values; the
+loop's bookkeeping options (logging, evaluation and checkpoint intervals, eval sizes, steps per call) are
+refused too when `strict` (the command line: the user typed them), and otherwise kept from the stored
+config (`trainer sweep`, whose sweep files may change them between invocations).
+
+Evaluations owed: an interrupt during an evaluation saves the checkpoint of that step without the
+evaluation (or with only some sets done). On resume, every kept checkpoint at or before the resume step
+that is an evaluation step (a multiple of `eval_every`, or a final step) and lacks a `fit` record of an
+eval set in metrics.jsonl is evaluated on that set, from that checkpoint, before training goes on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from seqgen.config import flatten
+from trainer.config import TrainConfig, with_overrides
+from trainer.run import RunError
+
+# Options that change only how the loop reports and saves, not what it computes.
+BOOKKEEPING = frozenset({
+    "training.eval_seqs", "training.eval_every", "training.eval_batch_size", "training.log_every",
+    "training.checkpoint_every", "training.keep_checkpoints", "training.steps_per_dispatch",
+})
+# The command-line spelling of options, for messages.
+OPTION_NAMES = {
+    "training.steps": "--steps", "training.batch_size": "--batch-size", "training.seed": "--seed",
+    "training.image_size": "--image-size", "optimizer.max_lr": "--lr", "optimizer.warmup_steps": "--warmup-steps",
+    "optimizer.clip_norm": "--clip-norm", "training.w_interim_predictions": "--w-interim",
+    "model.seq_model": "--seq-model", "model.example_encoding": "--example-encoding",
+    "model.num_layers": "--num-layers", "model.num_heads": "--num-heads", "model.emb_dim": "--emb-dim",
+    "training.log_every": "--log-every", "training.eval_every": "--eval-every", "training.eval_seqs": "--eval-seqs",
+    "training.checkpoint_every": "--checkpoint-every", "training.steps_per_dispatch": "--steps-per-dispatch",
+}
+
+
+def option_name(key: str) -> str:
+    return OPTION_NAMES.get(key, key)
+
+
+def resumed_config(stored: TrainConfig, given: TrainConfig, checkpoint_step: int, run_path: Any, *,
+                   strict: bool) -> tuple[TrainConfig, TrainConfig]:
+    """(config to train with now, config to record in config.json) for resuming `stored` at
+    `checkpoint_step` with the options `given`; RunError (one line) for a change it cannot make."""
+    old, new = flatten(stored.to_dict()), flatten(given.to_dict())
+    ignored = {"training.steps"} | (set() if strict else BOOKKEEPING)
+    changed = [k for k in sorted(set(old) | set(new)) if k not in ignored and old.get(k) != new.get(k)]
+    if changed:
+        k = changed[0]
+        more = f" (and {len(changed) - 1} more option{'s' if len(changed) > 2 else ''})" if len(changed) > 1 else ""
+        raise RunError(
+            f"--resume continues the stored run: {option_name(k)} is {old.get(k)!r} in {run_path}/config.json "
+            f"but {new.get(k)!r} here{more}; drop the option (only --steps may change) or start a new --run-dir")
+    steps = given.training.steps
+    if steps < checkpoint_step:
+        raise RunError(
+            f"--steps {steps} is below the step of the checkpoint to resume from ({checkpoint_step}); "
+            f"give --steps >= {checkpoint_step} (the run is configured for {stored.training.steps})")
+    now = with_overrides(stored, {"training.steps": steps})
+    record = with_overrides(stored, {"training.steps": max(steps, stored.training.steps)})
+    return now, record
+
+
+def is_eval_step(step: int, cfg: TrainConfig, final_steps: Iterable[int]) -> bool:
+    """Whether fit evaluates at `step`: its evaluation schedule (`trainer.schedule`) or a final step."""
+    from trainer.schedule import StepSchedule
+
+    return step > 0 and (StepSchedule.of(cfg.training, "eval").due(step) or step in set(final_steps))
+
+
+def owed_evaluations(records: Iterable[dict[str, Any]], checkpoints: Iterable[int], resume_step: int,
+                     cfg: TrainConfig, final_steps: Iterable[int], set_names: list[str]) -> list[tuple[int, list[str]]]:
+    """[(checkpoint step, names of the eval sets it lacks)] in step order: evaluation steps at or before
+    `resume_step` with a kept checkpoint and no `fit` evaluation record for some set."""
+    done: dict[int, set[str]] = {}
+    for r in records:
+        if isinstance(r, dict) and r.get("kind") == "eval" and r.get("source") == "fit":
+            done.setdefault(r.get("step"), set()).add(r.get("set"))
+    finals = set(final_steps)
+    owed = []
+    for step in sorted(checkpoints):
+        if step > resume_step or not is_eval_step(step, cfg, finals):
+            continue
+        missing = [n for n in set_names if n not in done.get(step, set())]
+        if missing:
+            owed.append((step, missing))
+    return owed
