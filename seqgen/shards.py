@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 
 from seqgen.atomic import commit
+from seqgen.files import Optional, check_schema, dumps_strict, read_json_object
 from seqgen.config import IMAGE_SIZE, BuildConfig, ConfigError, ExampleType, SeqType
 
 FORMAT = "emergent-icl/seqgen-shards"
@@ -68,6 +69,39 @@ def storage_dtypes(cfg: BuildConfig) -> dict[str, np.dtype]:
     }
 
 
+# The dtypes the format allows for each dataset (README "Shard format"); `storage_dtypes` picks one of them.
+FORMAT_DTYPES: dict[str, tuple[np.dtype, ...]] = {
+    "example": (np.dtype(np.int16), np.dtype(np.int32)),
+    "exemplar": (np.dtype(np.uint8),),
+    "label": (np.dtype(np.int16), np.dtype(np.int32)),
+    "is_rare": (np.dtype(np.uint8),),
+    "noise_seed": (np.dtype(np.uint32),),
+    "pixels": (np.dtype(np.uint8),),
+}
+
+
+def dtype_problem(name: str, dtype: np.dtype) -> str | None:
+    """Why dataset `name` may not have `dtype` (None when the format allows it)."""
+    allowed = FORMAT_DTYPES.get(name)
+    if allowed is None or dtype in allowed:
+        return None
+    return f"{name} is stored as {dtype}, the format allows {' / '.join(map(str, allowed))}"
+
+
+def range_problems(cfg: BuildConfig, data: dict[str, np.ndarray]) -> list[str]:
+    """Values outside what the config allows (class ids, labels, exemplars, is_rare), one line each."""
+    problems: list[str] = []
+    n_cls, n_lab, n_exm = cfg.dataset.num_dataset_classes, cfg.num_labels, cfg.dataset.exemplars_per_class
+    for key, hi, what in (("example", n_cls, f"example class ids outside [0, {n_cls})"),
+                          ("label", n_lab, f"labels outside [0, num_labels={n_lab})"),
+                          ("exemplar", n_exm, f"exemplar >= exemplars_per_class={n_exm}"),
+                          ("is_rare", 2, "is_rare holds values other than 0 / 1")):
+        v = data.get(key)
+        if v is not None and v.size and (int(v.min()) < 0 or int(v.max()) >= hi):
+            problems.append(what)
+    return problems
+
+
 def expected_keys(cfg: BuildConfig, materialized: bool) -> tuple[str, ...]:
     keys = INDEX_KEYS + (("noise_seed",) if cfg.needs_noise_seed else ())
     return keys + (("pixels",) if materialized else ())
@@ -76,8 +110,13 @@ def expected_keys(cfg: BuildConfig, materialized: bool) -> tuple[str, ...]:
 # ---- atomic writes and hashes (seqgen.atomic) ---------------------------------------------------------------
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    commit(tmp, path)
+    text = dumps_strict(obj, indent=1, sort_keys=True) + "\n"  # ValueError on NaN / inf: never written
+    try:
+        tmp.write_text(text)
+        commit(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def canonical_sha256(obj: Any) -> str:
@@ -170,33 +209,53 @@ def build_header(
     }
 
 
+# What every header (build.json, manifest.json) and sidecar must hold; checked on every read.
+HEADER_SCHEMA: dict[str, Any] = {
+    "format": str,
+    "format_version": int,
+    "config": dict,
+    "length": int,
+    "num_labels": int,
+    "split": {"rare": [int], "common": [int], "holdout": [int], "zipf_weights_sha256": Optional(str)},
+    "image_table": Optional({"fingerprint": str, "shape": [int]}),
+    "materialized": Optional(bool),
+}
+MANIFEST_SCHEMA: dict[str, Any] = {
+    **HEADER_SCHEMA, "shards": [{"file": str, "start": int, "rows": int, "sha256": str}],
+}
+SIDECAR_SCHEMA: dict[str, Any] = {"build": str, "file": str, "start": int, "rows": int, "sha256": str}
+_SCHEMAS = {"manifest": MANIFEST_SCHEMA, MANIFEST: MANIFEST_SCHEMA, BUILD_FILE: HEADER_SCHEMA, "sidecar": SIDECAR_SCHEMA}
+_FIX = "rebuild with `seqgen build`"
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as e:
-        raise ShardError(f"{what} {path} is unreadable ({e}); rebuild with `seqgen build`") from None
-    if not isinstance(data, dict):
-        raise ShardError(f"{what} {path} is not a JSON object; rebuild with `seqgen build`")
+    """A manifest, build.json or sidecar, format- and type-checked (`seqgen.files`); ShardError (one line)
+    when not valid; FileNotFoundError passes through."""
+    data = read_json_object(path, what=what, fix=_FIX, error=ShardError)
+    schema = _SCHEMAS.get(what)
+    if schema is not None and "format" in schema:
+        got, version = data.get("format"), data.get("format_version")
+        want = f"expected {FORMAT!r} v{FORMAT_VERSION}; rebuild it with this version of seqgen"
+        if got != FORMAT:
+            raise ShardError(f"{path} is not a seqgen shard manifest (format {got!r} v{version!r}), {want}")
+        if version != FORMAT_VERSION:
+            raise ShardError(f"{path}: format_version {version!r} is not supported, {want}")
+    if schema is not None:
+        check_schema(data, schema, where=f"{what} {path}", error=ShardError, fix=_FIX)
     return data
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of a finished set; ShardError (one line) when absent or not this format."""
+    """The manifest of a finished set; ShardError (one line) when absent, not this format or malformed."""
     path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise ShardError(f"shard set {folder} not found; build it with `seqgen build --out {folder}`")
     try:
-        data = read_json(path, "manifest")
+        return read_json(path, "manifest")
     except FileNotFoundError:
         raise ShardError(
-            f"{folder} has no {MANIFEST}: not a finished shard set; run `seqgen build` or `seqgen finalize {folder}`"
+            f"{folder} has no {MANIFEST}: not a finished shard set (an unfinished build?); run `seqgen build` or `seqgen finalize {folder}`"
         ) from None
-    if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
-        raise ShardError(
-            f"{path} is format {data.get('format')!r} v{data.get('format_version')!r}, expected {FORMAT!r} "
-            f"v{FORMAT_VERSION}; rebuild it with this version of seqgen"
-        )
-    return data
 
 
 def manifest_config(manifest: dict[str, Any]) -> BuildConfig:
@@ -237,17 +296,11 @@ def _in(values: np.ndarray, pool: np.ndarray, size: int) -> np.ndarray:
 
 def check_invariants(cfg: BuildConfig, header: dict[str, Any], data: dict[str, np.ndarray], sample: int) -> list[str]:
     """Problems (one line each) in one shard's arrays, as read from disk."""
-    problems: list[str] = []
-    ex, exm, lab, rare = data["example"], data["exemplar"], data["label"], data["is_rare"]
+    problems = range_problems(cfg, data)
+    ex, lab, rare = data["example"], data["label"], data["is_rare"]
     n_cls = cfg.dataset.num_dataset_classes
-    if ex.size and (ex.min() < 0 or ex.max() >= n_cls):
-        return [f"example class ids outside [0, {n_cls})"]
-    if lab.size and (lab.min() < 0 or lab.max() >= cfg.num_labels):
-        problems.append(f"labels outside [0, num_labels={cfg.num_labels})")
-    if exm.size and exm.max() >= cfg.dataset.exemplars_per_class:
-        problems.append(f"exemplar >= exemplars_per_class={cfg.dataset.exemplars_per_class}")
-    if rare.size and rare.max() > 1:
-        problems.append("is_rare holds values other than 0 / 1")
+    if problems and problems[0].startswith("example class ids"):
+        return problems[:1]
     pools = _pools(header)
     kind = allowed_pool(cfg.seq_type)
     if not _in(ex, pools[kind], n_cls).all():

@@ -49,7 +49,19 @@ def _open(run_dir: Any, eval_dirs: Sequence[Any], train_dir: Any, omniglot_dir: 
     cfg = run.train_config()
     session = make_session(cfg, _train_path(run, train_dir), eval_dirs, topo,
                            omniglot_dir=omniglot_dir, cache_dir=cache_dir)
+    _check_train_is_the_runs(run, session)
     return run, session
+
+
+def _check_train_is_the_runs(run: RunDir, session: Any) -> None:
+    """The training set given (or found) must be the one the run trained on (same manifest fingerprint), so
+    that eval sets are checked against the run's own class split, not another set's."""
+    from trainer.session import manifest_fingerprint
+
+    recorded = run.read()["data"]["train"]
+    if manifest_fingerprint(session.train) != recorded["fingerprint"]:
+        raise RunError(f"training set {session.train.path} is not the one run {run.path} was trained on "
+                       f"({recorded['path']}); pass that set (or a copy of it) as --train")
 
 
 def evaluate_run(run_dir: Any, eval_dirs: Sequence[Any], *, step: int | None, train_dir: Any, max_seqs: int | None,
