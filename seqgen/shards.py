@@ -17,8 +17,10 @@ structure on a sample of rows).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +154,45 @@ def write_shard(
     """
     rows = int(arrays["example"].shape[0])
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    length = arrays["example"].shape[1]
+    need = sum(np.asarray(arrays[k]).size * dtypes[k].itemsize for k in arrays if k in dtypes) + _HDF5_OVERHEAD
+    need += rows * length * IMAGE_SIZE * IMAGE_SIZE if pixels is not None else 0
+    # HDF5 does not survive a write that fails for lack of space (h5py errors, then a segfault at exit). So a
+    # shard of up to _IN_MEMORY_BYTES is made in memory (HDF5's core driver: the same bytes as a file written
+    # directly, tested) and written with plain file I/O, where a full disk is an ordinary OSError; bigger
+    # (materialized) shards are written directly after checking the free space.
+    try:
+        if need <= _IN_MEMORY_BYTES:
+            image = _write_hdf5(None, shard, start, rows, arrays, dtypes, pixels, pixel_block_rows)
+            with open(tmp, "wb") as out:
+                out.write(image)
+        else:
+            if (free := shutil.disk_usage(path.parent).free) < need:
+                raise ShardError(_disk_full(path, f"needs about {need / 1e6:,.1f} MB, {free / 1e6:,.1f} MB free"))
+            _write_hdf5(tmp, shard, start, rows, arrays, dtypes, pixels, pixel_block_rows)
+        commit(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+            raise ShardError(_disk_full(path, "the disk filled up")) from None
+        raise
+    return file_sha256(path)
+
+
+_IN_MEMORY_BYTES = 1 << 29  # shards up to 512 MiB (every index-only shard of the default size) are made in memory
+_HDF5_OVERHEAD = 1 << 14  # bytes of HDF5 metadata per shard file (4 KiB measured), with a margin
+
+
+def _disk_full(path: Path, detail: str) -> str:
+    return (f"disk full: cannot write {path} ({detail}); free space in {path.parent}, then rerun the same command "
+            "to resume (finished shards are kept)")
+
+
+def _write_hdf5(tmp: Path | None, shard: int, start: int, rows: int, arrays: dict[str, np.ndarray],
+                dtypes: dict[str, np.dtype], pixels: PixelFn | None, pixel_block_rows: int) -> bytes | None:
+    """Write the shard to `tmp`, or (tmp None) in memory and return the file's bytes."""
+    where = dict(name=tmp) if tmp is not None else dict(name=f"shard-{shard}-{id(arrays)}", driver="core", backing_store=False)
+    with h5py.File(mode="w", **where) as f:
         for key in ("example", "exemplar", "label", "is_rare", "noise_seed"):
             if key in arrays:
                 data = np.ascontiguousarray(arrays[key], dtype=dtypes[key])
@@ -167,8 +207,10 @@ def write_shard(
                 ds[s] = pixels(arrays["example"][s], arrays["exemplar"][s])
         for name, value in (("format_version", FORMAT_VERSION), ("shard", shard), ("start", start), ("rows", rows)):
             f.attrs[name] = np.int64(value)
-    commit(tmp, path)
-    return file_sha256(path)
+        if tmp is None:
+            f.flush()
+            return f.id.get_file_image()
+    return None
 
 
 def read_shard(path: Path, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -380,6 +422,55 @@ def verify(folder: Path, *, sample: int = 4096, expected_split: Any = None) -> t
         return manifest, problems + [f"manifest lists {len(entries or [])} shards, expected {cfg.num_shards}"]
     if sum(int(e.get("rows", 0)) for e in entries) != cfg.num_seqs:
         problems.append(f"shard rows do not add up to num_seqs={cfg.num_seqs}")
+    problems += _check_identity(folder, manifest, entries)
     for i, entry in enumerate(entries):
         problems += _check_shard(folder, i, entry, cfg, manifest, sample)
+    if expected_split is not None and not problems:
+        problems += _check_regenerated(folder, cfg, expected_split, entries)
     return manifest, problems
+
+
+def _check_identity(folder: Path, manifest: dict[str, Any], entries: list[dict[str, Any]]) -> list[str]:
+    """The manifest's header (config, split, ...) must be the one build.json and every sidecar record: the
+    sidecars name the build that wrote each shard by the hash of that header, so an edited manifest config
+    is caught even where it would still pass every other check."""
+    header = {k: v for k, v in manifest.items() if k != "shards"}
+    build_id = canonical_sha256(header)
+    problems: list[str] = []
+    try:
+        if canonical_sha256(read_json(folder / BUILD_FILE, BUILD_FILE)) != build_id:
+            problems.append(f"{MANIFEST} differs from {BUILD_FILE} (edited manifest or build.json); rebuild the set")
+    except FileNotFoundError:
+        pass
+    except ShardError as e:
+        problems.append(str(e))
+    for i, entry in enumerate(entries):
+        try:
+            side = read_json(folder / sidecar_file(i), "sidecar")
+        except FileNotFoundError:
+            continue
+        except ShardError as e:
+            problems.append(str(e))
+            continue
+        if side["build"] != build_id:
+            problems.append(f"{sidecar_file(i)}: shard {i} was written by another build than {MANIFEST} describes "
+                            "(edited manifest config?); rebuild the set")
+            break
+    return problems
+
+
+def _check_regenerated(folder: Path, cfg: BuildConfig, split: Any, entries: list[dict[str, Any]],
+                       rows: int = 16) -> list[str]:
+    """Regenerate the first rows of every shard from the manifest's config and compare: what a config edit
+    changes shows up here even without build.json and sidecars."""
+    from seqgen.sampling import generate
+
+    for i, entry in enumerate(entries):
+        n = min(rows, int(entry["rows"]))
+        want = generate(cfg, split, int(entry["start"]), n)
+        got = read_shard(folder / entry["file"], [k for k in want])
+        for k in want:
+            if not np.array_equal(np.asarray(got[k][:n], np.int64), np.asarray(want[k], np.int64)):
+                return [f"{entry['file']}: {k} differs from what the manifest's config generates (edited config, or "
+                        "shards of another build); rebuild the set"]
+    return []

@@ -1,0 +1,100 @@
+"""One writer per folder: an advisory `fcntl.flock` on a lock file inside it, taken without waiting.
+
+    with FolderLock(folder, "seqgen build"):
+        ...  # write into folder
+
+The lock is taken before anything is written and held until the command ends (the kernel drops it when
+the process dies, even on SIGKILL, so there are no stale locks to clean up). The holder writes its pid,
+command and start time into the lock file, and a second command is refused with one line naming them.
+`shared=True` takes a shared lock instead: any number of shared holders (e.g. `seqgen build --shards A:B`
+on several machines into one folder) exclude every exclusive holder (a full build, `seqgen finalize`),
+and the other way round. The lock file itself is never deleted (deleting it would let two processes lock
+two different files of the same name).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+LOCK_FILE = ".lock"
+
+
+class LockError(Exception):
+    """The folder is being written by another process; the message is one line naming it."""
+
+
+def _describe(info: dict[str, Any]) -> str:
+    parts = []
+    if isinstance(info.get("pid"), int):
+        parts.append(f"pid {info['pid']}")
+    if isinstance(info.get("host"), str):
+        parts.append(f"on {info['host']}")
+    if isinstance(info.get("command"), str):
+        parts.append(f"`{info['command']}`")
+    if isinstance(info.get("started"), str):
+        parts.append(f"started {info['started']}")
+    return ", ".join(parts) or "unknown holder"
+
+
+class FolderLock:
+    def __init__(self, folder: str | os.PathLike, command: str, *, shared: bool = False,
+                 name: str = LOCK_FILE) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / name
+        self.command = command
+        self.shared = shared
+        self._fd: int | None = None
+
+    def holder(self) -> str:
+        """Who wrote the lock file last (one line)."""
+        try:
+            info = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return "unknown holder"
+        return _describe(info) if isinstance(info, dict) else "unknown holder"
+
+    def acquire(self) -> "FolderLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockError(
+                f"{self.folder} is in use by another process ({self.holder()}); wait for it to finish or stop it, "
+                "or use another folder"
+            ) from None
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd = fd
+        info = {"pid": os.getpid(), "host": os.uname().nodename, "command": self.command,
+                "argv": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else "",
+                "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        try:  # best effort: a full disk must not stop the command from reporting its own error
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except OSError:
+            pass
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
