@@ -39,6 +39,7 @@ from seqgen.config import (
 )
 from seqgen.download import OmniglotError
 from seqgen.lock import LockError
+from seqgen.usage import OneLineGroup
 
 EXIT_ERROR = 2
 
@@ -59,7 +60,7 @@ def error_message(exc: BaseException) -> str | None:
     return " ".join(msg.split())
 
 
-class _Group(click.Group):
+class _Group(OneLineGroup):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)

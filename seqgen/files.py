@@ -130,7 +130,7 @@ def _type_name(tp: Any) -> str:
 
 def check_schema(value: Any, schema: Any, *, where: str, error: type[Exception], fix: str, path: str = "") -> None:
     """Raise `error` (one line) unless `value` matches `schema` (see the module docstring)."""
-    label = path or "the top level"
+    label = f"'{path}'" if path else "the top level"
     if isinstance(schema, Optional):
         if value is not None:
             check_schema(value, schema.spec, where=where, error=error, fix=fix, path=path)
@@ -148,12 +148,12 @@ def check_schema(value: Any, schema: Any, *, where: str, error: type[Exception],
         return
     if isinstance(schema, list):
         if not isinstance(value, list):
-            raise error(f"{where}: '{label}' is a JSON {_kind(value)}, expected an array; {fix}")
+            raise error(f"{where}: {label} is a JSON {_kind(value)}, expected an array; {fix}")
         for i, item in enumerate(value):
             check_schema(item, schema[0], where=where, error=error, fix=fix, path=f"{path}[{i}]")
         return
     if not _matches_type(value, schema):
-        raise error(f"{where}: '{label}' is {_short(value)}, expected {_type_name(schema)}; {fix}")
+        raise error(f"{where}: {label} is {_short(value)}, expected {_type_name(schema)}; {fix}")
 
 
 def _short(value: Any) -> str:

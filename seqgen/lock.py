@@ -8,8 +8,10 @@ the process dies, even on SIGKILL, so there are no stale locks to clean up). The
 command and start time into the lock file, and a second command is refused with one line naming them.
 `shared=True` takes a shared lock instead: any number of shared holders (e.g. `seqgen build --shards A:B`
 on several machines into one folder) exclude every exclusive holder (a full build, `seqgen finalize`),
-and the other way round. The lock file itself is never deleted (deleting it would let two processes lock
-two different files of the same name).
+and the other way round. Removing the lock file naively would let two processes lock two different files
+of the same name: it is removed by its last holder while still locked, and a process
+that locked a removed file retries on the new one. A process killed with SIGKILL leaves the file, unlocked
+and harmless; the next holder removes it.
 """
 
 from __future__ import annotations
@@ -62,18 +64,28 @@ class FolderLock:
 
     def acquire(self) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise LockError(
+                    f"{self.folder} is in use by another process ({self.holder()}); wait for it to finish or stop "
+                    "it, or use another folder"
+                ) from None
+            except OSError:
+                os.close(fd)
+                raise
+            try:  # the holder we waited on may have removed the file: then lock the new one
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise LockError(
-                f"{self.folder} is in use by another process ({self.holder()}); wait for it to finish or stop it, "
-                "or use another folder"
-            ) from None
-        except OSError:
-            os.close(fd)
-            raise
+        else:  # pragma: no cover - a file removed and re-created 100 times while we looked
+            raise LockError(f"{self.folder}: cannot take the lock {self.path}; retry")
         self._fd = fd
         info = {"pid": os.getpid(), "host": os.uname().nodename, "command": self.command,
                 "argv": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else "",
@@ -86,12 +98,22 @@ class FolderLock:
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self._fd)
-                self._fd = None
+        """Remove the lock file (when no other holder shares it) and unlock."""
+        if self._fd is None:
+            return
+        try:
+            if self.shared:  # the last shared holder removes the file; the others leave it
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self.shared = False
+                except BlockingIOError:
+                    pass
+            if not self.shared:
+                self.path.unlink(missing_ok=True)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()

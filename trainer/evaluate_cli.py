@@ -16,7 +16,7 @@ from trainer import checkpoint
 from trainer.data import DataError
 from trainer.distributed import Topology
 from trainer.evaluate import evaluate_set, format_table, set_name, write_evaluation
-from trainer.run import RunDir, RunError
+from trainer.run import RunDir, RunError, run_lock
 from trainer.session import make_session, restore
 from trainer.signals import GracefulInterrupt
 
@@ -72,14 +72,15 @@ def evaluate_run(run_dir: Any, eval_dirs: Sequence[Any], *, step: int | None, tr
         step = checkpoint.latest_step(run.path)
         if step is None:
             raise RunError(f"{run.path} has no complete checkpoint yet; wait for `trainer fit` to save one")
-    with GracefulInterrupt() as stop:
-        results = _evaluate_step(run, session, step, max_seqs, batch_size, stop)
-    if results is None:
-        echo("interrupted: no evaluation written")
-        return None
-    if topo.is_main:
-        write_evaluation(run.evaluations_dir / f"step-{step}.json", step, results,
-                         {"max_seqs": max_seqs, "source": "evaluate"})
+    with run_lock(run.path, "trainer evaluate", enabled=topo.is_main, folder=run.evaluations_dir):
+        with GracefulInterrupt() as stop:
+            results = _evaluate_step(run, session, step, max_seqs, batch_size, stop)
+        if results is None:
+            echo("interrupted: no evaluation written")
+            return None
+        if topo.is_main:
+            write_evaluation(run.evaluations_dir / f"step-{step}.json", step, results,
+                             {"max_seqs": max_seqs, "source": "evaluate"})
     echo(format_table(step, results))
     return results
 
@@ -94,7 +95,8 @@ def watch_run(run_dir: Any, eval_dirs: Sequence[Any], *, poll: float, train_dir:
             if r.get("source") == "watch" and r.get("set") in names}
     evaluated: list[int] = []
     idle = 0
-    with GracefulInterrupt() as stop:
+    with run_lock(run.path, "trainer evaluate --watch", enabled=topo.is_main, folder=run.evaluations_dir), \
+            GracefulInterrupt() as stop:
         while not stop.stop_requested:
             final = run.train_config().training.steps
             todo = [s for s in checkpoint.list_steps(run.path) if s not in done]

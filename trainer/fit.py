@@ -23,7 +23,7 @@ from trainer.config import TrainConfig, with_overrides
 from trainer.data import BatchStream
 from trainer.distributed import Topology, make_topology, replicate, to_global
 from trainer.evaluate import evaluate_set, set_name
-from trainer.run import RunDir, RunError
+from trainer.run import RunDir, RunError, run_lock
 from trainer.session import Session, data_record, make_session, restore
 from trainer.signals import GracefulInterrupt
 from trainer.step import TrainState, init_state, make_train_step
@@ -53,7 +53,16 @@ def _prepare_run(run: RunDir, cfg: TrainConfig, resume: bool, session_data: dict
     return None
 
 
-def fit(
+def fit(cfg: TrainConfig, train_path: str | os.PathLike, eval_paths: Sequence[str | os.PathLike],
+        run_dir: str | os.PathLike, *, topo: Topology | None = None, **kwargs: Any) -> FitResult:
+    """Train (see `_fit`) holding the run directory's writer lock: one `trainer fit` per run directory
+    (only process 0 writes, so only it locks)."""
+    topo = topo or make_topology()
+    with run_lock(run_dir, "trainer fit", enabled=topo.is_main):
+        return _fit(cfg, train_path, eval_paths, run_dir, topo=topo, **kwargs)
+
+
+def _fit(
     cfg: TrainConfig,
     train_path: str | os.PathLike,
     eval_paths: Sequence[str | os.PathLike],

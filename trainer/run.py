@@ -9,6 +9,7 @@ versions. `metrics.jsonl` gets one JSON object per line, appended and flushed:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -17,6 +18,7 @@ from typing import Any, Iterator
 
 from seqgen.config import ConfigError
 from seqgen.files import Optional, dumps_strict, read_json_object, read_jsonl_objects
+from seqgen.lock import FolderLock
 from trainer.config import TrainConfig
 
 # What config.json and each metrics.jsonl record must hold (type-checked on every read).
@@ -46,6 +48,15 @@ def versions() -> dict[str, str]:
         "h5py": h5py.__version__,
         "backend": jax.default_backend(),
     }
+
+
+def run_lock(run_dir: str | os.PathLike, command: str, *, enabled: bool = True,
+             folder: str | os.PathLike | None = None) -> contextlib.AbstractContextManager:
+    """The writer lock of a run directory (`run_dir/.lock`; `folder` for a part of it, e.g. evaluations/):
+    a second writer gets a one-line LockError naming the holder. A no-op when not `enabled` (hosts > 0)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return FolderLock(folder if folder is not None else run_dir, command)
 
 
 class RunDir:
