@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from seqgen import shards as fmt
-from seqgen.lock import FolderLock
+from seqgen.lock import FolderLock, LockError, locked_by
 from seqgen.config import (
     flatten,
     IMAGE_SIZE,
@@ -388,7 +388,12 @@ def pending_config(folder: str | os.PathLike[str]) -> tuple[BuildConfig, bool]:
 
 def finalize(folder: str | os.PathLike[str], **kwargs: Any) -> BuildResult:
     """Check every shard of the build in `folder`, rebuild what is missing or corrupt, write the manifest."""
-    cfg, materialize = pending_config(folder)
+    try:
+        cfg, materialize = pending_config(folder)
+    except BuildError:
+        if (holder := locked_by(folder)) is not None:  # a build that has not written build.json yet
+            raise LockError(f"{folder} is in use by another process ({holder}); wait for it to finish") from None
+        raise
     return build(cfg, folder, materialize=materialize, **kwargs)
 
 

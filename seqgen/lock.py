@@ -45,6 +45,30 @@ def _describe(info: dict[str, Any]) -> str:
     return ", ".join(parts) or "unknown holder"
 
 
+def _try_flock(fd: int, kind: int) -> bool:
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def locked_by(folder: str | os.PathLike, name: str = LOCK_FILE) -> str | None:
+    """The holder of `folder`'s lock (one line) when another process holds it, else None; takes nothing."""
+    lock = FolderLock(folder, "", name=name)
+    try:
+        fd = os.open(lock.path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if _try_flock(fd, fcntl.LOCK_EX):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        return lock.holder()
+    finally:
+        os.close(fd)
+
+
 class FolderLock:
     def __init__(self, folder: str | os.PathLike, command: str, *, shared: bool = False,
                  name: str = LOCK_FILE) -> None:
@@ -67,7 +91,11 @@ class FolderLock:
         for _ in range(100):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                alone = _try_flock(fd, fcntl.LOCK_EX)  # a shared holder alone writes the holder info, then shares
+                if self.shared:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                elif not alone:
+                    raise BlockingIOError
             except BlockingIOError:
                 os.close(fd)
                 raise LockError(
@@ -87,6 +115,8 @@ class FolderLock:
         else:  # pragma: no cover - a file removed and re-created 100 times while we looked
             raise LockError(f"{self.folder}: cannot take the lock {self.path}; retry")
         self._fd = fd
+        if self.shared and not alone:
+            return self  # the file names the first of the shared holders
         info = {"pid": os.getpid(), "host": os.uname().nodename, "command": self.command,
                 "argv": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else "",
                 "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
