@@ -12,6 +12,7 @@ A failed write (a full disk) removes its `step-N.tmp/` and raises one Checkpoint
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -61,16 +62,30 @@ def save(run_dir: str | os.PathLike, step: int, tree: Any, metadata: dict[str, A
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(root)
-    except OSError as e:
+    except Exception as e:  # equinox wraps a failed write (a full disk) in its TreePathError
         shutil.rmtree(tmp, ignore_errors=True)
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        detail = cause.strerror or " ".join(str(cause).split())
         raise CheckpointError(
-            f"cannot write checkpoint {final} ({e.strerror or e}); free disk space, then continue with --resume "
-            "(earlier complete checkpoints are kept)"
+            f"cannot write checkpoint {final} ({detail}{'' if cause.errno == errno.ENOSPC else ': disk full?'}); "
+            "free disk space, then continue with --resume (earlier complete checkpoints are kept)"
         ) from None
     if keep > 0:
         for old in list_steps(run_dir)[:-keep]:
             shutil.rmtree(root / f"step-{old}", ignore_errors=True)
     return final
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError that caused `e` (itself, or along its chain of causes), if any."""
+    seen = 0
+    while e is not None and seen < 16:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def list_steps(run_dir: str | os.PathLike) -> list[int]:
