@@ -77,6 +77,7 @@ class FolderLock:
         self.command = command
         self.shared = shared
         self._fd: int | None = None
+        self._created = False
 
     def holder(self) -> str:
         """Who wrote the lock file last (one line)."""
@@ -87,6 +88,7 @@ class FolderLock:
         return _describe(info) if isinstance(info, dict) else "unknown holder"
 
     def acquire(self) -> "FolderLock":
+        self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(100):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -140,6 +142,11 @@ class FolderLock:
                     pass
             if not self.shared:
                 self.path.unlink(missing_ok=True)
+                if self._created:  # a command refused before writing anything leaves no empty folder
+                    try:
+                        self.folder.rmdir()
+                    except OSError:
+                        pass
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             os.close(self._fd)
