@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from seqgen import shards as fmt
+from seqgen.lock import FolderLock, LockError, locked_by
 from seqgen.config import (
     flatten,
     IMAGE_SIZE,
@@ -180,8 +181,24 @@ def _load_images(plan: _Plan) -> np.ndarray | None:
 _WORKER: dict[str, Any] = {}  # per worker process: the plan and (with --materialize) the images
 
 
-def _worker_init(plan: _Plan, numba_threads: int) -> None:
+def _exit_with_parent(parent: int, period: float = 0.5) -> None:
+    """Exit this worker when the process that started it dies (a killed parent must leave no workers)."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(period)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="seqgen-parent-watch", daemon=True).start()
+
+
+def _worker_init(plan: _Plan, numba_threads: int, parent: int | None = None) -> None:
     import numba
+
+    if parent is not None:
+        _exit_with_parent(parent)
 
     numba.set_num_threads(max(1, min(numba_threads, numba.config.NUMBA_NUM_THREADS)))
     _WORKER["plan"], _WORKER["images"] = plan, _load_images(plan)
@@ -212,7 +229,8 @@ def _build_in_workers(plan: _Plan, todo: list[int], workers: int, bar: tqdm) -> 
     ctx = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // workers)
     try:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(plan, threads)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(plan, threads, os.getpid())) as pool:
             for _ in pool.map(_worker_build, todo):
                 bar.update()
     except BrokenProcessPool:
@@ -229,16 +247,22 @@ def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def _existing_header(folder: Path) -> dict[str, Any] | None:
-    for name in (fmt.MANIFEST, fmt.BUILD_FILE):
+    """The identity of the build in `folder`: build.json, else the manifest (None: no build there).
+
+    build.json is read first: a corrupt manifest (an interrupted rename, an edit) must not block resuming a
+    build whose build.json and shards are intact; the manifest is rewritten from them."""
+    unreadable = None
+    for name in (fmt.BUILD_FILE, fmt.MANIFEST):
         try:
             data = fmt.read_json(folder / name, name)
         except FileNotFoundError:
             continue
         except fmt.ShardError:
-            return {"unreadable": name}
+            unreadable = unreadable or name
+            continue
         data.pop("shards", None)
         return data
-    return None
+    return {"unreadable": unreadable} if unreadable else None
 
 
 def _our_files(folder: Path) -> list[Path]:
@@ -246,13 +270,16 @@ def _our_files(folder: Path) -> list[Path]:
     return sorted({p for pat in pats for p in folder.glob(pat)})
 
 
-def _prepare_folder(folder: Path, header: dict[str, Any], overwrite: bool) -> None:
+def _make_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BuildError(f"cannot create output folder {folder} ({e.strerror}); choose another --out") from None
     if not os.access(folder, os.W_OK):
         raise BuildError(f"output folder {folder} is not writable; choose another --out")
+
+
+def _prepare_folder(folder: Path, header: dict[str, Any], overwrite: bool) -> None:
     old = _existing_header(folder)
     foreign = old is None and any(folder.glob("shard-*"))
     if (old is not None and old != header) or foreign:
@@ -308,6 +335,17 @@ def build(
     check_supported(cfg, split)  # fail before touching the folder or Omniglot
     image_table, omniglot_dir = _image_table_info(cfg, materialize, omniglot_dir, cache_dir, progress)
     header = fmt.build_header(cfg, split, image_table, materialize)
+    _make_folder(folder)
+    # one full build (or finalize) at a time; ranged builds (several machines, one folder) share the lock
+    with FolderLock(folder, "seqgen build" if shards is None else "seqgen build --shards", shared=shards is not None):
+        return _build_locked(cfg, folder, split, header, workers=workers, overwrite=overwrite,
+                             materialize=materialize, shards=shards, omniglot_dir=omniglot_dir,
+                             cache_dir=cache_dir, progress=progress, t0=t0)
+
+
+def _build_locked(cfg: BuildConfig, folder: Path, split: Any, header: dict[str, Any], *, workers: int,
+                  overwrite: bool, materialize: bool, shards: range | None, omniglot_dir: Any, cache_dir: Any,
+                  progress: bool, t0: float) -> BuildResult:
     _prepare_folder(folder, header, overwrite)
     plan = _Plan(cfg, split, folder, fmt.canonical_sha256(header), materialize, omniglot_dir, cache_dir)
     wanted = list(shards if shards is not None else range(cfg.num_shards))
@@ -350,7 +388,12 @@ def pending_config(folder: str | os.PathLike[str]) -> tuple[BuildConfig, bool]:
 
 def finalize(folder: str | os.PathLike[str], **kwargs: Any) -> BuildResult:
     """Check every shard of the build in `folder`, rebuild what is missing or corrupt, write the manifest."""
-    cfg, materialize = pending_config(folder)
+    try:
+        cfg, materialize = pending_config(folder)
+    except BuildError:
+        if (holder := locked_by(folder)) is not None:  # a build that has not written build.json yet
+            raise LockError(f"{folder} is in use by another process ({holder}); wait for it to finish") from None
+        raise
     return build(cfg, folder, materialize=materialize, **kwargs)
 
 

@@ -8,6 +8,7 @@ printed as one line `error: ...` with exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,22 +38,29 @@ from seqgen.config import (
     replace_nested,
 )
 from seqgen.download import OmniglotError
+from seqgen.lock import LockError
+from seqgen.usage import OneLineGroup
 
 EXIT_ERROR = 2
 
 
 def error_message(exc: BaseException) -> str | None:
     """The one-line message for an expected failure; None for a bug (which keeps its traceback)."""
-    if isinstance(exc, (ConfigError, OmniglotError, fmt.ShardError, BuildError)):
+    if isinstance(exc, (ConfigError, OmniglotError, fmt.ShardError, BuildError, LockError)):
         msg = str(exc)
+    elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        msg = f"disk full{where}; free space, then rerun the same command to resume (finished shards are kept)"
     elif isinstance(exc, OSError):
         msg = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    elif isinstance(exc, MemoryError):
+        msg = "out of memory; lower --shard-size (rows held in memory at once) or --workers"
     else:
         return None
     return " ".join(msg.split())
 
 
-class _Group(click.Group):
+class _Group(OneLineGroup):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,13 @@ N_OMNIGLOT_CLASSES = 1623
 N_EXEMPLARS = 20
 N_AUGMENTATIONS = 8  # flip left-right x rot90 k in 0..3
 IMAGE_SIZE = 105
+
+
+# Bounds on sizes, so that a typo fails here in one line rather than as a MemoryError or an overflow later.
+MAX_NUM_SEQS = 1 << 40
+MAX_CLASSES = (1 << 31) - 1
+MAX_LENGTH = 1 << 16
+MAX_SHARD_CELLS = 1 << 28  # sequences per shard x examples per sequence (~2.7 GB: a shard is generated in memory)
 
 
 class ConfigError(ValueError):
@@ -209,12 +217,27 @@ class BuildConfig:
     def validate(self) -> "BuildConfig":
         """Raise ConfigError (one line, naming the fix) for any impossible option; return self."""
         d, sp, sq = self.dataset, self.split, self.sequence
+        check_finite(self)
         if self.num_seqs < 1:
             raise ConfigError(f"--num-seqs must be >= 1, got {self.num_seqs}")
         if self.shard_size < 1:
             raise ConfigError(f"--shard-size must be >= 1, got {self.shard_size}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"--seed must be in [0, 2**63), got {self.seed}")
+        if not 0 <= sp.split_seed < 2**63:
+            raise ConfigError(f"--split-seed must be in [0, 2**63), got {sp.split_seed}")
+        if self.num_seqs > MAX_NUM_SEQS:
+            raise ConfigError(f"--num-seqs must be <= {MAX_NUM_SEQS:,} (2**40), got {self.num_seqs:,}")
+        if d.example_type is ExampleType.SYMBOLIC and d.symbolic_size > MAX_CLASSES:
+            raise ConfigError(f"symbolic_size must be <= {MAX_CLASSES:,} (int32 class ids), got {d.symbolic_size:,}")
+        for name in ("seq_len", "fs_shots", "bursty_shots", "ways", "polysemy"):
+            if getattr(sq, name) > MAX_LENGTH:
+                raise ConfigError(f"{name} must be <= {MAX_LENGTH}, got {getattr(sq, name):,}")
+        if min(self.shard_size, self.num_seqs) * max(self.length, 1) > MAX_SHARD_CELLS:
+            raise ConfigError(
+                f"a shard of {min(self.shard_size, self.num_seqs):,} sequences x {self.length} examples is too big to "
+                f"hold in memory (> {MAX_SHARD_CELLS:,} entries); lower --shard-size"
+            )
         if d.example_type is ExampleType.SYMBOLIC and d.symbolic_size < 1:
             raise ConfigError(f"symbolic_size must be >= 1, got {d.symbolic_size}")
         for name in ("n_rare_classes", "n_common_classes", "n_holdout_classes"):
@@ -328,6 +351,16 @@ class BuildConfig:
         return from_plain(cls, data, "")
 
 
+def check_finite(obj: Any, where: str = "") -> None:
+    """ConfigError for a NaN / inf float anywhere in a (nested) config dataclass built in Python."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_finite(value, f"{where}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}{f.name} must be a finite number, got {value!r}")
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dicts as one level with dotted keys ({"a": {"b": 1}} -> {"a.b": 1}); tuples become lists."""
     out: dict[str, Any] = {}
@@ -404,6 +437,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):  # NaN / inf pass every range check below and poison what follows
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     return value
 
@@ -416,8 +451,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {p}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text (TOML files must be); re-save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+        raise ConfigError(f"config file {p} is not valid TOML: {e}; fix that line") from None
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read ({e.strerror or e}); pass a readable TOML file") from None
 
 
 def build_config_from_toml(data: dict[str, Any]) -> BuildConfig:

@@ -17,8 +17,10 @@ structure on a sample of rows).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ import numpy as np
 
 from seqgen.atomic import commit
 from seqgen.config import IMAGE_SIZE, BuildConfig, ConfigError, ExampleType, Labeling, SeqType
+from seqgen.files import Optional, check_schema, dumps_strict, read_json_object
 
 FORMAT = "emergent-icl/seqgen-shards"
 FORMAT_VERSION = 1
@@ -68,6 +71,39 @@ def storage_dtypes(cfg: BuildConfig) -> dict[str, np.dtype]:
     }
 
 
+# The dtypes the format allows for each dataset (README "Shard format"); `storage_dtypes` picks one of them.
+FORMAT_DTYPES: dict[str, tuple[np.dtype, ...]] = {
+    "example": (np.dtype(np.int16), np.dtype(np.int32)),
+    "exemplar": (np.dtype(np.uint8),),
+    "label": (np.dtype(np.int16), np.dtype(np.int32)),
+    "is_rare": (np.dtype(np.uint8),),
+    "noise_seed": (np.dtype(np.uint32),),
+    "pixels": (np.dtype(np.uint8),),
+}
+
+
+def dtype_problem(name: str, dtype: np.dtype) -> str | None:
+    """Why dataset `name` may not have `dtype` (None when the format allows it)."""
+    allowed = FORMAT_DTYPES.get(name)
+    if allowed is None or dtype in allowed:
+        return None
+    return f"{name} is stored as {dtype}, the format allows {' / '.join(map(str, allowed))}"
+
+
+def range_problems(cfg: BuildConfig, data: dict[str, np.ndarray]) -> list[str]:
+    """Values outside what the config allows (class ids, labels, exemplars, is_rare), one line each."""
+    problems: list[str] = []
+    n_cls, n_lab, n_exm = cfg.dataset.num_dataset_classes, cfg.num_labels, cfg.dataset.exemplars_per_class
+    for key, hi, what in (("example", n_cls, f"example class ids outside [0, {n_cls})"),
+                          ("label", n_lab, f"labels outside [0, num_labels={n_lab})"),
+                          ("exemplar", n_exm, f"exemplar >= exemplars_per_class={n_exm}"),
+                          ("is_rare", 2, "is_rare holds values other than 0 / 1")):
+        v = data.get(key)
+        if v is not None and v.size and (int(v.min()) < 0 or int(v.max()) >= hi):
+            problems.append(what)
+    return problems
+
+
 def expected_keys(cfg: BuildConfig, materialized: bool) -> tuple[str, ...]:
     keys = INDEX_KEYS + (("noise_seed",) if cfg.needs_noise_seed else ())
     return keys + (("pixels",) if materialized else ())
@@ -76,8 +112,13 @@ def expected_keys(cfg: BuildConfig, materialized: bool) -> tuple[str, ...]:
 # ---- atomic writes and hashes (seqgen.atomic) ---------------------------------------------------------------
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    commit(tmp, path)
+    text = dumps_strict(obj, indent=1, sort_keys=True) + "\n"  # ValueError on NaN / inf: never written
+    try:
+        tmp.write_text(text)
+        commit(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def canonical_sha256(obj: Any) -> str:
@@ -113,7 +154,45 @@ def write_shard(
     """
     rows = int(arrays["example"].shape[0])
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    length = arrays["example"].shape[1]
+    need = sum(np.asarray(arrays[k]).size * dtypes[k].itemsize for k in arrays if k in dtypes) + _HDF5_OVERHEAD
+    need += rows * length * IMAGE_SIZE * IMAGE_SIZE if pixels is not None else 0
+    # HDF5 does not survive a write that fails for lack of space (h5py errors, then a segfault at exit). So a
+    # shard of up to _IN_MEMORY_BYTES is made in memory (HDF5's core driver: the same bytes as a file written
+    # directly, tested) and written with plain file I/O, where a full disk is an ordinary OSError; bigger
+    # (materialized) shards are written directly after checking the free space.
+    try:
+        if need <= _IN_MEMORY_BYTES:
+            image = _write_hdf5(None, shard, start, rows, arrays, dtypes, pixels, pixel_block_rows)
+            with open(tmp, "wb") as out:
+                out.write(image)
+        else:
+            if (free := shutil.disk_usage(path.parent).free) < need:
+                raise ShardError(_disk_full(path, f"needs about {need / 1e6:,.1f} MB, {free / 1e6:,.1f} MB free"))
+            _write_hdf5(tmp, shard, start, rows, arrays, dtypes, pixels, pixel_block_rows)
+        commit(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+            raise ShardError(_disk_full(path, "the disk filled up")) from None
+        raise
+    return file_sha256(path)
+
+
+_IN_MEMORY_BYTES = 1 << 29  # shards up to 512 MiB (every index-only shard of the default size) are made in memory
+_HDF5_OVERHEAD = 1 << 14  # bytes of HDF5 metadata per shard file (4 KiB measured), with a margin
+
+
+def _disk_full(path: Path, detail: str) -> str:
+    return (f"disk full: cannot write {path} ({detail}); free space in {path.parent}, then rerun the same command "
+            "to resume (finished shards are kept)")
+
+
+def _write_hdf5(tmp: Path | None, shard: int, start: int, rows: int, arrays: dict[str, np.ndarray],
+                dtypes: dict[str, np.dtype], pixels: PixelFn | None, pixel_block_rows: int) -> bytes | None:
+    """Write the shard to `tmp`, or (tmp None) in memory and return the file's bytes."""
+    where = dict(name=tmp) if tmp is not None else dict(name=f"shard-{shard}-{id(arrays)}", driver="core", backing_store=False)
+    with h5py.File(mode="w", **where) as f:
         for key in ("example", "exemplar", "label", "is_rare", "noise_seed"):
             if key in arrays:
                 data = np.ascontiguousarray(arrays[key], dtype=dtypes[key])
@@ -128,8 +207,10 @@ def write_shard(
                 ds[s] = pixels(arrays["example"][s], arrays["exemplar"][s])
         for name, value in (("format_version", FORMAT_VERSION), ("shard", shard), ("start", start), ("rows", rows)):
             f.attrs[name] = np.int64(value)
-    commit(tmp, path)
-    return file_sha256(path)
+        if tmp is None:
+            f.flush()
+            return f.id.get_file_image()
+    return None
 
 
 def read_shard(path: Path, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -170,33 +251,53 @@ def build_header(
     }
 
 
+# What every header (build.json, manifest.json) and sidecar must hold; checked on every read.
+HEADER_SCHEMA: dict[str, Any] = {
+    "format": str,
+    "format_version": int,
+    "config": dict,
+    "length": int,
+    "num_labels": int,
+    "split": {"rare": [int], "common": [int], "holdout": [int], "zipf_weights_sha256": Optional(str)},
+    "image_table": Optional({"fingerprint": str, "shape": [int]}),
+    "materialized": Optional(bool),
+}
+MANIFEST_SCHEMA: dict[str, Any] = {
+    **HEADER_SCHEMA, "shards": [{"file": str, "start": int, "rows": int, "sha256": str}],
+}
+SIDECAR_SCHEMA: dict[str, Any] = {"build": str, "file": str, "start": int, "rows": int, "sha256": str}
+_SCHEMAS = {"manifest": MANIFEST_SCHEMA, MANIFEST: MANIFEST_SCHEMA, BUILD_FILE: HEADER_SCHEMA, "sidecar": SIDECAR_SCHEMA}
+_FIX = "rebuild with `seqgen build`"
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as e:
-        raise ShardError(f"{what} {path} is unreadable ({e}); rebuild with `seqgen build`") from None
-    if not isinstance(data, dict):
-        raise ShardError(f"{what} {path} is not a JSON object; rebuild with `seqgen build`")
+    """A manifest, build.json or sidecar, format- and type-checked (`seqgen.files`); ShardError (one line)
+    when not valid; FileNotFoundError passes through."""
+    data = read_json_object(path, what=what, fix=_FIX, error=ShardError)
+    schema = _SCHEMAS.get(what)
+    if schema is not None and "format" in schema:
+        got, version = data.get("format"), data.get("format_version")
+        want = f"expected {FORMAT!r} v{FORMAT_VERSION}; rebuild it with this version of seqgen"
+        if got != FORMAT:
+            raise ShardError(f"{path} is not a seqgen shard manifest (format {got!r} v{version!r}), {want}")
+        if version != FORMAT_VERSION:
+            raise ShardError(f"{path}: format_version {version!r} is not supported, {want}")
+    if schema is not None:
+        check_schema(data, schema, where=f"{what} {path}", error=ShardError, fix=_FIX)
     return data
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of a finished set; ShardError (one line) when absent or not this format."""
+    """The manifest of a finished set; ShardError (one line) when absent, not this format or malformed."""
     path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise ShardError(f"shard set {folder} not found; build it with `seqgen build --out {folder}`")
     try:
-        data = read_json(path, "manifest")
+        return read_json(path, "manifest")
     except FileNotFoundError:
         raise ShardError(
-            f"{folder} has no {MANIFEST}: not a finished shard set; run `seqgen build` or `seqgen finalize {folder}`"
+            f"{folder} has no {MANIFEST}: not a finished shard set (an unfinished build?); run `seqgen build` or `seqgen finalize {folder}`"
         ) from None
-    if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
-        raise ShardError(
-            f"{path} is format {data.get('format')!r} v{data.get('format_version')!r}, expected {FORMAT!r} "
-            f"v{FORMAT_VERSION}; rebuild it with this version of seqgen"
-        )
-    return data
 
 
 def manifest_config(manifest: dict[str, Any]) -> BuildConfig:
@@ -277,17 +378,11 @@ def class_label_ranges(cfg: BuildConfig, pools: dict[str, np.ndarray]) -> tuple[
 
 def check_invariants(cfg: BuildConfig, header: dict[str, Any], data: dict[str, np.ndarray], sample: int) -> list[str]:
     """Problems (one line each) in one shard's arrays, as read from disk."""
-    problems: list[str] = []
-    ex, exm, lab, rare = data["example"], data["exemplar"], data["label"], data["is_rare"]
+    problems = range_problems(cfg, data)
+    ex, lab, rare = data["example"], data["label"], data["is_rare"]
     n_cls = cfg.dataset.num_dataset_classes
-    if ex.size and (ex.min() < 0 or ex.max() >= n_cls):
-        return [f"example class ids outside [0, {n_cls})"]
-    if lab.size and (lab.min() < 0 or lab.max() >= cfg.num_labels):
-        problems.append(f"labels outside [0, num_labels={cfg.num_labels})")
-    if exm.size and exm.max() >= cfg.dataset.exemplars_per_class:
-        problems.append(f"exemplar >= exemplars_per_class={cfg.dataset.exemplars_per_class}")
-    if rare.size and rare.max() > 1:
-        problems.append("is_rare holds values other than 0 / 1")
+    if problems and problems[0].startswith("example class ids"):
+        return problems[:1]
     pools = _pools(header)
     kind = allowed_pool(cfg.seq_type)
     if not _in(ex, pools[kind], n_cls).all():
@@ -411,6 +506,55 @@ def verify(folder: Path, *, sample: int = 4096, expected_split: Any = None) -> t
         return manifest, problems + [f"manifest lists {len(entries or [])} shards, expected {cfg.num_shards}"]
     if sum(int(e.get("rows", 0)) for e in entries) != cfg.num_seqs:
         problems.append(f"shard rows do not add up to num_seqs={cfg.num_seqs}")
+    problems += _check_identity(folder, manifest, entries)
     for i, entry in enumerate(entries):
         problems += _check_shard(folder, i, entry, cfg, manifest, sample)
+    if expected_split is not None and not problems:
+        problems += _check_regenerated(folder, cfg, expected_split, entries)
     return manifest, problems
+
+
+def _check_identity(folder: Path, manifest: dict[str, Any], entries: list[dict[str, Any]]) -> list[str]:
+    """The manifest's header (config, split, ...) must be the one build.json and every sidecar record: the
+    sidecars name the build that wrote each shard by the hash of that header, so an edited manifest config
+    is caught even where it would still pass every other check."""
+    header = {k: v for k, v in manifest.items() if k != "shards"}
+    build_id = canonical_sha256(header)
+    problems: list[str] = []
+    try:
+        if canonical_sha256(read_json(folder / BUILD_FILE, BUILD_FILE)) != build_id:
+            problems.append(f"{MANIFEST} differs from {BUILD_FILE} (edited manifest or build.json); rebuild the set")
+    except FileNotFoundError:
+        pass
+    except ShardError as e:
+        problems.append(str(e))
+    for i, entry in enumerate(entries):
+        try:
+            side = read_json(folder / sidecar_file(i), "sidecar")
+        except FileNotFoundError:
+            continue
+        except ShardError as e:
+            problems.append(str(e))
+            continue
+        if side["build"] != build_id:
+            problems.append(f"{sidecar_file(i)}: shard {i} was written by another build than {MANIFEST} describes "
+                            "(edited manifest config?); rebuild the set")
+            break
+    return problems
+
+
+def _check_regenerated(folder: Path, cfg: BuildConfig, split: Any, entries: list[dict[str, Any]],
+                       rows: int = 16) -> list[str]:
+    """Regenerate the first rows of every shard from the manifest's config and compare: what a config edit
+    changes shows up here even without build.json and sidecars."""
+    from seqgen.sampling import generate
+
+    for i, entry in enumerate(entries):
+        n = min(rows, int(entry["rows"]))
+        want = generate(cfg, split, int(entry["start"]), n)
+        got = read_shard(folder / entry["file"], [k for k in want])
+        for k in want:
+            if not np.array_equal(np.asarray(got[k][:n], np.int64), np.asarray(want[k], np.int64)):
+                return [f"{entry['file']}: {k} differs from what the manifest's config generates (edited config, or "
+                        "shards of another build); rebuild the set"]
+    return []

@@ -26,7 +26,7 @@ NOISY = BuildConfig(split=SplitConfig(n_rare_classes=1600, n_common_classes=13, 
 
 def _arrays(n: int, seed: bool = False) -> dict[str, np.ndarray]:
     r = np.arange(n * L).reshape(n, L)
-    out = {"example": r % 50, "exemplar": r % 20, "label": r % 7 + 100 * (r // L), "is_rare": r % 2}
+    out = {"example": r % 50, "exemplar": r % 20, "label": r % 7 + 40 * (r // L), "is_rare": r % 2}
     if seed:
         out["noise_seed"] = np.arange(n, dtype=np.uint32) * 7 + 3
     return out
@@ -174,6 +174,7 @@ def test_host_slices_concatenate(sset):
 
 def test_noise_seed_zeros_when_absent(tmp_path):
     arrays = _arrays(9)
+    arrays.update(label=arrays["label"] % 60, exemplar=np.zeros_like(arrays["exemplar"]))  # symbolic ranges
     write_shard_set(tmp_path, SYMBOLIC, arrays, 4)
     with BatchStream(open_shard_set(tmp_path), 4) as s:
         b = next(s)

@@ -5,11 +5,14 @@ A checkpoint is written into `step-N.tmp/`, `state.eqx` first (`eqx.tree_seriali
 folder is renamed to `step-N/` only then. Discovery ignores folders without `metadata.json`, so an
 interrupted save is never mistaken for a checkpoint. Loading needs a skeleton pytree of the same
 structure (the caller rebuilds it from the stored config) and checks shapes and dtypes leaf by leaf.
+`metadata.json` records the sha256 of `state.eqx` (`state_sha256`), checked on every load: a flipped or
+appended byte is refused. Checkpoints written before that field existed still load (unchecked).
+A failed write (a full disk) removes its `step-N.tmp/` and raises one CheckpointError line.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import re
 import shutil
@@ -21,6 +24,8 @@ import jax
 import numpy as np
 
 from seqgen.atomic import fsync_dir, fsync_file
+from seqgen.files import Optional, check_schema, dumps_strict, read_json_object
+from seqgen.shards import file_sha256
 
 FORMAT = "emergent-icl/checkpoint"
 FORMAT_VERSION = 2  # 2: flat optimizer state (one mu / nu vector); 1: one per parameter array
@@ -44,21 +49,43 @@ def save(run_dir: str | os.PathLike, step: int, tree: Any, metadata: dict[str, A
     tmp = root / f"step-{step}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    host_tree = jax.tree_util.tree_map(lambda x: np.asarray(x) if eqx.is_array(x) else x, tree)
-    eqx.tree_serialise_leaves(tmp / "state.eqx", host_tree)
-    fsync_file(tmp / "state.eqx")
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step), **metadata}
-    (tmp / "metadata.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-    fsync_file(tmp / "metadata.json")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
+    try:
+        tmp.mkdir()
+        host_tree = jax.tree_util.tree_map(lambda x: np.asarray(x) if eqx.is_array(x) else x, tree)
+        eqx.tree_serialise_leaves(tmp / "state.eqx", host_tree)
+        fsync_file(tmp / "state.eqx")
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step), **metadata,
+                "state_sha256": file_sha256(tmp / "state.eqx")}
+        (tmp / "metadata.json").write_text(dumps_strict(meta, indent=1, sort_keys=True))
+        fsync_file(tmp / "metadata.json")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    except Exception as e:  # equinox wraps a failed write (a full disk) in its TreePathError
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        detail = cause.strerror or " ".join(str(cause).split())
+        raise CheckpointError(
+            f"cannot write checkpoint {final} ({detail}{'' if cause.errno == errno.ENOSPC else ': disk full?'}); "
+            "free disk space, then continue with --resume (earlier complete checkpoints are kept)"
+        ) from None
     if keep > 0:
         for old in list_steps(run_dir)[:-keep]:
             shutil.rmtree(root / f"step-{old}", ignore_errors=True)
     return final
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError that caused `e` (itself, or along its chain of causes), if any."""
+    seen = 0
+    while e is not None and seen < 16:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def list_steps(run_dir: str | os.PathLike) -> list[int]:
@@ -79,28 +106,41 @@ def latest_step(run_dir: str | os.PathLike) -> int | None:
     return steps[-1] if steps else None
 
 
+_METADATA_SCHEMA = {"format": str, "format_version": int, "step": int, "trainer": Optional(dict),
+                    "state_sha256": Optional(str)}
+
+
 def read_metadata(run_dir: str | os.PathLike, step: int) -> dict[str, Any]:
+    """metadata.json of checkpoint `step`, format- and type-checked; CheckpointError (one line) otherwise."""
     path = checkpoint_dir(run_dir) / f"step-{step}" / "metadata.json"
+    fix = "delete that checkpoint folder or pick another --step"
     try:
-        meta = json.loads(path.read_text())
+        meta = read_json_object(path, what="checkpoint metadata", fix=fix, error=CheckpointError)
     except FileNotFoundError:
         available = ", ".join(map(str, list_steps(run_dir))) or "none"
         raise CheckpointError(f"no checkpoint at step {step} in {run_dir} (available steps: {available})") from None
-    except json.JSONDecodeError:
-        raise CheckpointError(f"checkpoint metadata {path} is corrupt; delete that folder or pick another --step") from None
     if meta.get("format") != FORMAT or meta.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(
             f"{path} is not an emergent-icl checkpoint this version can read (format versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}; found {meta.get('format')!r} v{meta.get('format_version')!r})"
         )
+    check_schema(meta, _METADATA_SCHEMA, where=f"checkpoint metadata {path}", error=CheckpointError, fix=fix)
+    if meta["step"] != step:
+        raise CheckpointError(f"checkpoint metadata {path} says step {meta['step']}, its folder step {step}; {fix}")
     return meta
 
 
 def load(run_dir: str | os.PathLike, step: int, skeleton: Any) -> Any:
     """Load checkpoint `step` into a pytree shaped like `skeleton` (rebuilt by the caller from its config)."""
     path = checkpoint_dir(run_dir) / f"step-{step}" / "state.eqx"
-    read_metadata(run_dir, step)
+    meta = read_metadata(run_dir, step)
     expected = os.path.getsize(path) if path.exists() else -1
+    want = meta.get("state_sha256")  # absent in checkpoints written before it was recorded: not checked
+    if want is not None and path.is_file() and file_sha256(path) != want:
+        raise CheckpointError(
+            f"checkpoint {path} fails its sha256 check against metadata.json (corrupt, truncated or modified); delete "
+            f"{path.parent} to resume from an earlier checkpoint, or pick another --step"
+        )
     try:
         tree = eqx.tree_deserialise_leaves(path, skeleton)
     except FileNotFoundError:

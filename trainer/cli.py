@@ -7,18 +7,20 @@ known error is printed as one line `error: ...` with exit code 2.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from typing import Any, Callable
 
 import click
 
 from seqgen.config import flatten, load_toml
+from seqgen.usage import OneLineGroup
 from trainer.config import TrainConfig, train_config_from_toml, with_overrides
 from trainer.errors import one_line_errors
 from trainer.models.config import ExampleEncoding, SeqModel
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Train and evaluate the paper's model on seqgen shard sets."""
 
@@ -40,6 +42,12 @@ def _stored_config(run_dir: str) -> TrainConfig | None:
 
     run = RunDir(run_dir)
     return run.train_config() if run.exists() else None
+
+
+def _positive_finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a finite number of seconds > 0, got {value}")
+    return value
 
 
 def _common_data_options(fn: Callable) -> Callable:
@@ -127,7 +135,8 @@ def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_d
 @click.option("--max-seqs", type=click.IntRange(min=1), help="Evaluate at most this many sequences per set.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--watch", is_flag=True, help="Follow a running fit: evaluate each new checkpoint as it appears.")
-@click.option("--poll", type=float, default=30.0, show_default=True, help="Seconds between checks with --watch.")
+@click.option("--poll", type=float, default=30.0, show_default=True, callback=_positive_finite,
+              help="Seconds between checks with --watch.")
 @_common_data_options
 @one_line_errors
 def evaluate(eval_dirs, run_dir, step, train_dir, max_seqs, batch_size, watch, poll, omniglot_dir, cache_dir,

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from seqgen.config import ConfigError, from_plain, to_plain
+from seqgen.config import ConfigError, check_finite, from_plain, to_plain
 from trainer.models.config import ModelConfig
 from trainer.schedule import ScheduleKind
 
@@ -72,6 +72,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         t, o = self.training, self.optimizer
+        check_finite(self)
         checks = [
             (t.steps >= 1, f"steps must be >= 1, got {t.steps}"),
             (t.batch_size >= 1, f"batch_size must be >= 1, got {t.batch_size}"),
@@ -85,6 +86,9 @@ class TrainConfig:
             (t.keep_checkpoints >= 0, f"keep_checkpoints must be >= 0, got {t.keep_checkpoints}"),
             (0.0 <= t.w_interim_predictions < 1.0, "w_interim_predictions must be in [0, 1)"),
             (o.max_lr > 0, f"max_lr must be > 0, got {o.max_lr}"),
+            (0.0 <= o.b1 < 1.0, f"b1 (Adam) must be in [0, 1), got {o.b1}"),
+            (0.0 <= o.b2 < 1.0, f"b2 (Adam) must be in [0, 1), got {o.b2}"),
+            (o.eps >= 0, f"eps (Adam) must be >= 0, got {o.eps}"),
             (o.warmup_steps >= 1, f"warmup_steps must be >= 1, got {o.warmup_steps}"),
             (o.clip_norm is None or o.clip_norm > 0, "clip_norm must be > 0 (or omitted for no clipping)"),
             (0 <= t.seed < 2**31, f"seed must be in [0, 2**31), got {t.seed}"),

@@ -59,6 +59,9 @@ def initialize(distributed: bool, coordinator: str | None = None, num_processes:
     given = [coordinator is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
         raise TopologyError("--coordinator, --num-processes and --process-id go together: give all three or none")
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise TopologyError(f"--process-id {process_id} is impossible with --num-processes {num_processes}: "
+                            f"give each process an id in 0..{num_processes - 1}")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
 
 

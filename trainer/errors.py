@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from typing import Any, Callable
@@ -13,6 +14,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is a complete, one-line explanation with the fix."""
     from seqgen.build import BuildError
     from seqgen.config import ConfigError
+    from seqgen.lock import LockError
     from seqgen.omniglot import OmniglotError
     from seqgen.shards import ShardError
     from trainer.checkpoint import CheckpointError
@@ -22,7 +24,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from trainer.run import RunError
 
     return (ConfigError, OmniglotError, BuildError, ShardError, CheckpointError, DataError, TopologyError,
-            ModelInputError, RunError)
+            ModelInputError, RunError, LockError)
 
 
 def one_line_errors(fn: Callable) -> Callable:
@@ -36,7 +38,11 @@ def one_line_errors(fn: Callable) -> Callable:
             fail(str(e))
         except OSError as e:
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            if e.errno == errno.ENOSPC:
+                fail(f"disk full{where}; free space, then continue with --resume (complete checkpoints are kept)")
             fail(f"{e.strerror or e}{where}")
+        except MemoryError:
+            fail("out of memory; lower --batch-size / eval batch size, or use a machine with more memory")
 
     return wrapper
 

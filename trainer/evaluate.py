@@ -95,18 +95,37 @@ def format_table(step: int, results: Iterable[tuple[str, str, dict[str, dict[str
     return "\n".join(lines + heads)
 
 
+EVALUATION_SCHEMA = {"step": int, "sets": [{"set": str, "seq_type": str, "metrics": dict}]}
+
+
+def read_evaluation(path: Path) -> dict[str, Any] | None:
+    """evaluations/step-N.json, type-checked (None when absent); RunError (one line) when malformed."""
+    from seqgen.files import read_json_object
+    from trainer.run import RunError
+
+    try:
+        return read_json_object(path, what="evaluation", error=RunError, schema=EVALUATION_SCHEMA,
+                                fix="delete it and evaluate that step again")
+    except FileNotFoundError:
+        return None
+
+
 def write_evaluation(path: Path, step: int, results: list[tuple[str, str, dict]], extra: dict[str, Any]) -> None:
-    """Atomically write one evaluation (all sets at one step) as JSON."""
-    record = {
-        "step": step,
-        "time": time.time(),
-        **extra,
-        "sets": [{"set": name, "seq_type": st, "metrics": summary} for name, st, summary in results],
-    }
+    """Atomically write one evaluation as JSON, merged by set: the sets of `results` replace their earlier
+    entries at this step, entries of other sets are kept (each `trainer evaluate` may score other sets)."""
+    new = [{"set": name, "seq_type": st, "metrics": summary, **extra} for name, st, summary in results]
+    old = read_evaluation(path)
+    names = {r["set"] for r in new}
+    kept = [r for r in (old["sets"] if old and old.get("step") == step else []) if r["set"] not in names]
+    record = {"step": step, "time": time.time(), **extra, "sets": kept + new}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def set_name(shard_set: ShardSet) -> str:

@@ -16,7 +16,7 @@ from trainer import checkpoint
 from trainer.data import DataError
 from trainer.distributed import Topology
 from trainer.evaluate import evaluate_set, format_table, set_name, write_evaluation
-from trainer.run import RunDir, RunError
+from trainer.run import RunDir, RunError, run_lock
 from trainer.session import make_session, restore
 from trainer.signals import GracefulInterrupt
 from trainer.step import eval_key
@@ -51,7 +51,19 @@ def _open(run_dir: Any, eval_dirs: Sequence[Any], train_dir: Any, omniglot_dir: 
     cfg = run.train_config()
     session = make_session(cfg, _train_path(run, train_dir), eval_dirs, topo,
                            omniglot_dir=omniglot_dir, cache_dir=cache_dir)
+    _check_train_is_the_runs(run, session)
     return run, session
+
+
+def _check_train_is_the_runs(run: RunDir, session: Any) -> None:
+    """The training set given (or found) must be the one the run trained on (same manifest fingerprint), so
+    that eval sets are checked against the run's own class split, not another set's."""
+    from trainer.session import manifest_fingerprint
+
+    recorded = run.read()["data"]["train"]
+    if manifest_fingerprint(session.train) != recorded["fingerprint"]:
+        raise RunError(f"training set {session.train.path} is not the one run {run.path} was trained on "
+                       f"({recorded['path']}); pass that set (or a copy of it) as --train")
 
 
 def evaluate_run(run_dir: Any, eval_dirs: Sequence[Any], *, step: int | None, train_dir: Any, max_seqs: int | None,
@@ -64,14 +76,15 @@ def evaluate_run(run_dir: Any, eval_dirs: Sequence[Any], *, step: int | None, tr
         step = checkpoint.latest_step(run.path)
         if step is None:
             raise RunError(f"{run.path} has no complete checkpoint yet; wait for `trainer fit` to save one")
-    with (interrupt or GracefulInterrupt("stopping the evaluation; nothing is saved")) as stop:
-        results = _evaluate_step(run, session, step, max_seqs, batch_size, stop)
-    if results is None:
-        echo("interrupted: no evaluation written")
-        return None
-    if topo.is_main:
-        write_evaluation(run.evaluations_dir / f"step-{step}.json", step, results,
-                         {"max_seqs": max_seqs, "source": "evaluate"})
+    with run_lock(run.path, "trainer evaluate", enabled=topo.is_main, folder=run.evaluations_dir):
+        with (interrupt or GracefulInterrupt("stopping the evaluation; nothing is saved")) as stop:
+            results = _evaluate_step(run, session, step, max_seqs, batch_size, stop)
+        if results is None:
+            echo("interrupted: no evaluation written")
+            return None
+        if topo.is_main:
+            write_evaluation(run.evaluations_dir / f"step-{step}.json", step, results,
+                             {"max_seqs": max_seqs, "source": "evaluate"})
     echo(format_table(step, results))
     return results
 
@@ -88,7 +101,8 @@ def watch_run(run_dir: Any, eval_dirs: Sequence[Any], *, poll: float, train_dir:
             if r.get("source") == "watch" and r.get("set") in names}
     evaluated: list[int] = []
     idle = 0
-    with (interrupt or GracefulInterrupt("stopping --watch; evaluations already written are kept")) as stop:
+    with run_lock(run.path, "trainer evaluate --watch", enabled=topo.is_main, folder=run.evaluations_dir), \
+            (interrupt or GracefulInterrupt("stopping --watch; evaluations already written are kept")) as stop:
         while not stop.stop_requested:
             final = run.train_config().training.steps
             todo = [s for s in checkpoint.list_steps(run.path) if s not in done]

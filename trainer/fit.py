@@ -26,7 +26,7 @@ from trainer.data import BatchStream
 from trainer.distributed import Topology, make_topology, replicate, to_global
 from trainer.evaluate import evaluate_set, set_name
 from trainer.resume import owed_evaluations, resumed_config
-from trainer.run import RunDir, RunError
+from trainer.run import RunDir, RunError, run_lock
 from trainer.schedule import StepSchedule
 from trainer.session import Session, data_record, make_session, restore
 from trainer.signals import GracefulInterrupt
@@ -66,7 +66,16 @@ def _prepare_run(run: RunDir, cfg: TrainConfig, resume: bool, session_data: dict
         raise RunError(f"{run.path} already holds a run; use --resume to continue it or pick another --run-dir")
 
 
-def fit(
+def fit(cfg: TrainConfig, train_path: str | os.PathLike, eval_paths: Sequence[str | os.PathLike],
+        run_dir: str | os.PathLike, *, topo: Topology | None = None, **kwargs: Any) -> FitResult:
+    """Train (see `_fit`) holding the run directory's writer lock: one `trainer fit` per run directory
+    (only process 0 writes, so only it locks)."""
+    topo = topo or make_topology()
+    with run_lock(run_dir, "trainer fit", enabled=topo.is_main):
+        return _fit(cfg, train_path, eval_paths, run_dir, topo=topo, **kwargs)
+
+
+def _fit(
     cfg: TrainConfig,
     train_path: str | os.PathLike,
     eval_paths: Sequence[str | os.PathLike],

@@ -9,13 +9,23 @@ versions. `metrics.jsonl` gets one JSON object per line, appended and flushed:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 from pathlib import Path
 from typing import Any, Iterator
 
+from seqgen.config import ConfigError
+from seqgen.files import Optional, dumps_strict, read_json_object, read_jsonl_objects
+from seqgen.lock import FolderLock
 from trainer.config import TrainConfig
+
+# What config.json and each metrics.jsonl record must hold (type-checked on every read).
+CONFIG_SCHEMA = {"trainer": dict, "data": {"train": {"path": str, "fingerprint": str}, "eval": Optional([dict])},
+                 "versions": Optional(dict)}
+METRICS_SCHEMA = {"step": int, "kind": Optional(str), "set": Optional(str), "source": Optional(str),
+                  "metrics": Optional(dict)}
 
 
 class RunError(Exception):
@@ -38,6 +48,15 @@ def versions() -> dict[str, str]:
         "h5py": h5py.__version__,
         "backend": jax.default_backend(),
     }
+
+
+def run_lock(run_dir: str | os.PathLike, command: str, *, enabled: bool = True,
+             folder: str | os.PathLike | None = None) -> contextlib.AbstractContextManager:
+    """The writer lock of a run directory (`run_dir/.lock`; `folder` for a part of it, e.g. evaluations/):
+    a second writer gets a one-line LockError naming the holder. A no-op when not `enabled` (hosts > 0)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return FolderLock(folder if folder is not None else run_dir, command)
 
 
 class RunDir:
@@ -64,25 +83,29 @@ class RunDir:
         return self.config_path.is_file()
 
     def create(self, cfg: TrainConfig, data: dict[str, Any]) -> None:
+        tmp = self.config_path.with_suffix(".json.tmp")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             record = {"trainer": cfg.to_dict(), "data": data, "versions": versions()}
-            tmp = self.config_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+            tmp.write_text(dumps_strict(record, indent=1, sort_keys=True))
             os.replace(tmp, self.config_path)
         except OSError as e:
+            tmp.unlink(missing_ok=True)
             raise RunError(f"cannot write run directory {self.path}: {e.strerror or e}") from None
 
     def read(self) -> dict[str, Any]:
+        """config.json, type-checked; RunError (one line) when missing, not JSON or of the wrong shape."""
         try:
-            return json.loads(self.config_path.read_text())
+            return read_json_object(self.config_path, what="run config", error=RunError, schema=CONFIG_SCHEMA,
+                                    fix="restore it or start a new --run-dir")
         except FileNotFoundError:
             raise RunError(f"{self.path} is not a run directory (no config.json); start one with `trainer fit`") from None
-        except json.JSONDecodeError:
-            raise RunError(f"{self.config_path} is corrupt; restore it or start a new --run-dir") from None
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig.from_dict(self.read()["trainer"])
+        try:
+            return TrainConfig.from_dict(self.read()["trainer"])
+        except ConfigError as e:
+            raise RunError(f"run config {self.config_path} is invalid ({e}); restore it or start a new --run-dir") from None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
@@ -90,17 +113,12 @@ class RunDir:
             f.flush()
 
     def read_metrics(self) -> Iterator[dict[str, Any]]:
+        """The records of metrics.jsonl; a line cut by a hard kill is skipped, a line that is JSON but not a
+        record (edited file) is a one-line RunError."""
         if not self.metrics_path.is_file():
             return
-        with self.metrics_path.open() as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a hard kill: skip it
+        yield from read_jsonl_objects(self.metrics_path, what="metrics file", error=RunError, schema=METRICS_SCHEMA,
+                                      fix="delete or repair that line", allow_nan=True)
 
     def truncate_metrics_after(self, step: int) -> None:
         """On resume, drop records logged after the checkpoint we restart from (they will be redone)."""
