@@ -137,8 +137,9 @@ def _loss_and_metrics(model, bn_state, examples, labels, key, ctx: StepContext, 
     return per, bn_state
 
 
-def make_train_step(ctx: StepContext) -> Callable:
-    """Return `step(table, state, batches) -> (state, metrics)`; batches have a leading dispatch axis K."""
+def make_one_step(ctx: StepContext) -> Callable:
+    """Return `one_step(table, state, batch) -> (state, metrics)`: one update, not jitted (`make_train_step`
+    scans it over a dispatch; `trainer.group` also vmaps it over runs)."""
     optimizer = make_optimizer(ctx.train_cfg.optimizer)
     seq_type = ctx.data_cfg.seq_type
 
@@ -158,6 +159,13 @@ def make_train_step(ctx: StepContext) -> Callable:
         model = eqx.apply_updates(state.model, updates)
         metrics = {k: jnp.mean(v) for k, v in per.items()}
         return TrainState(state.step + 1, model, bn_state, opt_state, key), metrics
+
+    return one_step
+
+
+def make_train_step(ctx: StepContext) -> Callable:
+    """Return `step(table, state, batches) -> (state, metrics)`; batches have a leading dispatch axis K."""
+    one_step = make_one_step(ctx)
 
     @functools.partial(eqx.filter_jit, donate="all-except-first")
     def step(table, state: TrainState, batches):
