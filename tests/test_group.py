@@ -174,6 +174,7 @@ def test_batchnorm_statistics_stay_per_run_under_vmap():
 
     grad = eqx.filter_value_and_grad(loss, has_aux=True)
     alone = [grad(m, s, x) for (m, s), x in zip(pairs, images)]
+    pairs = [make_model(cfg, 7, key=jr.PRNGKey(i), image_size=16) for i in range(2)]  # fresh (unused) states
     models = stack_states([m for m, _ in pairs])
     states = stack_states([s for _, s in pairs])
     batched = eqx.filter_vmap(grad)(models, states, jnp.stack(images))
