@@ -8,10 +8,15 @@
 #
 # 1. builds one bursty training set per p_bursty in $P_BURSTY (default 0.9) and fewshot_holdout /
 #    no_support_zipfian eval sets (2048 sequences each);
-# 2. prints the trainer benchmark at paper scale (ms/step, steps/s, GFLOP/s);
+# 2. prints the trainer benchmark at paper scale (ms/step, steps/s, GFLOP/s) for both kernel paths
+#    (trainer/models/kernels.py: "xla" = XLA's own ops with autodiff, the GPU default; "custom" = the
+#    hand-written backward passes chosen on the CPU), then one run against a vectorized group of $GROUP
+#    (default 8) runs in one jitted step (bench/group_bench.py: ms/step, runs/hour at 500k steps);
 # 3. trains the paper model for TRAIN_SECONDS (default 300) per p_bursty and prints ICL / IWL at each
 #    evaluation (copies land in $OUT when set, e.g. on the device machine).
-# Knobs for a dry run on a CPU: IMAGE_SIZE, LAYERS, BENCH_STEPS, DISPATCH, EVAL_SEQS, MIN_STEPS, WORK.
+# Knobs for a dry run on a CPU: IMAGE_SIZE, LAYERS, BENCH_STEPS, DISPATCH, EVAL_SEQS, MIN_STEPS, WORK,
+# GROUP, NUM_SEQS (training sequences per set, default 2000000), e.g.
+#   IMAGE_SIZE=28 LAYERS=1 BENCH_STEPS=4 DISPATCH=2 GROUP=2 NUM_SEQS=20000 EVAL_SEQS=64 bash bench/gpu_check.sh 5
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -24,7 +29,7 @@ mkdir -p "$WORK" "$OUT_DIR"
 
 python3 -c "import jax; print('devices:', jax.devices())"
 for p in $P_BURSTY; do
-  python3 -m seqgen build --type bursty --p-bursty "$p" --num-seqs 2000000 --seed 0 --out "$WORK/bursty-$p" \
+  python3 -m seqgen build --type bursty --p-bursty "$p" --num-seqs "${NUM_SEQS:-2000000}" --seed 0 --out "$WORK/bursty-$p" \
     --omniglot "$OMNIGLOT_DIR" --cache-dir "$WORK/cache" --quiet
 done
 for t in fewshot_holdout no_support_zipfian; do
@@ -32,8 +37,18 @@ for t in fewshot_holdout no_support_zipfian; do
     --omniglot "$OMNIGLOT_DIR" --cache-dir "$WORK/cache" --quiet
 done
 
-python3 bench/trainer_bench.py --image-size "${IMAGE_SIZE:-105}" --layers "${LAYERS:-12}" --batch 32 --steps "${BENCH_STEPS:-100}" \
-  --steps-per-dispatch "${DISPATCH:-50}" --omniglot "$OMNIGLOT_DIR" --cache-dir "$WORK/cache" | tee "$OUT_DIR/bench.txt"
+BENCH_ARGS=(--image-size "${IMAGE_SIZE:-105}" --layers "${LAYERS:-12}" --batch 32 --steps "${BENCH_STEPS:-100}"
+            --steps-per-dispatch "${DISPATCH:-50}" --omniglot "$OMNIGLOT_DIR" --cache-dir "$WORK/cache")
+# The platform's default kernel path last: bench.txt (which sizes the training below) is what `fit` runs.
+DEFAULT_PATH=$(python3 -c "from trainer.models.kernels import kernel_path; print(kernel_path())")
+OTHER_PATH=$([ "$DEFAULT_PATH" = xla ] && echo custom || echo xla)
+for path in "$OTHER_PATH" "$DEFAULT_PATH"; do
+  echo "== kernel path $path"
+  EMERGENT_ICL_KERNELS=$path python3 bench/trainer_bench.py "${BENCH_ARGS[@]}" | tee "$OUT_DIR/bench-$path.txt"
+done
+cp "$OUT_DIR/bench-$DEFAULT_PATH.txt" "$OUT_DIR/bench.txt"
+echo "== vectorized group of ${GROUP:-8} (kernel path $DEFAULT_PATH)"
+python3 bench/group_bench.py --group "${GROUP:-8}" "${BENCH_ARGS[@]}" | tee "$OUT_DIR/group.txt"
 
 # Steps that fit in TRAIN_SECONDS at the measured speed (10 % margin for evaluations).
 STEPS=$(python3 bench/gpu_curves.py steps "$OUT_DIR/bench.txt" "$TRAIN_SECONDS")

@@ -21,10 +21,11 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from trainer.data import DataError
     from trainer.distributed import TopologyError
     from trainer.models import ModelInputError
+    from trainer.models.kernels import KernelPathError
     from trainer.run import RunError
 
     return (ConfigError, OmniglotError, BuildError, ShardError, CheckpointError, DataError, TopologyError,
-            ModelInputError, RunError, LockError)
+            ModelInputError, RunError, LockError, KernelPathError)
 
 
 def one_line_errors(fn: Callable) -> Callable:

@@ -144,8 +144,9 @@ def _loss_and_metrics(model, bn_state, examples, labels, key, ctx: StepContext, 
     return ((per, logits) if with_logits else per), bn_state
 
 
-def make_train_step(ctx: StepContext) -> Callable:
-    """Return `step(table, state, batches) -> (state, metrics)`; batches have a leading dispatch axis K."""
+def make_one_step(ctx: StepContext) -> Callable:
+    """Return `one_step(table, state, batch) -> (state, metrics)`: one update, not jitted (`make_train_step`
+    scans it over a dispatch; `trainer.group` also vmaps it over runs)."""
     opt_cfg = ctx.train_cfg.optimizer
     optimizer = make_optimizer(opt_cfg)
     seq_type = ctx.data_cfg.seq_type
@@ -172,6 +173,13 @@ def make_train_step(ctx: StepContext) -> Callable:
         metrics["grad_norm"] = global_norm(grads)
         metrics["param_norm"] = global_norm(eqx.filter(model, eqx.is_inexact_array))
         return TrainState(state.step + 1, model, bn_state, opt_state, key), metrics
+
+    return one_step
+
+
+def make_train_step(ctx: StepContext) -> Callable:
+    """Return `step(table, state, batches) -> (state, metrics)`; batches have a leading dispatch axis K."""
+    one_step = make_one_step(ctx)
 
     @functools.partial(eqx.filter_jit, donate="all-except-first")
     def step(table, state: TrainState, batches):

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from trainer.models.kernels import custom_kernels
+
 # Standard deviation of a unit normal truncated to [-2, 2] (scipy.stats.truncnorm.std(-2, 2)).
 _TRUNCNORM_STD = 0.87962566103423978
 
@@ -86,6 +88,9 @@ class LayerNorm(eqx.Module):
         self.eps = eps
 
     def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
+        if not custom_kernels():
+            normed, _ = _layer_norm_parts(x, self.eps)  # autodiff of the formula (the "xla" kernel path)
+            return normed * self.scale + self.offset
         return layer_norm(x, self.scale, self.offset, self.eps)
 
 
@@ -125,6 +130,11 @@ layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_op(x: Array) -> Array:
+    """`gelu` on the "custom" kernel path, `jax.nn.gelu` with autodiff on the "xla" path (kernels.py)."""
+    return gelu(x) if custom_kernels() else jax.nn.gelu(x)
 
 
 @jax.custom_vjp

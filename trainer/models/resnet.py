@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from trainer.models.kernels import custom_kernels
 from trainer.models.layers import haiku_default_std, truncated_normal
 
 class BatchNorm(eqx.Module):
@@ -80,7 +81,11 @@ class BatchNorm(eqx.Module):
             mean, var = self.running_stats(state)
             inv = self.scale * jax.lax.rsqrt(var + self.eps)
             return (x - mean) * inv + self.offset, state
-        y, mean, var = batch_norm_train(x, self.scale, self.offset, self.eps)
+        if custom_kernels():
+            y, mean, var = batch_norm_train(x, self.scale, self.offset, self.eps)
+        else:  # autodiff of the formula (the "xla" kernel path, trainer/models/kernels.py)
+            mean, var, inv = _batch_stats(x, self.eps)
+            y = (x - mean) * (self.scale * inv) + self.offset
         counter, hidden_mean, hidden_var = state.get(self.stats)
         d = self.decay
         new = (
@@ -150,7 +155,7 @@ class Conv2d(eqx.Module):
             # A 1x1 'SAME' convolution with stride s reads pixels 0, s, 2s, ...: a strided slice and a matmul
             # (the same arithmetic as the convolution; faster on CPU).
             return x[:, ::s, ::s] @ self.weight[0, 0]
-        return conv_same(x, self.weight, s)
+        return conv_same(x, self.weight, s) if custom_kernels() else _conv(x, self.weight, s)
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -338,6 +343,11 @@ def _relu_pool_bwd(r, g):
 relu_max_pool_3x3_s2.defvjp(_relu_pool_fwd, _relu_pool_bwd)
 
 
+def max_pool_xla(x: Float[Array, "n h w c"]) -> Float[Array, "n h2 w2 c"]:
+    """`max_pool_3x3_s2` on the "xla" kernel path: `lax.reduce_window` (select-and-scatter gradient)."""
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
+
+
 class BottleneckBlock(eqx.Module):
     """ResNet v1 bottleneck block: 1x1 -> 3x3 (strided) -> 1x1 (x4 width), BN after each, ReLU between."""
 
@@ -416,7 +426,7 @@ class SimpleResNet(eqx.Module):
 
     def __call__(self, images: Float[Array, "n h w c"], state: eqx.nn.State) -> tuple[Array, eqx.nn.State]:
         out, state = self.initial_bn(self.initial_conv(images), state)
-        out = relu_max_pool_3x3_s2(out)
+        out = relu_max_pool_3x3_s2(out) if custom_kernels() else max_pool_xla(jax.nn.relu(out))
         for block in self.blocks:
             out, state = block(out, state)
         if self.flatten_superpixels:

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from trainer.models.layers import Dense, LayerNorm, dropout, gelu, truncated_normal, variance_scaling_std
+from trainer.models.kernels import custom_kernels
+from trainer.models.layers import Dense, LayerNorm, dropout, gelu_op, truncated_normal, variance_scaling_std
 
 
 def _attention(q: Array, k: Array, v: Array) -> tuple[Array, Array]:
@@ -78,6 +79,14 @@ def _attention_bwd(res, g):
 
 
 causal_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention_xla(q: Float[Array, "tq h k"], k: Float[Array, "t h k"], v: Float[Array, "t h k"]) -> Array:
+    """`causal_attention` on the "xla" kernel path (trainer/models/kernels.py): the library's
+    `jax.nn.dot_product_attention` with autodiff (XLA's fused attention where the platform has one)."""
+    t_q, t_k = q.shape[0], k.shape[0]
+    causal = jnp.tril(jnp.ones((t_q, t_k), bool), k=t_k - t_q)  # the queries are the last t_q tokens
+    return jax.nn.dot_product_attention(q, k, v, mask=causal[None])
 
 
 class TransformerBlock(eqx.Module):
@@ -138,11 +147,11 @@ class TransformerBlock(eqx.Module):
                 keep = keep[None, :, None]
                 heads = heads * keep + (1.0 - keep) * replace[t - heads.shape[0]:]
         else:
-            heads, weights = causal_attention(q, k, v), None
+            heads, weights = (causal_attention if custom_kernels() else attention_xla)(q, k, v), None
         att = heads.reshape(x.shape[0], d)
         x = x + dropout(self.attn_out(att), rate, k_att)
 
-        h = gelu(self.mlp_in(self.ln_mlp(x)))
+        h = gelu_op(self.mlp_in(self.ln_mlp(x)))
         out = x + dropout(self.mlp_out(h), rate, k_mlp)
         return (out, weights, heads) if collect else out
 

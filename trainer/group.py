@@ -1,0 +1,334 @@
+"""Vectorized runs: several runs of one model shape trained in ONE jitted step.
+
+The runs' train states are stacked along a leading run axis and `trainer.step.make_one_step` is vmapped
+over it: each run keeps its own key, BatchNorm state (the statistics are reductions over the run's own
+batch, so vmap keeps them per run), optimizer state and data stream (one `BatchStream` per run; each
+dispatch gathers the K batches of every run into one [K, R, B, ...] array). The loop is `trainer.fit`'s
+(same dispatch sizes, logging windows, evaluations and checkpoints), and every run writes its own ordinary
+run directory: `config.json`, `metrics.jsonl`, `checkpoints/step-N` in the format `trainer fit` writes,
+evaluations. So `trainer evaluate`, the reports and `trainer fit --resume` work on a run of a group
+unchanged, and a group resumes from per-run checkpoints at the same step (written by a group or by fit).
+
+A run trained in a group equals the same run trained alone up to float round-off (the batched matmuls
+sum in another order; tests/test_group.py); a resumed group equals an uninterrupted one bitwise.
+
+Which runs may share a group: `group_key` (same model, optimizer and loop options but the seed; training
+sets whose sequences have the same shape, labels and pixels pipeline; the same image table). `plan_groups`
+partitions a list of runs by it (and, when resuming, by the step each run resumes from).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from seqgen.config import BuildConfig
+from trainer import checkpoint
+from trainer.config import TrainConfig
+from trainer.data import BatchStream, ShardSet, open_shard_set
+from trainer.distributed import Topology, make_topology, replicate, to_global
+from trainer.fit import (FitResult, _dispatch_size, _evaluate, _flush_train_metrics, _prepare_run,
+                         _redo_evaluations, _resume_step, _save, fit)
+from trainer.evaluate import set_name
+from trainer.resume import owed_evaluations, resumed_config
+from trainer.run import run_lock
+from trainer.schedule import StepSchedule
+from trainer.run import RunDir, RunError
+from trainer.session import Session, data_record, device_table, open_sets, restore
+from trainer.signals import GracefulInterrupt
+from trainer.step import StepContext, TrainState, init_state, make_eval_step, make_one_step
+
+__all__ = ["GroupError", "fit_group", "group_key", "make_group_step", "plan_groups", "stack_states",
+           "unstack_state"]
+
+# Sequence options that decide only which sequences a set holds (how they were drawn), not what the train
+# step computes on them: two training sets differing only in these (and in size, seed and shard size) can
+# feed one vectorized step. Everything else of the BuildConfig (dataset, split, labeling, polysemy, noise,
+# random rare images, ways, lengths, sequence type) enters the step and must be equal.
+_DRAW_ONLY = ("p_bursty", "p_bursty_common", "p_bursty_zipfian", "p_fewshot", "non_bursty_type", "grouped",
+              "bursty_shots")
+
+
+class GroupError(RunError):
+    """Runs that cannot be trained as one group; one-line message."""
+
+
+def _step_data_config(cfg: BuildConfig) -> BuildConfig:
+    """The part of a training set's BuildConfig the train step depends on (draw-only options reset)."""
+    base = BuildConfig()
+    seq = replace(cfg.sequence, **{f: getattr(base.sequence, f) for f in _DRAW_ONLY})
+    return replace(cfg, num_seqs=base.num_seqs, seed=base.seed, shard_size=base.shard_size, sequence=seq)
+
+
+def group_key(cfg: TrainConfig, train: ShardSet) -> str:
+    """Runs with equal keys can be trained in one group: the same TrainConfig up to `training.seed`, and
+    training sets that differ only in how their sequences were drawn (`_DRAW_ONLY`, seed, size)."""
+    train_cfg = replace(cfg, training=replace(cfg.training, seed=0))
+    return json.dumps({
+        "trainer": train_cfg.to_dict(),
+        "data": _plain(_step_data_config(train.config)),
+        "length": train.length,
+        "num_labels": train.num_labels,
+        "image_table": train.image_table_fingerprint,
+    }, sort_keys=True)
+
+
+def _plain(cfg: BuildConfig) -> Any:
+    import dataclasses
+
+    from seqgen.config import to_plain
+
+    return to_plain(dataclasses.asdict(cfg))
+
+
+def _resolved(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool) -> tuple[TrainConfig, int]:
+    """The config a run will train with (a resumed run keeps its stored one: `trainer.resume`) and the step
+    it starts at."""
+    run = RunDir(run_dir)
+    if resume:
+        start = _resume_step(run)
+        return resumed_config(run.train_config(), cfg.validate(), start, run.path, strict=False)[0], start
+    return cfg.validate(), 0
+
+
+def _as_list(resume: bool | Sequence[bool], n: int) -> list[bool]:
+    if isinstance(resume, bool):
+        return [resume] * n
+    resume = list(resume)
+    if len(resume) != n:
+        raise GroupError(f"{len(resume)} resume flags for {n} runs; give one per run")
+    return resume
+
+
+def plan_groups(
+    cfgs: Sequence[TrainConfig],
+    train_paths: Sequence[str | os.PathLike],
+    run_dirs: Sequence[str | os.PathLike] | None = None,
+    *,
+    resume: bool | Sequence[bool] = False,
+    max_size: int | None = None,
+) -> list[list[int]]:
+    """Partition runs (indices into the lists) into groups `fit_group` can train together, in order of
+    first appearance; groups of at most `max_size` runs. With `run_dirs` and `resume`, runs that resume go
+    by their stored config and only share a group with runs starting at the same step."""
+    n = len(cfgs)
+    if len(train_paths) != n or (run_dirs is not None and len(run_dirs) != n):
+        raise GroupError("plan_groups needs one training set (and run directory) per config")
+    if max_size is not None and max_size < 1:
+        raise GroupError(f"the group size must be >= 1, got {max_size}")
+    flags = _as_list(resume, n)
+    sets: dict[str, ShardSet] = {}
+    groups: dict[tuple[str, int], list[list[int]]] = {}
+    order: list[list[int]] = []
+    for i in range(n):
+        cfg, start = (_resolved(cfgs[i], run_dirs[i], flags[i]) if run_dirs is not None else (cfgs[i].validate(), 0))
+        path = str(Path(train_paths[i]).resolve())
+        if path not in sets:
+            sets[path] = open_shard_set(path)
+        key = (group_key(cfg, sets[path]), start)
+        chunks = groups.setdefault(key, [])
+        if not chunks or (max_size is not None and len(chunks[-1]) >= max_size):
+            chunks.append([])
+            order.append(chunks[-1])
+        chunks[-1].append(i)
+    return order
+
+
+def stack_states(states: Sequence[TrainState]) -> TrainState:
+    """One train state whose arrays have a leading run axis (non-array leaves from the first run)."""
+    arrays = [eqx.filter(s, eqx.is_array) for s in states]
+    static = eqx.filter(states[0], eqx.is_array, inverse=True)
+    return eqx.combine(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *arrays), static)
+
+
+def unstack_state(stacked: TrainState, i: int) -> TrainState:
+    """Run `i`'s train state from a stacked one (numpy in, numpy out; device arrays stay on the device)."""
+    arrays, static = eqx.partition(stacked, eqx.is_array)
+    return eqx.combine(jax.tree_util.tree_map(lambda x: x[i], arrays), static)
+
+
+def make_group_step(ctx: StepContext):
+    """`step(table, states, batches) -> (states, metrics)`: states stacked along a run axis R, batches
+    [K, R, B, ...], metrics [K, R]; K steps of every run in one jitted call (scan of the vmapped step)."""
+    one_step = make_one_step(ctx)
+
+    @eqx.filter_jit(donate="all-except-first")
+    def step(table, states: TrainState, batches):
+        # Only the arrays are vmapped and carried (the model's bool fields stay static Python values).
+        arrays, static = eqx.partition(states, eqx.is_array)
+
+        def one_run(a, b):
+            new, metrics = one_step(table, eqx.combine(a, static), b)
+            return eqx.filter(new, eqx.is_array), metrics
+
+        arrays, metrics = jax.lax.scan(jax.vmap(one_run), arrays, batches)
+        return eqx.combine(arrays, static), metrics
+
+    return step
+
+
+def fit_group(
+    cfgs: Sequence[TrainConfig],
+    train_paths: Sequence[str | os.PathLike],
+    eval_paths: Sequence[Sequence[str | os.PathLike]],
+    run_dirs: Sequence[str | os.PathLike],
+    *,
+    resume: bool | Sequence[bool] = False,
+    omniglot_dir: Any = None,
+    cache_dir: Any = "data/cache",
+    topo: Topology | None = None,
+    progress: bool | None = None,
+    interrupt: GracefulInterrupt | None = None,
+) -> list[FitResult]:
+    """Train the runs `i` (config, training set, evaluation sets, run directory) as one vectorized group,
+    as `trainer.fit.fit` would train each; `resume` is one flag or one per run. A group of one is `fit`.
+    Refuses (GroupError) runs of different `group_key`s or resuming from different steps: `plan_groups`."""
+    n = len(cfgs)
+    if n == 0 or not len(train_paths) == len(eval_paths) == len(run_dirs) == n:
+        raise GroupError("fit_group needs one training set, evaluation list and run directory per config")
+    flags = _as_list(resume, n)
+    if n == 1:
+        return [fit(cfgs[0], train_paths[0], eval_paths[0], run_dirs[0], resume=flags[0], omniglot_dir=omniglot_dir,
+                    cache_dir=cache_dir, topo=topo, progress=progress, interrupt=interrupt)]
+    topo = topo or make_topology()
+    if topo.process_count != 1:
+        raise GroupError("vectorized groups run in one process; train multi-host runs one by one with trainer fit")
+    runs = [RunDir(d) for d in run_dirs]
+    if len({r.path.resolve() for r in runs}) != n:
+        raise GroupError("two runs of the group share a run directory; give each its own")
+    with contextlib.ExitStack() as locks:
+        for r in runs:  # one writer per run directory, as trainer fit
+            locks.enter_context(run_lock(r.path, "trainer sweep (vectorized group)", enabled=topo.is_main))
+        return _fit_group(cfgs, train_paths, eval_paths, runs, flags, omniglot_dir, cache_dir, topo, progress,
+                          interrupt)
+
+
+def _fit_group(cfgs, train_paths, eval_paths, runs: list[RunDir], flags: list[bool], omniglot_dir, cache_dir,
+               topo: Topology, progress, interrupt) -> list[FitResult]:
+    n = len(runs)
+    resolved = [_resolved(c, r.path, f) for c, r, f in zip(cfgs, runs, flags)]
+    cfgs = [c for c, _ in resolved]
+    starts = [s if f else None for (_, s), f in zip(resolved, flags)]
+    topo.check_batch(cfgs[0].training.batch_size)
+    opened = [open_sets(tp, eps) for tp, eps in zip(train_paths, eval_paths)]
+    keys = [group_key(c, train) for c, (train, _) in zip(cfgs, opened)]
+    for i in range(1, n):
+        if keys[i] != keys[0]:
+            raise GroupError(f"runs {runs[0].path} and {runs[i].path} differ in more than the seed and the "
+                             "sequence draw, so they cannot share a vectorized step; group them with plan_groups")
+    records = [data_record(train, evals) for train, evals in opened]
+    for r, c, f, rec in zip(runs, cfgs, flags, records):
+        _prepare_run(r, c, f, rec)
+    if len({s or 0 for s in starts}) != 1:
+        listed = ", ".join(f"{r.path}: {s or 0}" for r, s in zip(runs, starts))
+        raise GroupError(f"the runs resume from different steps ({listed}); group runs at the same step "
+                         "(plan_groups) or resume them one by one with trainer fit --resume")
+    table = device_table(opened[0][0], cfgs[0].training.image_size, topo, omniglot_dir, cache_dir)
+    sessions = [Session(c, train, evals, topo, table, StepContext.create(c, train.config))
+                for c, (train, evals) in zip(cfgs, opened)]
+    num_classes = opened[0][0].num_labels
+    states, owed = [], []
+    for run, cfg, start, rec in zip(runs, cfgs, starts, records):
+        if start is None:
+            states.append(init_state(cfg, num_classes))
+            run.metrics_path.unlink(missing_ok=True)  # of a run that never saved a checkpoint
+            run.create(cfg, rec)
+            owed.append([])
+        else:
+            stored = run.train_config()
+            states.append(restore(run.path, start, cfg, num_classes, topo))
+            run.truncate_metrics_after(start)
+            run.create(resumed_config(stored, cfg, start, run.path, strict=False)[1], rec)
+            owed.append(owed_evaluations(run.read_metrics(), checkpoint.list_steps(run.path), start, cfg,
+                                         (stored.training.steps, cfg.training.steps),
+                                         [set_name(e) for e in opened[len(owed)][1]]))
+    # The model's `inference` flags are Python bools in a fresh state but arrays in a restored (device_put)
+    # one: make them bools again, so that they stay static and the states have one structure.
+    states = [eqx.tree_at(lambda s: s.model, s, eqx.nn.inference_mode(s.model, value=False)) for s in states]
+    with (interrupt or GracefulInterrupt()) as stop:
+        for session, run, state, due in zip(sessions, runs, states, owed):  # evaluations an interrupt cut short
+            if due and not _redo_evaluations(session, run, state, starts[0], due, stop):
+                return [FitResult(step=starts[0], interrupted=True, run_dir=str(r.path)) for r in runs]
+        arrays, static = eqx.partition(stack_states(states), eqx.is_array)
+        stacked = eqx.combine(replicate(topo, arrays), static)
+        del states, arrays
+        return _group_loop(sessions, runs, stacked, starts[0] or 0, stop, progress)
+
+
+def _group_loop(sessions: list[Session], runs: list[RunDir], states: TrainState, start: int,
+                stop: GracefulInterrupt, progress: bool | None) -> list[FitResult]:
+    """`trainer.fit._loop` for R runs at once: the same dispatches, metric windows, evaluations and saves."""
+    first = sessions[0]
+    t, topo = first.cfg.training, first.topo
+    group_step = make_group_step(first.ctx)
+    # One compiled evaluation per evaluation set: the step context differs between runs only in what
+    # evaluation does not read (the seed, the training set's draw options).
+    eval_cache: dict[str, Any] = {}
+
+    def eval_steps(s: Session) -> list[Any]:
+        return [eval_cache.setdefault(str(e.path.resolve()), make_eval_step(first.ctx, e.config)) for e in s.evals]
+
+    per_run_evals = [eval_steps(s) for s in sessions]
+    eval_due, save_due = StepSchedule.of(t, "eval").due, StepSchedule.of(t, "checkpoint").due
+    streams = [BatchStream(s.train, t.batch_size, start_step=start) for s in sessions]
+    step = start
+    pending: list[tuple[int, Any]] = []
+    bar = tqdm(total=t.steps, initial=start, disable=None if progress is None else not progress,
+               unit="step", dynamic_ncols=True, desc=f"{len(runs)} runs")
+    interrupted = False
+
+    def flush() -> None:
+        host = jax.device_get([m for _, m in pending])
+        for r, run in enumerate(runs):
+            mine = [(s, {k: v[:, r] for k, v in m.items()}) for (s, _), m in zip(pending, host)]
+            _flush_train_metrics(run, topo, mine, bar if r == 0 else None)
+
+    def save() -> None:
+        host = jax.device_get(states)
+        for r, (run, s) in enumerate(zip(runs, sessions)):
+            _save(run, topo, unstack_state(host, r), step, s.cfg, s)
+
+    try:
+        while step < t.steps:
+            if stop.stop_requested:
+                interrupted = True
+                break
+            k = _dispatch_size(step, t)
+            local = [[next(stream) for _ in range(k)] for stream in streams]
+            batches = {name: np.stack([np.stack([b[name] for b in run]) for run in local], axis=1)
+                       for name in local[0][0]}
+            states, metrics = group_step(first.table, states, to_global(topo, batches, leading=2))
+            pending.append((step, metrics))
+            step += k
+            bar.update(k)
+            if step % t.log_every == 0 or step == t.steps:
+                flush()
+                pending = []
+            if eval_due(step):
+                for r, (run, s) in enumerate(zip(runs, sessions)):
+                    if not _evaluate(s, run, per_run_evals[r], unstack_state(states, r), step, stop):
+                        interrupted = True
+                        break
+                if interrupted:
+                    break
+            if save_due(step):
+                save()
+    finally:
+        bar.close()
+        for stream in streams:
+            stream.close()
+    if pending:
+        flush()
+    if interrupted:
+        save()
+    return [FitResult(step=step, interrupted=interrupted, run_dir=str(run.path)) for run in runs]
