@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +77,8 @@ def expected_keys(cfg: BuildConfig, materialized: bool) -> tuple[str, ...]:
 
 # ---- atomic writes and hashes (seqgen.atomic) ---------------------------------------------------------------
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # a name of this process's own: ranged builds on several machines write the same build.json at once
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
     commit(tmp, path)
 

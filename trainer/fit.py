@@ -2,7 +2,7 @@
 
 Batch k of the run is rows [k*B, (k+1)*B) of the training shard set (wrapping around), so resuming at
 step s needs nothing but s: the restored TrainState (model, BatchNorm state, optimizer state, key) and
-`BatchStream(start_step=s)` continue exactly where an uninterrupted run would be. Metrics are fetched from
+`train_stream(..., start_step=s)` (trainer.multihost) continue exactly where an uninterrupted run would be. Metrics are fetched from
 the device every `log_every` steps; evaluation every `eval_every` steps; checkpoints every
 `checkpoint_every` steps, at the end, and at the first Ctrl+C / SIGTERM.
 """
@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from trainer import checkpoint
 from trainer.config import TrainConfig, with_overrides
-from trainer.data import BatchStream
 from trainer.distributed import Topology, make_topology, replicate, to_global
 from trainer.evaluate import evaluate_set, set_name
+from trainer.multihost import agree, any_process, train_stream
 from trainer.run import RunDir, RunError
-from trainer.session import Session, data_record, make_session, restore
+from trainer.session import Session, data_record, load_state, make_session
 from trainer.signals import GracefulInterrupt
 from trainer.step import TrainState, init_state, make_train_step
 
@@ -76,13 +76,18 @@ def fit(
     record = data_record(session.train, session.evals)
     start = _prepare_run(run, cfg, resume, record)
     num_classes = session.train.num_labels
+    loaded = None if start is None else load_state(run.path, start, cfg, num_classes)
+    # every process must train the same run; also the barrier between every process's reads of the run
+    # directory (above) and process 0's writes (below)
+    agree(topo, {"config": cfg.to_dict(), "training set": record["train"]["fingerprint"],
+                 "evaluation sets": [e["fingerprint"] for e in record["eval"]], "resume step": start})
     if start is None:
         state = replicate(topo, init_state(cfg, num_classes))
         start = 0
         if topo.is_main:
             run.create(cfg, record)
     else:
-        state = restore(run.path, start, cfg, num_classes, topo)
+        state = replicate(topo, loaded)
         if topo.is_main:
             run.truncate_metrics_after(start)
             run.create(cfg, record)  # records the (possibly extended) number of steps
@@ -100,10 +105,7 @@ def _loop(session: Session, run: RunDir, state: TrainState, start: int, stop: Gr
     t = cfg.training
     train_step = make_train_step(session.ctx)
     eval_steps = session.eval_steps()
-    stream = BatchStream(
-        session.train, t.batch_size // topo.process_count, start_step=start,
-        process_index=topo.process_index, process_count=topo.process_count,
-    )
+    stream = train_stream(session.train, topo, t.batch_size, start)
     step = start
     pending: list[tuple[int, dict[str, Any]]] = []
     bar = tqdm(total=t.steps, initial=start, disable=None if progress is None else not progress,
@@ -112,7 +114,7 @@ def _loop(session: Session, run: RunDir, state: TrainState, start: int, stop: Gr
     try:
         with stream:
             while step < t.steps:
-                if stop.stop_requested:
+                if any_process(topo, stop.stop_requested):  # all processes stop at the same step
                     interrupted = True
                     break
                 k = _dispatch_size(step, t)
