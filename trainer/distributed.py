@@ -65,6 +65,8 @@ def initialize(distributed: bool, coordinator: str | None = None, num_processes:
         raise TopologyError("--coordinator, --num-processes and --process-id go together: give all three or none")
     if num_processes is not None and not 0 <= process_id < num_processes:
         raise TopologyError(f"--process-id {process_id} must be in [0, --num-processes {num_processes})")
+    if coordinator is not None and process_id != 0:
+        _wait_for_coordinator(coordinator, init_timeout)
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=init_timeout,
@@ -76,6 +78,29 @@ def initialize(distributed: bool, coordinator: str | None = None, num_processes:
             f"{init_timeout} s to wait for every process): {first}; start every process with the same "
             "--coordinator and --num-processes and a distinct --process-id"
         ) from None
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+    """Refuse with one line when process 0's coordinator does not accept connections within `timeout` s
+    (JAX itself would abort the process with a stack trace)."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise TopologyError(f"--coordinator {address!r} is not HOST:PORT (the address of process 0)")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout)):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise TopologyError(
+                    f"no coordinator at {address} after {timeout:g} s ({e.strerror or e}); start process 0 "
+                    "with the same --coordinator (or raise --init-timeout)"
+                ) from None
+            time.sleep(0.5)
 
 
 def make_topology(num_devices: int | None = None) -> Topology:

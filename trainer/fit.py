@@ -2,9 +2,10 @@
 
 Batch k of the run is rows [k*B, (k+1)*B) of the training shard set (wrapping around), so resuming at
 step s needs nothing but s: the restored TrainState (model, BatchNorm state, optimizer state, key) and
-`train_stream(..., start_step=s)` (trainer.multihost) continue exactly where an uninterrupted run would be. Metrics are fetched from
-the device every `log_every` steps; evaluation every `eval_every` steps; checkpoints every
-`checkpoint_every` steps, at the end, and at the first Ctrl+C / SIGTERM.
+`trainer.multihost.train_stream(..., start_step=s)` continue exactly where an uninterrupted run would be,
+on any number of processes and devices. Metrics are fetched from the device every `log_every` steps;
+evaluation every `eval_every` steps; checkpoints every `checkpoint_every` steps, at the end, and at the
+first Ctrl+C / SIGTERM to any process (all processes stop at the same step; process 0 writes).
 """
 
 from __future__ import annotations
