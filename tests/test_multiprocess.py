@@ -7,8 +7,9 @@ tests/test_multidevice.py (>= 99.5 % of entries within rtol 1e-4 / atol 1e-5, al
 evaluation means atol 1e-5 with identical sequence counts. The global batch rows must be identical.
 
 Launches are few (each JAX process start + compile costs seconds): one 2-process job runs the mismatch
-refusals, a fresh fit, a resume of a 1-process checkpoint and an evaluation; two CLI jobs test SIGTERM to
-one process and the death of one process. Every launch has a wall-clock bound.
+refusals, a fresh fit, a resume of a 1-process checkpoint and an evaluation (tests/multiprocess_worker.py);
+examples/slurm/fit_2nodes.sbatch, run twice as two local tasks (tests/fake_srun.sh), tests SIGTERM to one
+process and the death of one process through the command line. Every launch has a wall-clock bound.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def launch_workers(root: Path, name: str, tasks: list, processes: int, devices: 
         for p in procs:
             if p.poll() is None:
                 p.kill()
+                p.communicate()
     for p, (_, err) in zip(procs, logs):
         assert p.returncode == 0, err[-3000:]
     return [json.loads((out / f"result-{p}.json").read_text()) for p in range(processes)]
