@@ -20,7 +20,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import shutil
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +113,8 @@ def expected_keys(cfg: BuildConfig, materialized: bool) -> tuple[str, ...]:
 
 # ---- atomic writes and hashes (seqgen.atomic) ---------------------------------------------------------------
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # a name of this process's own: ranged builds on several machines write the same build.json at once
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     text = dumps_strict(obj, indent=1, sort_keys=True) + "\n"  # ValueError on NaN / inf: never written
     try:
         tmp.write_text(text)

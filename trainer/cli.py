@@ -63,6 +63,13 @@ def _common_data_options(fn: Callable) -> Callable:
                       help="Multi-host: number of processes (env JAX_NUM_PROCESSES).")(fn)
     fn = click.option("--coordinator", envvar="JAX_COORDINATOR_ADDRESS",
                       help="Multi-host: host:port of process 0 (env JAX_COORDINATOR_ADDRESS).")(fn)
+    fn = click.option("--heartbeat-timeout", type=click.IntRange(min=1), default=100, show_default=True,
+                      envvar="TRAINER_HEARTBEAT_TIMEOUT",
+                      help="Multi-host: seconds of silence after which a hung process counts as dead and "
+                           "the job ends (env TRAINER_HEARTBEAT_TIMEOUT).")(fn)
+    fn = click.option("--init-timeout", type=click.IntRange(min=1), default=300, show_default=True,
+                      envvar="TRAINER_INIT_TIMEOUT",
+                      help="Multi-host: seconds to wait for every process to join (env TRAINER_INIT_TIMEOUT).")(fn)
     fn = click.option("--distributed", is_flag=True,
                       help="Multi-host: call jax.distributed.initialize() (Slurm / MPI / TPU detected, "
                            "else --coordinator, --num-processes, --process-id).")(fn)
@@ -99,12 +106,15 @@ def _common_data_options(fn: Callable) -> Callable:
 @_common_data_options
 @one_line_errors
 def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_dir, cache_dir, devices,
-        distributed, coordinator, num_processes, process_id, **opts) -> None:
+        distributed, coordinator, num_processes, process_id, init_timeout, heartbeat_timeout, **opts) -> None:
     """Train on TRAIN shards, evaluating on each --eval set every --eval-every steps."""
     from trainer.distributed import initialize, make_topology
+    from trainer.errors import known_errors
     from trainer.fit import fit as run_fit
+    from trainer.multihost import exit_on_failure
 
-    initialize(distributed, coordinator, num_processes, process_id)
+    initialize(distributed, coordinator, num_processes, process_id, init_timeout=init_timeout,
+               heartbeat_timeout=heartbeat_timeout)
     keys = {
         "steps": "training.steps", "batch_size": "training.batch_size", "seed": "training.seed",
         "image_size": "training.image_size", "max_lr": "optimizer.max_lr",
@@ -119,8 +129,10 @@ def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_d
     # --resume continues the stored config: options given now must agree with it (only --steps may change)
     cfg = _config_from(config_file, {keys[k]: v for k, v in opts.items()},
                        base=_stored_config(run_dir) if resume else None)
-    result = run_fit(cfg, train_dir, eval_dirs, run_dir, resume=resume, omniglot_dir=omniglot_dir,
-                     cache_dir=cache_dir, topo=make_topology(devices), progress=progress, strict_resume=True)
+    topo = make_topology(devices)
+    with exit_on_failure(topo, known_errors()):
+        result = run_fit(cfg, train_dir, eval_dirs, run_dir, resume=resume, omniglot_dir=omniglot_dir,
+                         cache_dir=cache_dir, topo=topo, progress=progress, strict_resume=True)
     if result.interrupted:
         click.echo(f"interrupted: checkpoint saved at step {result.step} in {run_dir}; continue with --resume")
         sys.exit(130)
@@ -140,23 +152,27 @@ def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_d
 @_common_data_options
 @one_line_errors
 def evaluate(eval_dirs, run_dir, step, train_dir, max_seqs, batch_size, watch, poll, omniglot_dir, cache_dir,
-             devices, distributed, coordinator, num_processes, process_id) -> None:
+             devices, distributed, coordinator, num_processes, process_id, init_timeout, heartbeat_timeout) -> None:
     """Evaluate a run's checkpoint on EVAL_DIRS: a table on stdout, JSON in RUN_DIR/evaluations/."""
     from trainer.distributed import initialize, make_topology
+    from trainer.errors import known_errors
     from trainer.evaluate_cli import evaluate_run, watch_run
+    from trainer.multihost import exit_on_failure
 
     from trainer.signals import GracefulInterrupt, set_early_message
 
     set_early_message("before any evaluation was written")
-    initialize(distributed, coordinator, num_processes, process_id)
+    initialize(distributed, coordinator, num_processes, process_id, init_timeout=init_timeout,
+               heartbeat_timeout=heartbeat_timeout)
     topo = make_topology(devices)
     stop = GracefulInterrupt("stopping the evaluation; nothing is saved")
     kwargs = dict(train_dir=train_dir, max_seqs=max_seqs, batch_size=batch_size, omniglot_dir=omniglot_dir,
                   cache_dir=cache_dir, topo=topo, echo=click.echo, interrupt=stop)
-    if watch:
-        watch_run(run_dir, eval_dirs, poll=poll, **kwargs)
-    else:
-        evaluate_run(run_dir, eval_dirs, step=step, **kwargs)
+    with exit_on_failure(topo, known_errors()):
+        if watch:
+            watch_run(run_dir, eval_dirs, poll=poll, **kwargs)
+        else:
+            evaluate_run(run_dir, eval_dirs, step=step, **kwargs)
     if stop.stop_requested:
         sys.exit(130)
 

@@ -51,26 +51,67 @@ class Topology:
 
 
 def initialize(distributed: bool, coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, *, init_timeout: int = 300, heartbeat_timeout: int = 100) -> None:
     """Join a multi-host job. On Slurm, Open MPI and TPU pods JAX finds the cluster itself; elsewhere pass
-    the coordinator address (host:port of process 0), the number of processes and this process's id."""
+    the coordinator address (host:port of process 0), the number of processes and this process's id.
+
+    `init_timeout`: seconds to wait for every process to join; `heartbeat_timeout`: seconds after which a
+    process that stopped sending heartbeats (hung, or killed without closing its connections) counts as
+    dead, and JAX's coordination service ends every other process (JAX's defaults: 300 and 100)."""
     if not distributed:
         return
     given = [coordinator is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
         raise TopologyError("--coordinator, --num-processes and --process-id go together: give all three or none")
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
-        raise TopologyError(f"--process-id {process_id} is impossible with --num-processes {num_processes}: "
-                            f"give each process an id in 0..{num_processes - 1}")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+        raise TopologyError(f"--process-id {process_id} must be in [0, --num-processes {num_processes})")
+    if coordinator is not None and process_id != 0:
+        _wait_for_coordinator(coordinator, init_timeout)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=init_timeout,
+                                   heartbeat_timeout_seconds=heartbeat_timeout)
+    except (RuntimeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise TopologyError(
+            f"could not join the distributed job (coordinator {coordinator or 'auto-detected'}, "
+            f"{init_timeout} s to wait for every process): {first}; start every process with the same "
+            "--coordinator and --num-processes and a distinct --process-id"
+        ) from None
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+    """Refuse with one line when process 0's coordinator does not accept connections within `timeout` s
+    (JAX itself would abort the process with a stack trace)."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise TopologyError(f"--coordinator {address!r} is not HOST:PORT (the address of process 0)")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout)):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise TopologyError(
+                    f"no coordinator at {address} after {timeout:g} s ({e.strerror or e}); start process 0 "
+                    "with the same --coordinator (or raise --init-timeout)"
+                ) from None
+            time.sleep(0.5)
 
 
 def make_topology(num_devices: int | None = None) -> Topology:
     devices = jax.devices()
     if num_devices is not None:
-        if not 1 <= num_devices <= len(devices):
-            raise TopologyError(f"--devices {num_devices} asked but {len(devices)} are available")
-        devices = devices[:num_devices]
+        local = jax.local_device_count()
+        if not 1 <= num_devices <= local:
+            raise TopologyError(f"--devices {num_devices} asked but {local} are available")
+        # the first N local devices of every process (all processes are given the same N)
+        devices = [d for p in range(jax.process_count())
+                   for d in [x for x in devices if x.process_index == p][:num_devices]]
     mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
     return Topology(mesh, jax.process_index(), jax.process_count())
 

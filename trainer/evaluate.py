@@ -18,8 +18,9 @@ import jax.numpy as jnp
 
 import numpy as np
 
-from trainer.data import ShardSet, eval_batches
+from trainer.data import ShardSet
 from trainer.distributed import Topology, replicate, to_global
+from trainer.multihost import any_process, eval_batch_size, eval_split
 from trainer.metrics import summarize
 
 
@@ -40,13 +41,12 @@ def evaluate_set(
 
     `key` (`trainer.step.eval_key(seed, step)`): batch b is evaluated with `fold_in(key, b)`; needed only by
     models with example dropout (active at evaluation, as the original)."""
-    batch_size = -(-batch_size // topo.num_devices) * topo.num_devices
+    batch_size = eval_batch_size(topo, batch_size)
     sums: dict[str, float] = {}
     sumsq: dict[str, float] = {}
     n = 0
-    for b, batch in enumerate(eval_batches(shard_set, batch_size, max_seqs, process_index=topo.process_index,
-                                           process_count=topo.process_count)):
-        if should_stop():
+    for b, batch in enumerate(eval_split(shard_set, topo, batch_size, max_seqs)):
+        if any_process(topo, should_stop()):  # all processes stop at the same batch
             return None
         batch["valid"] = np.asarray(batch["valid"], np.float32)
         batch = to_global(topo, batch)

@@ -14,10 +14,11 @@ from typing import Any, Callable, Sequence
 
 from trainer import checkpoint
 from trainer.data import DataError
-from trainer.distributed import Topology
+from trainer.distributed import Topology, TopologyError, replicate
 from trainer.evaluate import evaluate_set, format_table, set_name, write_evaluation
+from trainer.multihost import agree
 from trainer.run import RunDir, RunError, run_lock
-from trainer.session import make_session, restore
+from trainer.session import data_record, load_state, make_session
 from trainer.signals import GracefulInterrupt
 from trainer.step import eval_key
 
@@ -31,7 +32,12 @@ def _train_path(run: RunDir, override: Any) -> str:
 
 def _evaluate_step(run: RunDir, session: Any, step: int, max_seqs: int | None, batch_size: int,
                    stop: GracefulInterrupt) -> list[tuple[str, str, dict]] | None:
-    state = restore(run.path, step, session.cfg, session.train.num_labels, session.topo)
+    loaded = load_state(run.path, step, session.cfg, session.train.num_labels)
+    record = data_record(session.train, session.evals)
+    agree(session.topo, {"checkpoint step": step, "config": session.cfg.to_dict(), "max_seqs": max_seqs,
+                         "batch size": batch_size, "training set": record["train"]["fingerprint"],
+                         "evaluation sets": [e["fingerprint"] for e in record["eval"]]})
+    state = replicate(session.topo, loaded)
     results = []
     for shard_set, eval_step in zip(session.evals, session.eval_steps()):
         summary = evaluate_set(
@@ -95,6 +101,9 @@ def watch_run(run_dir: Any, eval_dirs: Sequence[Any], *, poll: float, train_dir:
               interrupt: GracefulInterrupt | None = None) -> list[int]:
     """Evaluate each new checkpoint; return the steps evaluated. Ends after the run's last step (or at an
     interrupt: `interrupt.stop_requested` then tells)."""
+    if topo.process_count > 1:
+        raise TopologyError("--watch runs in one process (the processes would each see checkpoints appear at "
+                            "different times); drop --distributed, or evaluate one --step at a time")
     run, session = _open(run_dir, eval_dirs, train_dir, omniglot_dir, cache_dir, topo)
     names = {set_name(s) for s in session.evals}
     done = {r["step"] for r in run.read_metrics()

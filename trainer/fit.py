@@ -2,11 +2,12 @@
 
 Batch k of the run is rows [k*B, (k+1)*B) of the training shard set (wrapping around), so resuming at
 step s needs nothing but s: the restored TrainState (model, BatchNorm state, optimizer state, key) and
-`BatchStream(start_step=s)` continue exactly where an uninterrupted run would be. Metrics are fetched from
-the device every `log_every` steps; evaluation every `eval_every` steps; checkpoints every
-`checkpoint_every` steps, at the end, and at the first Ctrl+C / SIGTERM. (Evaluations and checkpoints
-may instead follow a log-spaced or listed schedule: `trainer.schedule`.) A resume first redoes the
-evaluations an interrupt cut short (`trainer.resume`).
+`trainer.multihost.train_stream(..., start_step=s)` continue exactly where an uninterrupted run would be,
+on any number of processes and devices. Metrics are fetched from the device every `log_every` steps;
+evaluation every `eval_every` steps; checkpoints every `checkpoint_every` steps, at the end, and at the
+first Ctrl+C / SIGTERM to any process (all processes stop at the same step; process 0 writes).
+(Evaluations and checkpoints may instead follow a log-spaced or listed schedule: `trainer.schedule`.) A
+resume first redoes the evaluations an interrupt cut short (`trainer.resume`).
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from tqdm import tqdm
 
 from trainer import checkpoint
 from trainer.config import TrainConfig
-from trainer.data import BatchStream
 from trainer.distributed import Topology, make_topology, replicate, to_global
 from trainer.evaluate import evaluate_set, set_name
+from trainer.multihost import agree, any_process, train_stream
 from trainer.resume import owed_evaluations, resumed_config
 from trainer.run import RunDir, RunError, run_lock
 from trainer.schedule import StepSchedule
-from trainer.session import Session, data_record, make_session, restore
+from trainer.session import Session, data_record, load_state, make_session, restore
 from trainer.signals import GracefulInterrupt
 from trainer.step import TrainState, eval_key, init_state, make_train_step
 
@@ -107,6 +108,11 @@ def _fit(
     _prepare_run(run, cfg, resume, record)
     num_classes = session.train.num_labels
     owed: list[tuple[int, list[str]]] = []
+    loaded = None if start is None else load_state(run.path, start, cfg, num_classes)
+    # every process must train the same run; also the barrier between every process's reads of the run
+    # directory (above) and process 0's writes (below)
+    agree(topo, {"config": cfg.to_dict(), "training set": record["train"]["fingerprint"],
+                 "evaluation sets": [e["fingerprint"] for e in record["eval"]], "resume step": start})
     if start is None:
         state = replicate(topo, init_state(cfg, num_classes))
         start = 0
@@ -114,7 +120,7 @@ def _fit(
             run.metrics_path.unlink(missing_ok=True)  # of a run that never saved a checkpoint
             run.create(cfg, record)
     else:
-        state = restore(run.path, start, cfg, num_classes, topo)
+        state = replicate(topo, loaded)
         if topo.is_main:
             run.truncate_metrics_after(start)
             run.create(recorded, record)  # an extended run records its new number of steps; never fewer
@@ -143,10 +149,7 @@ def _loop(session: Session, run: RunDir, state: TrainState, start: int, stop: Gr
     train_step = make_train_step(session.ctx)
     eval_steps = session.eval_steps()
     eval_due, save_due = StepSchedule.of(t, "eval").due, StepSchedule.of(t, "checkpoint").due
-    stream = BatchStream(
-        session.train, t.batch_size // topo.process_count, start_step=start,
-        process_index=topo.process_index, process_count=topo.process_count,
-    )
+    stream = train_stream(session.train, topo, t.batch_size, start)
     step = start
     pending: list[tuple[int, dict[str, Any]]] = []
     bar = tqdm(total=t.steps, initial=start, disable=None if progress is None else not progress,
@@ -155,7 +158,7 @@ def _loop(session: Session, run: RunDir, state: TrainState, start: int, stop: Gr
     try:
         with stream:
             while step < t.steps:
-                if stop.stop_requested:
+                if any_process(topo, stop.stop_requested):  # all processes stop at the same step
                     interrupted = True
                     break
                 k = _dispatch_size(step, t)

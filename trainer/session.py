@@ -76,9 +76,14 @@ def make_session(
 
 
 def restore(run_dir: str | os.PathLike, step: int, cfg: TrainConfig, num_classes: int, topo: Topology) -> TrainState:
+    return replicate(topo, load_state(run_dir, step, cfg, num_classes))
+
+
+def load_state(run_dir: str | os.PathLike, step: int, cfg: TrainConfig, num_classes: int) -> TrainState:
+    """Checkpoint `step` read into this process only (no collective), upgraded to the current layout."""
     version = checkpoint.read_metadata(run_dir, step)["format_version"]
     state = checkpoint.load(run_dir, step, state_skeleton(cfg, num_classes, version))
-    return replicate(topo, upgrade_state(state, version))
+    return upgrade_state(state, version)
 
 
 def manifest_fingerprint(s: ShardSet) -> str:
