@@ -40,10 +40,14 @@ def commit(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` through `<path>.tmp` and `commit`: readers never see a half-written file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    commit(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: concurrent writers never share one
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        commit(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -51,6 +55,10 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     import shutil
 
     dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    commit(tmp, dst)
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        commit(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

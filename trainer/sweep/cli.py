@@ -53,8 +53,12 @@ def results_folder(sweep: Sweep, out: str | None, results: str | None) -> Path:
               help="Where the cached image table lives.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes building each shard set (seqgen build --workers).")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Runs trained at once, each in its own process on its share of the CPU cores.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Units of work at once, each in its own process on its share of the CPU cores (default: one per "
+                   "core on the CPU, where that is fastest; 1 on an accelerator).")
+@click.option("--group", type=click.IntRange(min=1), default=None,
+              help="Train up to this many runs of one model shape as one vectorized step (default: 1 on the CPU, "
+                   "where it is slower; 8 on an accelerator).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when on a terminal).")
 @click.option("--only", multiple=True, metavar="NAME",
               help="Only this run: a setting (all its seeds) or SETTING/seed-S (repeat for several).")
@@ -62,12 +66,12 @@ def results_folder(sweep: Sweep, out: str | None, results: str | None) -> Path:
 @click.option("--report-only", is_flag=True, help="Rewrite tables and figures from the results folder only.")
 @click.option("--check", is_flag=True,
               help="Print each check's verdict; exit 1 if any is FAIL or PENDING (with --report-only or after a run).")
-def sweep_command(sweep_file, out, results, shards_dir, omniglot_dir, cache_dir, workers, jobs, progress, only,
-                  dry_run, report_only, check) -> None:
+def sweep_command(sweep_file, out, results, shards_dir, omniglot_dir, cache_dir, workers, jobs, group, progress,
+                  only, dry_run, report_only, check) -> None:
     """Build the shard sets, train every run of SWEEP_FILE, write results.csv/md and figures, check its claims."""
     try:
-        code = _sweep(sweep_file, out, results, shards_dir, omniglot_dir, cache_dir, workers, jobs, progress, only,
-                      dry_run, report_only, check)
+        code = _sweep(sweep_file, out, results, shards_dir, omniglot_dir, cache_dir, workers, jobs, group, progress,
+                      only, dry_run, report_only, check)
     except (SweepError, *known_errors()) as e:
         fail(str(e))
     except OSError as e:
@@ -94,8 +98,8 @@ def _print_checks(sweep: Sweep, folder: Path, shards: Path) -> int:
     return 1 if bad else 0
 
 
-def _sweep(sweep_file, out, results, shards_dir, omniglot_dir, cache_dir, workers, jobs, progress, only, dry_run,
-           report_only, check) -> int:
+def _sweep(sweep_file, out, results, shards_dir, omniglot_dir, cache_dir, workers, jobs, group, progress, only,
+           dry_run, report_only, check) -> int:
     if dry_run and report_only:
         raise ConfigError("--dry-run and --report-only exclude each other; pass one")
     sweep = load_sweep(sweep_file)
@@ -115,8 +119,12 @@ def _sweep(sweep_file, out, results, shards_dir, omniglot_dir, cache_dir, worker
         click.echo(line)
     if dry_run:
         return 0
+    from trainer.sweep.execute import default_group, default_jobs
+
+    jobs = default_jobs() if jobs is None else jobs
+    group = default_group() if group is None else group
     outcome = execute(plan, command=command, results=folder, omniglot_dir=omniglot_dir, cache_dir=cache_dir,
-                      workers=workers, jobs=jobs, progress=progress, echo=click.echo)
+                      workers=workers, jobs=jobs, group=group, progress=progress, echo=click.echo)
     for p in outcome.outputs:
         click.echo(str(p))
     if outcome.interrupted:

@@ -18,8 +18,9 @@ from typing import Any, Sequence
 
 from seqgen.config import BuildConfig, ConfigError, flatten
 from trainer.checkpoint import latest_step
-from trainer.config import TrainConfig
-from trainer.run import RunDir
+from seqgen.shards import ShardError, read_manifest
+from trainer.evaluate import read_evaluation
+from trainer.run import RunDir, RunError
 from trainer.sweep.spec import BOOKKEEPING, DEFAULT_SHARDS_DIR, RunSpec, Sweep, SweepError
 
 
@@ -74,8 +75,8 @@ def set_action(cfg: BuildConfig, folder: Path) -> SetAction:
     manifest = folder / "manifest.json"
     if manifest.is_file():
         try:
-            stored = json.loads(manifest.read_text()).get("config")
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            stored = read_manifest(folder).get("config")
+        except ShardError:
             stored = None
         if stored != cfg.to_dict():
             raise SweepError(f"{folder} holds a different shard set than its name says; delete that folder")
@@ -93,14 +94,10 @@ def final_records(run_dir: Path, step: int, set_names: Sequence[str]) -> dict[st
         if isinstance(r, dict) and r.get("kind") == "eval" and r.get("step") == step and r.get("set") in wanted \
                 and isinstance(r.get("metrics"), dict):
             found[r["set"]] = r["metrics"]
-    path = run.evaluations_dir / f"step-{step}.json"
-    if path.is_file():
-        try:
-            for s in json.loads(path.read_text()).get("sets", []):
-                if s.get("set") in wanted and s["set"] not in found and isinstance(s.get("metrics"), dict):
-                    found[s["set"]] = s["metrics"]
-        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, UnicodeDecodeError):
-            pass
+    evaluation = read_evaluation(run.evaluations_dir / f"step-{step}.json")  # validated; None when absent
+    for s in evaluation["sets"] if evaluation else []:
+        if s["set"] in wanted and s["set"] not in found:
+            found[s["set"]] = s["metrics"]
     return found
 
 
@@ -118,10 +115,10 @@ def run_action(spec: RunSpec, run_dir: Path, train_dir: Path, eval_dirs: Sequenc
             raise SweepError(f"{run_dir} holds checkpoints but no config.json; delete it or choose another --out")
         return RunAction.TRAIN, 0
     try:
-        stored = json.loads(config.read_text())
-        old = TrainConfig.from_dict(stored["trainer"])
-        old_train = Path(stored["data"]["train"]["path"]).name
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, ConfigError):
+        run = RunDir(run_dir)
+        old = run.train_config()
+        old_train = Path(run.read()["data"]["train"]["path"]).name
+    except (RunError, KeyError, TypeError, ConfigError):
         raise SweepError(f"{config} is unreadable; delete {run_dir} or choose another --out") from None
     diff = _difference(flatten(old.to_dict()), flatten(spec.trainer.to_dict()), ignore=BOOKKEEPING)
     if diff or old_train != train_dir.name:

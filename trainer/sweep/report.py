@@ -16,7 +16,8 @@ no_support_common / no_support_rare), with its 95 % interval and number of seque
 - `figure.png`: each column against x; with seeds every seed faint, the mean bold and the min-max band;
   without, 95 % error bars. Chance (1 / ways) and the ICL ceiling (`trainer.metrics.icl_ceiling`) dashed.
 - `curves.png`: each column against training step, every run faint and each setting's seed mean bold.
-- `provenance.json`: per run, the commit, the hardware and the wall time of every segment trained.
+- `runs/<name>/provenance.json`: per run, the commit, the hardware and the wall time of every segment
+  trained (with the number of runs it shared a vectorized group with).
 """
 
 from __future__ import annotations
@@ -87,23 +88,28 @@ def _read_json(path: Path) -> Any:
 
 
 def read_provenance(results: Path) -> dict[str, dict[str, Any]]:
-    data = _read_json(Path(results) / PROVENANCE_FILE)
-    if not isinstance(data, dict):
-        return {}
-    return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("segments"), list)}
+    """{run name: {"segments": [...]}} from each run's `runs/<name>/provenance.json`."""
+    runs = Path(results) / "runs"
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(runs.rglob(PROVENANCE_FILE)) if runs.is_dir() else []:
+        data = _read_json(path)
+        if isinstance(data, dict) and isinstance(data.get("segments"), list):
+            out[path.parent.relative_to(runs).as_posix()] = data
+    return out
 
 
 def record_provenance(results: Path, run_name: str, action: str, wall_s: float, *, jobs: int,
-                      cpus: list[int] | None) -> None:
-    """Add one segment (what was done, how long, on which code and hardware) to a run's provenance."""
-    results = Path(results)
-    results.mkdir(parents=True, exist_ok=True)
-    known = read_provenance(results)
-    entry = known.setdefault(run_name, {"segments": []})
+                      cpus: list[int] | None, group: int = 1) -> None:
+    """Add one segment (what was done, how long, on which code and hardware) to a run's provenance
+    (`<results>/runs/<name>/provenance.json`: one file per run, so concurrent sweeps never share one)."""
+    path = Path(results) / "runs" / run_name / PROVENANCE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _read_json(path)
+    entry = data if isinstance(data, dict) and isinstance(data.get("segments"), list) else {"segments": []}
     entry["segments"].append({"action": action, "wall_s": round(wall_s, 1), "commit": code_commit(),
-                              "hardware": hardware(), "jobs": jobs, "cpus": cpus,
+                              "hardware": hardware(), "jobs": jobs, "cpus": cpus, "group": group,
                               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    atomic_write_text(results / PROVENANCE_FILE, json.dumps(known, indent=1, sort_keys=True))
+    atomic_write_text(path, json.dumps(entry, indent=1, sort_keys=True))
 
 
 # ---- collection -------------------------------------------------------------------------------------

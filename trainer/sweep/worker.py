@@ -1,7 +1,8 @@
 """One run of `trainer sweep --jobs N`, in its own process: `python -m trainer.sweep.worker ORDER_JSON`.
 
-The order (written by `trainer.sweep.execute`) names the action (train / resume / evaluate), the run's
-TrainConfig, its shard sets and run directory, and the CPU cores this worker may use. The worker pins
+The order (written by `trainer.sweep.execute`) lists the runs of one unit of work (one run, or a
+vectorized group trained by `trainer.group.fit_group`): each with its action (train / resume / evaluate),
+TrainConfig, shard sets and run directory; and the CPU cores this worker may use. The worker pins
 itself to those cores before JAX starts (XLA sizes its thread pools from the process's CPU affinity), asks
 the kernel to send it SIGTERM should the sweep process die (so no orphan trains on), and exits 0 when the
 run finished, 130 when it was interrupted (after saving a checkpoint) and 2 with one line on a known error.
@@ -45,27 +46,34 @@ def _run(order: dict, stop) -> int:
     from trainer.config import TrainConfig
     from trainer.errors import fail, known_errors
 
-    cfg = TrainConfig.from_dict(order["trainer"])
+    runs = order["runs"]
+    cfgs = [TrainConfig.from_dict(r["trainer"]) for r in runs]
+    common = {"omniglot_dir": order["omniglot_dir"], "cache_dir": order["cache_dir"]}
     try:
         if stop.stop_requested:
             return 130
-        if order["action"] == "evaluate":
+        first = runs[0]
+        if first["action"] == "evaluate":
             from trainer.distributed import make_topology
             from trainer.evaluate_cli import evaluate_run
 
-            res = evaluate_run(order["run_dir"], order["evals"], step=order["step"], train_dir=order["train"],
-                               max_seqs=cfg.training.eval_seqs, batch_size=cfg.training.eval_batch_size,
-                               omniglot_dir=order["omniglot_dir"], cache_dir=order["cache_dir"],
-                               topo=make_topology(), echo=print)
+            res = evaluate_run(first["run_dir"], first["evals"], step=first["step"], train_dir=first["train"],
+                               max_seqs=cfgs[0].training.eval_seqs, batch_size=cfgs[0].training.eval_batch_size,
+                               topo=make_topology(), echo=print, **common)
             return 0 if res is not None else 130
         from trainer.fit import fit
+        from trainer.group import fit_group
 
         if stop.stop_requested:
             return 130
-        result = fit(cfg, order["train"], order["evals"], order["run_dir"], resume=order["action"] == "resume",
-                     omniglot_dir=order["omniglot_dir"], cache_dir=order["cache_dir"], progress=False,
-                     interrupt=stop)
-        return 130 if result.interrupted else 0
+        if len(runs) == 1:
+            results = [fit(cfgs[0], first["train"], first["evals"], first["run_dir"],
+                           resume=first["action"] == "resume", progress=False, interrupt=stop, **common)]
+        else:
+            results = fit_group(cfgs, [r["train"] for r in runs], [r["evals"] for r in runs],
+                                [r["run_dir"] for r in runs], resume=[r["action"] == "resume" for r in runs],
+                                progress=False, interrupt=stop, **common)
+        return 130 if any(r.interrupted for r in results) else 0
     except known_errors() as e:
         fail(str(e))
     except OSError as e:
