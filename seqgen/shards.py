@@ -341,14 +341,15 @@ def _in(values: np.ndarray, pool: np.ndarray, size: int) -> np.ndarray:
 
 def class_label_ranges(cfg: BuildConfig, pools: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
     """Per dataset class, the labels [lo, hi) its examples may carry in a set of this config, where the
-    labeling fixes them (None where it does not: few-shot 'unfixed' labels, mixed sets, rare 'unfixed').
+    labeling fixes them (None where it does not: few-shot 'unfixed' labels, mixed sets, rare 'unfixed'; and
+    the strategy types flip / copy_available, whose labels `check_invariants` checks against the trained ones).
 
     Ordered labels: rare index i -> [i*X, i*X + X) under polysemy X (X = 1 otherwise), common index j ->
     n_rare*X + j (bursty; no-support sets use the unshifted n_rare + j, as the original), holdout after
     the common ones; `original` labeling: the class id itself."""
     sq, t = cfg.sequence, cfg.seq_type
     n_cls = cfg.dataset.num_dataset_classes
-    if t.is_fewshot or t is SeqType.MIXED:
+    if t.is_fewshot or t is SeqType.MIXED or t.is_strategy:  # strategy types: their own invariants (verify)
         return None
     lo = np.full(n_cls, -1, np.int64)
     hi = np.full(n_cls, -1, np.int64)
