@@ -128,6 +128,7 @@ def test_greater_and_less_against_another_run(compare, a, b, margin, verdict):
 def test_near_a_number(values, verdict):
     res = evaluate_check(_check("near", 0.5, tolerance=0.05), {"a": dict(enumerate(values))}, [0, 1, 2])
     assert res.verdict is verdict and res.right == {0: 0.5, 1: 0.5, 2: 0.5}
+    assert res.spec.describe() == "icl(a) within 0.05 of 0.5 in every seed"  # no '|': it goes into tables
 
 
 def test_pending_until_every_seed_is_evaluated_and_single_seed_sweeps():

@@ -40,8 +40,9 @@ def claims_table(items: list[tuple[Sweep, Path, list[CheckResult]]]) -> list[str
     for sweep, folder, checks in items:
         cmd = f"`trainer sweep {sweep.path} --report-only --check`"
         for c in checks:
-            lines.append(f"| [{sweep.name}]({folder}/results.md) | {c.spec.claim} | {c.spec.describe()} | "
-                         f"{_numbers(c)} | **{c.verdict.value}** | {cmd} |")
+            cells = [f"[{sweep.name}]({folder}/results.md)", c.spec.claim, c.spec.describe(), _numbers(c),
+                     f"**{c.verdict.value}**", cmd]
+            lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
     return lines
 
 

@@ -313,7 +313,8 @@ def write_markdown(sweep: Sweep, rows: list[Row], checks: list[CheckResult], col
     if checks:
         lines += ["## Checks", "", "| verdict | claim | check | numbers |", "|---|---|---|---|"]
         for c in checks:
-            lines.append(f"| {c.verdict.value} | {c.spec.claim} | {c.spec.describe()} | {c.detail} |")
+            cells = [c.verdict.value, c.spec.claim, c.spec.describe(), c.detail]
+            lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
         lines.append("")
     if sweep.seeds is not None:
         lines += ["## Settings (mean ± standard deviation over seeds, then each seed)", ""]

@@ -142,7 +142,7 @@ class CheckSpec:
         other = f"{self.than:g}" if isinstance(self.than, float) else f"{self.metric}({self.than})"
         left = f"{self.metric}({self.run})"
         if self.compare is Compare.NEAR:
-            return f"|{left} - {other}| <= {self.tolerance:g} in every seed"
+            return f"{left} within {self.tolerance:g} of {other} in every seed"
         sign = ">" if self.compare is Compare.GREATER else "<"
         by = f", by >= {self.margin:g} on the mean" if self.margin else ""
         return f"{left} {sign} {other} in every seed{by}"
