@@ -21,31 +21,7 @@ from trainer.sweep import (
 )
 from trainer.sweep.execute import cpu_groups
 
-BASE = """
-[seqgen]
-shard_size = 256
-[seqgen.dataset]
-example_type = "symbolic"
-symbolic_size = 40
-[seqgen.split]
-n_rare_classes = 30
-n_common_classes = 5
-n_holdout_classes = 5
-[trainer.model]
-example_encoding = "embedding"
-emb_dim = 16
-num_layers = 1
-num_heads = 2
-[trainer.optimizer]
-warmup_steps = 2
-[trainer.training]
-steps = 6
-batch_size = 8
-log_every = 3
-eval_every = 3
-checkpoint_every = 3
-eval_batch_size = 32
-"""
+from tests.test_sweep import BASE, _write as _write_files
 
 SWEEP = """
 # a seeded test sweep
@@ -88,10 +64,7 @@ than = -1.0
 
 
 def _write(folder: Path, sweep: str = SWEEP, base: str = BASE) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "base.toml").write_text(base)
-    (folder / "sweep.toml").write_text(sweep)
-    return folder / "sweep.toml"
+    return _write_files(folder, sweep, base)
 
 
 def _rows(path: Path) -> dict[str, dict[str, str]]:
