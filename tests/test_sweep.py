@@ -18,8 +18,9 @@ from trainer.checkpoint import latest_step
 from trainer.cli import main
 from trainer.signals import GracefulInterrupt
 from trainer.sweep import (
-    RunAction, SetAction, config_hash, eval_config, execute, load_sweep, make_plan, set_folder,
+    RunAction, SetAction, config_hash, eval_config, load_sweep, make_plan, set_folder,
 )
+from trainer.sweep.execute import execute
 
 REPO = Path(__file__).resolve().parents[1]
 

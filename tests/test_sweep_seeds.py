@@ -17,8 +17,9 @@ from trainer.checkpoint import latest_step
 from trainer.cli import main
 from trainer.signals import GracefulInterrupt
 from trainer.sweep import (
-    CheckSpec, Compare, Verdict, evaluate_check, execute, load_sweep, make_plan,
+    CheckSpec, Compare, Verdict, evaluate_check, load_sweep, make_plan,
 )
+from trainer.sweep.execute import execute
 from trainer.sweep.execute import cpu_groups
 
 from tests.test_sweep import BASE, _write as _write_files
@@ -248,32 +249,38 @@ class StopWhenStarted(GracefulInterrupt):
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--jobs 2 needs two CPU cores")
 def test_jobs_train_in_pinned_workers_resume_after_a_stop_and_match_in_process_runs(seeded, tmp_path):
-    """--jobs 2: two worker processes, one core each; a stop reaches both (each exits 130, none counts as
-    failed), the rerun finishes them; final metrics equal the in-process runs' up to float round-off."""
+    """--jobs 2 over 3 runs: two worker processes, one core each; a stop reaches both (each exits 130, none
+    counts as failed), the third run is never started and the sweep ends instead of waiting for it; the
+    rerun finishes all three; final metrics equal the in-process runs' up to float round-off."""
     path = seeded["path"]
     out, results = tmp_path / "out", tmp_path / "results"
-    plan = make_plan(load_sweep(path), out=out, shards_dir=seeded["shards"], only=["p0"])
+    only = ["p0", "p1/seed-3"]
+    plan = make_plan(load_sweep(path), out=out, shards_dir=seeded["shards"], only=only)
     logs = [out / "logs" / "p0" / f"seed-{s}.log" for s in (3, 4)]
     said: list[str] = []
     first = execute(plan, command="t", results=results, jobs=2, progress=False,
                     interrupt=StopWhenStarted(logs), echo=said.append)
     assert first.interrupted and not first.failed and not first.trained, said
     assert sum(x.startswith("stopped: p0/seed-") for x in said) == 2, said
+    assert not (out / "logs" / "p1").exists() and not any("p1/seed-3" in x for x in said), said
     res = CliRunner().invoke(main, ["sweep", str(path), "--out", str(out), "--results", str(results),
-                                    "--shards-dir", str(seeded["shards"]), "--only", "p0", "--jobs", "2"])
+                                    "--shards-dir", str(seeded["shards"]), "--only", "p0", "--only", "p1/seed-3",
+                                    "--jobs", "2"])
     assert res.exit_code == 0, res.output
+    assert "done: 3 runs trained" in res.output
     cpus = {line for p in logs for line in p.read_text().splitlines() if line.startswith("worker: cpus")}
     assert cpus == {"worker: cpus [0]", "worker: cpus [1]"}, cpus
     mine, theirs = _rows(results / "results.csv"), _rows(seeded["results"] / "results.csv")
-    for name in ("p0/seed-3", "p0/seed-4"):
+    train = lambda d: [json.loads(x)["metrics"]["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()
+                       if json.loads(x)["kind"] == "train"]
+    for name in ("p0/seed-3", "p0/seed-4", "p1/seed-3"):
         assert mine[name]["status"] == "done"
         for c in ("icl", "iwl"):
             assert float(mine[name][f"{c}_mean"]) == pytest.approx(float(theirs[name][f"{c}_mean"]), abs=0.03)
-    train = lambda d: [json.loads(x)["metrics"]["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()
-                       if json.loads(x)["kind"] == "train"]
-    for s in (3, 4):
-        assert train(out / "runs" / "p0" / f"seed-{s}") == pytest.approx(
-            train(seeded["out"] / "runs" / "p0" / f"seed-{s}"), rel=1e-4)
+        assert train(out / "runs" / name) == pytest.approx(train(seeded["out"] / "runs" / name), rel=1e-4)
+    too_many = CliRunner().invoke(main, ["sweep", str(path), "--out", str(out), "--shards-dir", str(seeded["shards"]),
+                                         "--jobs", str(len(os.sched_getaffinity(0)) + 1)])
+    assert too_many.exit_code == 2 and "exceeds the" in too_many.output.splitlines()[-1]
 
 
 def test_cpu_groups_split_the_cores():

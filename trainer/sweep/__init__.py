@@ -5,22 +5,29 @@
 - `execute`: carry a plan out, in this process or in `--jobs` worker processes (`worker`);
 - `report`: tables, figures and provenance from the runs' metrics alone;
 - `checks`: the paper's claims as comparisons with PASS / FAIL / INCONCLUSIVE verdicts;
+- `page`: every claim of every figure in one table (`trainer claims`);
 - `cli`: the command.
+
+The names below are imported on first use (PEP 562), so that `python -m trainer.sweep.worker` starts
+without loading JAX before it has installed its signal handling.
 """
 
-from trainer.sweep.checks import CheckResult, Verdict, evaluate_check
-from trainer.sweep.execute import Outcome, execute
-from trainer.sweep.plan import (
-    Plan, RunAction, RunPlan, SetAction, SetPlan, config_hash, describe_plan, make_plan, set_folder,
-)
-from trainer.sweep.spec import (
-    DEFAULT_EVAL_SEQS, DEFAULT_EVAL_TYPES, DEFAULT_SHARDS_DIR, CheckSpec, Compare, RunSpec, Sweep, SweepError,
-    eval_config, load_sweep,
-)
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "CheckResult", "CheckSpec", "Compare", "DEFAULT_EVAL_SEQS", "DEFAULT_EVAL_TYPES", "DEFAULT_SHARDS_DIR",
-    "Outcome", "Plan", "RunAction", "RunPlan", "RunSpec", "SetAction", "SetPlan", "Sweep", "SweepError",
-    "Verdict", "config_hash", "describe_plan", "eval_config", "evaluate_check", "execute", "load_sweep",
-    "make_plan", "set_folder",
-]
+_EXPORTS = {
+    "CheckResult": "checks", "Verdict": "checks", "evaluate_check": "checks",
+    "Outcome": "execute",
+    "Plan": "plan", "RunAction": "plan", "RunPlan": "plan", "SetAction": "plan", "SetPlan": "plan",
+    "config_hash": "plan", "describe_plan": "plan", "make_plan": "plan", "set_folder": "plan",
+    "DEFAULT_EVAL_SEQS": "spec", "DEFAULT_EVAL_TYPES": "spec", "DEFAULT_SHARDS_DIR": "spec", "CheckSpec": "spec",
+    "Compare": "spec", "RunSpec": "spec", "Sweep": "spec", "SweepError": "spec", "eval_config": "spec",
+    "load_sweep": "spec",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f"trainer.sweep.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'trainer.sweep' has no attribute {name!r}")

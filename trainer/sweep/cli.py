@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -103,7 +104,9 @@ def _sweep(sweep_file, out, results, shards_dir, omniglot_dir, cache_dir, worker
     if dry_run and report_only:
         raise ConfigError("--dry-run and --report-only exclude each other; pass one")
     sweep = load_sweep(sweep_file)
-    command = reproduce_command(sweep_file, out, shards_dir, only, results)
+    # the whole figure's command goes into the report; an interrupted subset is resumed with its own
+    command = reproduce_command(sweep_file, out, shards_dir, (), results)
+    resume = reproduce_command(sweep_file, out, shards_dir, only, results)
     shards = Path(shards_dir) if shards_dir else DEFAULT_SHARDS_DIR
     folder = results_folder(sweep, out, results)
     if report_only:
@@ -119,16 +122,20 @@ def _sweep(sweep_file, out, results, shards_dir, omniglot_dir, cache_dir, worker
         click.echo(line)
     if dry_run:
         return 0
-    from trainer.sweep.execute import default_group, default_jobs
+    from trainer.sweep.execute import cpu_groups, default_group, default_jobs
 
+    # JAX in this process must not take most of an accelerator's memory from the workers (it only
+    # looks up the platform and the hardware); the workers inherit the setting.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     jobs = default_jobs() if jobs is None else jobs
+    cpu_groups(jobs)  # refuses more jobs than cores now, before any set is built
     group = default_group() if group is None else group
     outcome = execute(plan, command=command, results=folder, omniglot_dir=omniglot_dir, cache_dir=cache_dir,
                       workers=workers, jobs=jobs, group=group, progress=progress, echo=click.echo)
     for p in outcome.outputs:
         click.echo(str(p))
     if outcome.interrupted:
-        click.echo(f"interrupted: progress saved; rerun `{command}` to resume "
+        click.echo(f"interrupted: progress saved; rerun `{resume}` to resume "
                    f"({len(outcome.trained)} runs finished this time)")
         return 130
     if outcome.failed:

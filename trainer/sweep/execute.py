@@ -157,7 +157,7 @@ def _in_process(units: list[list[RunPlan]], results: Path, stop: GracefulInterru
             res = evaluate_run(r.run_dir, r.eval_dirs, step=r.step, train_dir=r.train_dir,
                                max_seqs=r.spec.trainer.training.eval_seqs,
                                batch_size=r.spec.trainer.training.eval_batch_size, omniglot_dir=omniglot_dir,
-                               cache_dir=cache_dir, topo=make_topology(), echo=lambda _: None)
+                               cache_dir=cache_dir, topo=make_topology(), echo=lambda _: None, interrupt=stop)
             done = res is not None
         elif len(unit) == 1:
             where = f" from step {r.step}" if r.action is RunAction.RESUME else ""
@@ -213,7 +213,8 @@ def _in_workers(units: list[list[RunPlan]], results: Path, stop: GracefulInterru
     trained: list[str] = []
     failed: list[str] = []
     forwarded = False
-    while queue or running:
+    stopped_alone = False  # a worker that exited 130 without our asking (e.g. SIGTERM sent to it directly)
+    while running or (queue and not stop.stop_requested and not stopped_alone):
         if stop.stop_requested and not forwarded:
             for proc, *_ in running.values():
                 proc.send_signal(signal.SIGINT)  # workers run in their own session: this is their only one
@@ -239,6 +240,8 @@ def _in_workers(units: list[list[RunPlan]], results: Path, stop: GracefulInterru
             code = proc.poll()
             if code is None:
                 continue
+            if code in (-signal.SIGINT, -signal.SIGTERM):  # killed by the signal before its handler was in place
+                code = 130
             del running[slot]
             free.append(slot)
             for u in unit:
@@ -250,11 +253,12 @@ def _in_workers(units: list[list[RunPlan]], results: Path, stop: GracefulInterru
                 echo(f"finished: {_label(unit)} ({(time.time() - start) / 60:.1f} min)")
                 report()
             elif code == 130:
-                echo(f"stopped: {_label(unit)} (checkpoint saved)")
+                echo(f"stopped: {_label(unit)} (its progress is saved)")
+                stopped_alone = stopped_alone or not stop.stop_requested
             else:
                 failed += [u.spec.name for u in unit]
                 echo(f"failed: {_label(unit)} (exit {code}): {_last_line(log)}; see {log}")
-    return trained, failed, stop.stop_requested
+    return trained, failed, stop.stop_requested or stopped_alone
 
 
 def _last_line(log: Path) -> str:

@@ -8,6 +8,7 @@ page is left as written.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -35,12 +36,14 @@ def _numbers(c: CheckResult) -> str:
     return f"{mean:.3f} ({seeds}) vs {c.spec.than:g}"
 
 
-def claims_table(items: list[tuple[Sweep, Path, list[CheckResult]]]) -> list[str]:
+def claims_table(items: list[tuple[Sweep, Path, list[CheckResult]]], page_dir: Path = Path(".")) -> list[str]:
+    """The table; links are relative to `page_dir` (the folder of the page it goes into)."""
     lines = ["| figure | claim | check | ours: mean (per seed) | verdict | reproduce |", "|---|---|---|---|---|---|"]
     for sweep, folder, checks in items:
+        link = Path(os.path.relpath(Path(folder) / "results.md", page_dir)).as_posix()
         cmd = f"`trainer sweep {sweep.path} --report-only --check`"
         for c in checks:
-            cells = [f"[{sweep.name}]({folder}/results.md)", c.spec.claim, c.spec.describe(), _numbers(c),
+            cells = [f"[{sweep.name}]({link})", c.spec.claim, c.spec.describe(), _numbers(c),
                      f"**{c.verdict.value}**", cmd]
             lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
     return lines
@@ -71,7 +74,7 @@ def claims_command(sweep_files, results_root, shards_dir, page) -> None:
             folder = Path(results_root) / sweep.name
             items.append((sweep, folder, check_report(sweep, folder, Path(shards_dir)) if folder.is_dir() else
                           [CheckResult(c, Verdict.PENDING, {}, {}, f"no results in {folder} yet") for c in sweep.checks]))
-        table = claims_table(items)
+        table = claims_table(items, Path(page).parent if page else Path("."))
         updated = replace_block(Path(page).read_text(), table) if page else None
         for line in table:
             click.echo(line)

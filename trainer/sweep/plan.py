@@ -85,8 +85,8 @@ def set_action(cfg: BuildConfig, folder: Path) -> SetAction:
 
 
 def final_records(run_dir: Path, step: int, set_names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """{set name: metrics} of the evaluations at `step` found in metrics.jsonl or evaluations/step-N.json
-    (the latest record wins)."""
+    """{set name: metrics} of the evaluations at `step` found in metrics.jsonl (the latest record of a set
+    wins), else in evaluations/step-N.json (`trainer evaluate`)."""
     run = RunDir(run_dir)
     wanted = set(set_names)
     found: dict[str, dict[str, Any]] = {}

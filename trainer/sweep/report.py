@@ -26,6 +26,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import math
 import platform
 import statistics
@@ -279,14 +280,19 @@ def _agg_cell(s: dict[str, Any] | None) -> str:
 
 
 def _ceiling_note(sweep: Sweep) -> str | None:
-    fs = [cfg for r in sweep.runs for cfg in r.evals if cfg.seq_type.value == "fewshot_holdout"]
-    if not fs:
+    kinds: dict[tuple[int, int], list[str]] = {}
+    for r in sweep.runs:
+        for cfg in r.evals:
+            if cfg.seq_type.value == "fewshot_holdout":
+                names = kinds.setdefault((cfg.sequence.ways, cfg.split.n_holdout_classes), [])
+                if r.setting not in names:
+                    names.append(r.setting)
+    if not kinds:
         return None
-    cfg = fs[0]
-    c = icl_ceiling(cfg.sequence.ways, cfg.split.n_holdout_classes)
-    return (f"ICL ceiling: the {cfg.sequence.ways} ways of a fewshot_holdout sequence are drawn with replacement "
-            f"from {cfg.split.n_holdout_classes} holdout classes (as in the original), so even a perfect "
-            f"in-context learner scores at most {c:.3f}; chance is {1 / cfg.sequence.ways:.3f}.")
+    parts = [f"{icl_ceiling(w, h):.3f} with {w} ways of {h} holdout classes (chance {1 / w:.3f})"
+             + (f" ({', '.join(names)})" if len(kinds) > 1 else "") for (w, h), names in kinds.items()]
+    return ("ICL ceiling: the ways of a fewshot_holdout sequence are drawn with replacement (as in the "
+            "original), so even a perfect in-context learner scores at most " + "; ".join(parts) + ".")
 
 
 def write_markdown(sweep: Sweep, rows: list[Row], checks: list[CheckResult], columns: list[str], path: Path,
@@ -336,9 +342,12 @@ def write_markdown(sweep: Sweep, rows: list[Row], checks: list[CheckResult], col
 
 # ---- figures ----------------------------------------------------------------------------------------
 def _save_png(fig: Any, path: Path, dpi: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=dpi, format="png")
-    commit(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _x_positions(sweep: Sweep) -> tuple[dict[str, float], list[str] | None]:
@@ -381,8 +390,8 @@ def write_figure(sweep: Sweep, rows: list[Row], columns: list[str], path: Path) 
             for x, s in aggs:
                 ax.scatter([x] * len(s["values"]), list(s["values"].values()), color=line.get_color(), alpha=0.35, s=12)
         else:
-            pts = sorted(((xpos[r.spec.setting], r.values[c]) for r in rows if r.values.get(c) is not None),
-                         key=lambda p: p[0])
+            pts = sorted(((xpos[r.spec.setting], r.values[c]) for r in rows
+                          if r.status == "done" and r.values.get(c) is not None), key=lambda p: p[0])
             if not pts:
                 continue
             err = [[max(0.0, v["mean"] - v["ci95"][0]) for _, v in pts], [max(0.0, v["ci95"][1] - v["mean"]) for _, v in pts]]

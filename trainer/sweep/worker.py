@@ -59,7 +59,7 @@ def _run(order: dict, stop) -> int:
 
             res = evaluate_run(first["run_dir"], first["evals"], step=first["step"], train_dir=first["train"],
                                max_seqs=cfgs[0].training.eval_seqs, batch_size=cfgs[0].training.eval_batch_size,
-                               topo=make_topology(), echo=print, **common)
+                               topo=make_topology(), echo=print, interrupt=stop, **common)
             return 0 if res is not None else 130
         from trainer.fit import fit
         from trainer.group import fit_group
