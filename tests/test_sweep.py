@@ -284,7 +284,7 @@ def test_unknown_only_name_and_foreign_run_dir(tmp_path):
     run_dir.mkdir(parents=True)
     trainer = load_sweep(path).runs[0].trainer.to_dict()
     trainer["training"]["batch_size"] = 4
-    (run_dir / "config.json").write_text(json.dumps({"trainer": trainer, "data": {"train": {"path": "x"}}}))
+    (run_dir / "config.json").write_text(json.dumps({"trainer": trainer, "data": {"train": {"path": "x", "fingerprint": "x"}}}))
     res = runner.invoke(main, ["sweep", str(path), "--dry-run", "--out", str(tmp_path / "o"),
                                "--shards-dir", str(tmp_path / "s")])
     assert res.exit_code == 2 and res.output.count("\n") == 1 and "training.batch_size" in res.output
