@@ -74,7 +74,7 @@ def _install_trace(root: Path, trace: list) -> None:
         return fn
 
     builtins.open = io.open = wrap_open(io.open)
-    os.mkdir = wrap("mkdir", os.mkdir, "write")
+    os.mkdir = wrap("mkdir", os.mkdir, "mkdir")  # a folder: nothing anyone could read half-written
     os.replace = wrap("replace", os.replace, "write")
     os.rename = wrap("rename", os.rename, "write")
     os.unlink = wrap("unlink", os.unlink, "write")

@@ -206,7 +206,7 @@ def test_trainer_refuses_non_finite_and_out_of_range_optimizer_options(tmp_path,
     (["evaluate", "x", "--run-dir", "r", "--watch", "--poll", "nan"], "--poll"),
     (["evaluate", "x", "--run-dir", "r", "--watch", "--poll", "0"], "--poll"),
     (["fit", "--distributed", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2",
-      "--train", "x", "--run-dir", "r"], "--process-id 2 is impossible"),
+      "--train", "x", "--run-dir", "r"], "--process-id 2 must be in [0, --num-processes 2)"),
 ])
 def test_trainer_refuses_impossible_command_line_numbers(tmp_path, monkeypatch, args, fragment):
     monkeypatch.chdir(tmp_path)

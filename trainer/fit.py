@@ -109,10 +109,14 @@ def _fit(
     num_classes = session.train.num_labels
     owed: list[tuple[int, list[str]]] = []
     loaded = None if start is None else load_state(run.path, start, cfg, num_classes)
+    if start is not None:  # read before the barrier: process 0 rewrites metrics.jsonl after it
+        owed = owed_evaluations(run.read_metrics(), checkpoint.list_steps(run.path), start, cfg,
+                                (stored_steps, cfg.training.steps), [set_name(s) for s in session.evals])
     # every process must train the same run; also the barrier between every process's reads of the run
     # directory (above) and process 0's writes (below)
     agree(topo, {"config": cfg.to_dict(), "training set": record["train"]["fingerprint"],
-                 "evaluation sets": [e["fingerprint"] for e in record["eval"]], "resume step": start})
+                 "evaluation sets": [e["fingerprint"] for e in record["eval"]], "resume step": start,
+                 "evaluations to redo": owed})
     if start is None:
         state = replicate(topo, init_state(cfg, num_classes))
         start = 0
@@ -124,8 +128,6 @@ def _fit(
         if topo.is_main:
             run.truncate_metrics_after(start)
             run.create(recorded, record)  # an extended run records its new number of steps; never fewer
-        owed = owed_evaluations(run.read_metrics(), checkpoint.list_steps(run.path), start, cfg,
-                                (stored_steps, cfg.training.steps), [set_name(s) for s in session.evals])
     with (interrupt or GracefulInterrupt()) as stop:
         if not _redo_evaluations(session, run, state, start, owed, stop):
             return FitResult(step=start, interrupted=True, run_dir=str(run.path))
