@@ -29,9 +29,9 @@ from seqgen.build import build  # noqa: E402
 from seqgen.config import BuildConfig  # noqa: E402
 from trainer.config import TrainConfig, TrainingConfig  # noqa: E402
 from trainer.data import BatchStream, open_shard_set  # noqa: E402
-from trainer.distributed import make_topology, replicate  # noqa: E402
+from trainer.runtime.distributed import make_topology, replicate  # noqa: E402
 from trainer.group import make_group_step, stack_states  # noqa: E402
-from trainer.hugepages import reexec_with_hugepages  # noqa: E402
+from trainer.runtime.hugepages import reexec_with_hugepages  # noqa: E402
 from trainer.models import ModelConfig  # noqa: E402
 from trainer.models.kernels import kernel_path  # noqa: E402
 from trainer.session import device_table  # noqa: E402

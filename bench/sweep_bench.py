@@ -15,7 +15,7 @@ The modes are measured in the same invocation, in `--rounds` rounds with the ord
 printed: other tenants of this shared machine (a background training sweep) slow all modes alike only on
 average, so compare ratios within one invocation. The workers also print the threads and the CPU-seconds
 per wall-second they used, which shows how many cores a pinned worker really uses.
-Like the `trainer` command, workers run with huge-page malloc (trainer/hugepages.py); they share a JAX
+Like the `trainer` command, workers run with huge-page malloc (trainer/runtime/hugepages.py); they share a JAX
 compilation cache in the bench's temporary folder, so a later worker's "compile" may be a cache load.
 """
 
@@ -45,7 +45,7 @@ def worker(args: argparse.Namespace) -> None:
     from seqgen.config import load_toml
     from trainer.config import train_config_from_toml, with_overrides
     from trainer.data import BatchStream, open_shard_set
-    from trainer.distributed import make_topology, replicate
+    from trainer.runtime.distributed import make_topology, replicate
     from trainer.group import make_group_step, stack_states
     from trainer.session import device_table
     from trainer.step import StepContext, init_state, make_train_step
@@ -115,7 +115,7 @@ def _spawn(mode: str, seeds: list[int], cpus: str, args: argparse.Namespace, tmp
     if cpus:
         cmd += ["--cpus", cpus]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    from trainer.hugepages import TUNABLE
+    from trainer.runtime.hugepages import TUNABLE
 
     env.setdefault("GLIBC_TUNABLES", f"{TUNABLE}=1")
     # Workers of the same program reuse one compilation (compile time is excluded from runs/hour anyway;

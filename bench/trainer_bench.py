@@ -11,7 +11,7 @@ Measured in the same run, on the same bursty shard set built from the real Omnig
   dispatch and the loss fetched with float() every step (what a straightforward loop does).
 Prints ms/step (mean, the median over calls, and the fastest call), steps/s, achieved GFLOP/s (XLA cost analysis of one
 step), the share of input handling in our step time, and the ratio baseline/ours. Timings on shared machines are noisy: run it twice.
-Like the `trainer` command, it re-executes itself with huge-page malloc (`trainer/hugepages.py`); prefix
+Like the `trainer` command, it re-executes itself with huge-page malloc (`trainer/runtime/hugepages.py`); prefix
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` to measure without.
 """
 
@@ -39,9 +39,9 @@ from trainer.data import BatchStream, open_shard_set  # noqa: E402
 from trainer.images import GRAY_LUT, resize_matrix  # noqa: E402
 from trainer.models import ModelConfig  # noqa: E402
 from trainer.session import device_table  # noqa: E402
-from trainer.distributed import make_topology, replicate  # noqa: E402
+from trainer.runtime.distributed import make_topology, replicate  # noqa: E402
 from trainer.step import StepContext, init_state, make_train_step  # noqa: E402
-from trainer.hugepages import TUNABLE, reexec_with_hugepages  # noqa: E402
+from trainer.runtime.hugepages import TUNABLE, reexec_with_hugepages  # noqa: E402
 
 from benchkit import cost_flops  # noqa: E402
 
@@ -167,5 +167,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_hugepages()  # what the `trainer` command does (trainer/hugepages.py)
+    reexec_with_hugepages()  # what the `trainer` command does (trainer/runtime/hugepages.py)
     main()

@@ -17,7 +17,7 @@ import numpy as np
 
 def fit_mode(root, run, devices, steps, resume):
     from tests.trainkit import paper_like_sets, tiny_config
-    from trainer.distributed import make_topology
+    from trainer.runtime.distributed import make_topology
     from trainer.fit import fit
 
     train, icl, _ = paper_like_sets(Path(root), train_seqs=512)
@@ -27,7 +27,7 @@ def fit_mode(root, run, devices, steps, resume):
 
 
 def bn_mode(out):
-    from trainer.distributed import make_topology, replicate, to_global
+    from trainer.runtime.distributed import make_topology, replicate, to_global
     from trainer.models import ModelConfig, forward, make_model
 
     cfg = ModelConfig(emb_dim=16, num_layers=1, num_heads=2)

@@ -6,7 +6,7 @@ JOB.json: {"num_processes": P, "port": PORT, "out": DIR, "trace_root": DIR, "tas
 the process joins a `jax.distributed` job on 127.0.0.1:PORT (CPU, gloo collectives). It runs the tasks in
 order and writes DIR/result-PROCESS_ID.json: per task its outcome (and the global rows of every training
 batch this process read), and a trace of every file it opened, created, renamed or removed under
-`trace_root`, in order, interleaved with the moments it passed `trainer.multihost.agree` (the barrier).
+`trace_root`, in order, interleaved with the moments it passed `trainer.runtime.multihost.agree` (the barrier).
 
 Tasks:
   {"kind": "fit", "run": RUN, "train": DIR, "eval": [DIR], "steps": N, "resume": bool,
@@ -30,7 +30,7 @@ def main(job_path: str, pid: int) -> None:
     import jax
 
     if job["num_processes"] > 1:
-        from trainer.distributed import initialize
+        from trainer.runtime.distributed import initialize
 
         initialize(True, f"127.0.0.1:{job['port']}", job["num_processes"], pid, init_timeout=60, heartbeat_timeout=20)
     trace: list[list] = []
@@ -82,9 +82,9 @@ def _install_trace(root: Path, trace: list) -> None:
 
     import trainer.fit
     import trainer.evaluate_cli
-    import trainer.multihost
+    import trainer.runtime.multihost
 
-    real_agree = trainer.multihost.agree
+    real_agree = trainer.runtime.multihost.agree
 
     def agree(*a, **k):
         trace.append(["agree", ""])
@@ -97,8 +97,8 @@ def _run_task(task: dict, pid: int, trace: list) -> dict:
     from dataclasses import replace
 
     from tests.trainkit import tiny_config
-    from trainer.errors import known_errors
-    from trainer.distributed import make_topology
+    from trainer.runtime.errors import known_errors
+    from trainer.runtime.distributed import make_topology
 
     topo = make_topology()
     mine = task.get("per_process", {}).get(str(pid), {})
@@ -126,7 +126,7 @@ def _fit(cfg, train, evals, run, resume, topo) -> dict:
 
     import trainer.fit
     from trainer.fit import fit
-    from trainer.multihost import train_stream as real
+    from trainer.runtime.multihost import train_stream as real
 
     rows: list[list[int]] = []
 
@@ -152,6 +152,6 @@ def _fit(cfg, train, evals, run, resume, topo) -> dict:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import trainer.multihost  # noqa: F401  (before the trace is installed)
+    import trainer.runtime.multihost  # noqa: F401  (before the trace is installed)
 
     main(sys.argv[1], int(sys.argv[2]))

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from seqgen.config import SeqType
 from tests.trainkit import symbolic_set, tiny_config
-from trainer.analyze import ANALYSIS_FILE, analyze_run, head_mask, read_analysis, score_sums, summarize_scores
+from trainer.analyze.measures import ANALYSIS_FILE, analyze_run, head_mask, read_analysis, score_sums, summarize_scores
 from trainer.cli import main
 from trainer.fit import fit
 from trainer.models.layers import gelu

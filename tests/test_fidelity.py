@@ -17,7 +17,7 @@ from seqgen.split import make_split
 from tests.naive import naive_generate
 from tests.trainkit import DATASET, SPLIT, symbolic_set, tiny_config
 from trainer.config import with_overrides
-from trainer.distributed import make_topology
+from trainer.runtime.distributed import make_topology
 from trainer.evaluate_cli import evaluate_run
 from trainer.fit import fit
 from trainer.images import make_examples, prepare_table

@@ -16,10 +16,10 @@ from trainer import checkpoint
 from trainer.data import DataError
 from trainer.evaluate_cli import evaluate_run
 from trainer.fit import fit
-from trainer.distributed import make_topology
+from trainer.runtime.distributed import make_topology
 from trainer.plots import plot_run
 from trainer.run import RunDir, RunError
-from trainer.signals import GracefulInterrupt
+from trainer.runtime.signals import GracefulInterrupt
 from trainer.step import learning_rate, state_skeleton
 from trainer.config import OptimizerConfig
 

@@ -19,7 +19,7 @@ from tests.conftest import shared_omniglot_dir
 from trainer import checkpoint
 from trainer.config import OptimizerConfig, TrainConfig, TrainingConfig
 from trainer.data import DataError
-from trainer.distributed import make_topology
+from trainer.runtime.distributed import make_topology
 from trainer.evaluate_cli import watch_run
 from trainer.fit import fit
 from trainer.models import ModelConfig

@@ -17,7 +17,7 @@ import pytest
 from seqgen.config import SeqType
 from tests.trainkit import paper_like_sets, symbolic_set, tiny_config
 from trainer import checkpoint
-from trainer.distributed import make_topology
+from trainer.runtime.distributed import make_topology
 from trainer.evaluate_cli import evaluate_run
 from trainer.fit import fit
 from trainer.group import GroupError, fit_group, plan_groups, stack_states, unstack_state

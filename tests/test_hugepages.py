@@ -1,4 +1,4 @@
-"""`trainer.hugepages`: when the trainer re-executes itself with `glibc.malloc.hugetlb=1`, and that it does."""
+"""`trainer.runtime.hugepages`: when the trainer re-executes itself with `glibc.malloc.hugetlb=1`, and that it does."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from trainer.hugepages import TUNABLE, environ_with_hugepages, glibc_supports_tunable, thp_available
+from trainer.runtime.hugepages import TUNABLE, environ_with_hugepages, glibc_supports_tunable, thp_available
 
 
 def test_tunable_added_to_an_empty_environment():
@@ -47,7 +47,7 @@ def test_thp_setting_gate(setting, ok):
     assert thp_available(setting) is ok
 
 
-_CHILD = ("import os, sys; from trainer.hugepages import reexec_with_hugepages; "
+_CHILD = ("import os, sys; from trainer.runtime.hugepages import reexec_with_hugepages; "
           "print('start', flush=True); reexec_with_hugepages(); "
           "print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
 

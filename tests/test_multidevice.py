@@ -91,7 +91,7 @@ def test_batchnorm_statistics_are_global_over_sharded_batches(tmp_path):
 
 
 def test_batch_size_must_divide_the_device_count():
-    from trainer.distributed import Topology, TopologyError, make_topology
+    from trainer.runtime.distributed import Topology, TopologyError, make_topology
 
     topo = make_topology()
     fake = Topology(topo.mesh, 0, 1)

@@ -31,7 +31,7 @@ import pytest
 from tests.trainkit import paper_like_sets, symbolic_set, tiny_config
 from seqgen.config import SeqType
 from trainer import checkpoint
-from trainer.distributed import make_topology
+from trainer.runtime.distributed import make_topology
 from trainer.run import RunDir
 from trainer.step import state_skeleton
 
@@ -104,7 +104,7 @@ def _fit_here(train, evals, run, resume=False, steps=8):
     """1 process x 1 device, in this process, recording the rows of every batch."""
     import trainer.fit
     from trainer.fit import fit
-    from trainer.multihost import train_stream
+    from trainer.runtime.multihost import train_stream
 
     rows = []
 

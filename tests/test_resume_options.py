@@ -15,7 +15,7 @@ from trainer.cli import main
 from trainer.config import with_overrides
 from trainer.fit import fit
 from trainer.run import RunDir, RunError
-from trainer.signals import GracefulInterrupt
+from trainer.runtime.signals import GracefulInterrupt
 
 
 @pytest.fixture(scope="module")

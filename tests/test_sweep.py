@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from seqgen.config import ConfigError, Labeling, SeqType
 from trainer.checkpoint import latest_step
 from trainer.cli import main
-from trainer.signals import GracefulInterrupt
+from trainer.runtime.signals import GracefulInterrupt
 from trainer.sweep import (
     RunAction, SetAction, config_hash, eval_config, load_sweep, make_plan, set_folder,
 )

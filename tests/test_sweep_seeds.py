@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from seqgen.config import ConfigError
 from trainer.checkpoint import latest_step
 from trainer.cli import main
-from trainer.signals import GracefulInterrupt
+from trainer.runtime.signals import GracefulInterrupt
 from trainer.sweep import (
     CheckSpec, Compare, Verdict, evaluate_check, load_sweep, make_plan,
 )

@@ -16,7 +16,7 @@ import click
 from seqgen.config import flatten, load_toml
 from seqgen.usage import OneLineGroup
 from trainer.config import TrainConfig, train_config_from_toml, with_overrides
-from trainer.errors import one_line_errors
+from trainer.runtime.errors import one_line_errors
 from trainer.models.config import ExampleEncoding, SeqModel
 
 
@@ -108,10 +108,10 @@ def _common_data_options(fn: Callable) -> Callable:
 def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_dir, cache_dir, devices,
         distributed, coordinator, num_processes, process_id, init_timeout, heartbeat_timeout, **opts) -> None:
     """Train on TRAIN shards, evaluating on each --eval set every --eval-every steps."""
-    from trainer.distributed import initialize, make_topology
-    from trainer.errors import known_errors
+    from trainer.runtime.distributed import initialize, make_topology
+    from trainer.runtime.errors import known_errors
     from trainer.fit import fit as run_fit
-    from trainer.multihost import exit_on_failure
+    from trainer.runtime.multihost import exit_on_failure
 
     initialize(distributed, coordinator, num_processes, process_id, init_timeout=init_timeout,
                heartbeat_timeout=heartbeat_timeout)
@@ -154,12 +154,12 @@ def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_d
 def evaluate(eval_dirs, run_dir, step, train_dir, max_seqs, batch_size, watch, poll, omniglot_dir, cache_dir,
              devices, distributed, coordinator, num_processes, process_id, init_timeout, heartbeat_timeout) -> None:
     """Evaluate a run's checkpoint on EVAL_DIRS: a table on stdout, JSON in RUN_DIR/evaluations/."""
-    from trainer.distributed import initialize, make_topology
-    from trainer.errors import known_errors
+    from trainer.runtime.distributed import initialize, make_topology
+    from trainer.runtime.errors import known_errors
     from trainer.evaluate_cli import evaluate_run, watch_run
-    from trainer.multihost import exit_on_failure
+    from trainer.runtime.multihost import exit_on_failure
 
-    from trainer.signals import GracefulInterrupt, set_early_message
+    from trainer.runtime.signals import GracefulInterrupt, set_early_message
 
     set_early_message("before any evaluation was written")
     initialize(distributed, coordinator, num_processes, process_id, init_timeout=init_timeout,
@@ -196,7 +196,7 @@ def _register_sweep() -> None:
 
     @functools.wraps(callback)
     def sweep_with_its_own_interrupts(*args: Any, **kwargs: Any) -> Any:
-        from trainer.signals import use_keyboard_interrupt
+        from trainer.runtime.signals import use_keyboard_interrupt
 
         use_keyboard_interrupt()  # the sweep turns KeyboardInterrupt into its one line and exit 130
         return callback(*args, **kwargs)
@@ -210,7 +210,7 @@ _register_sweep()
 
 
 def _register_analyze() -> None:
-    from trainer.analyze_cli import analyze_command
+    from trainer.analyze.cli import analyze_command
 
     main.add_command(analyze_command, "analyze")
 

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from trainer.data import ShardSet
-from trainer.distributed import Topology, replicate, to_global
-from trainer.multihost import any_process, eval_batch_size, eval_split
+from trainer.runtime.distributed import Topology, replicate, to_global
+from trainer.runtime.multihost import any_process, eval_batch_size, eval_split
 from trainer.metrics import summarize
 
 

@@ -14,12 +14,12 @@ from typing import Any, Callable, Sequence
 
 from trainer import checkpoint
 from trainer.data import DataError
-from trainer.distributed import Topology, TopologyError, replicate
+from trainer.runtime.distributed import Topology, TopologyError, replicate
 from trainer.evaluate import evaluate_set, format_table, set_name, write_evaluation
-from trainer.multihost import agree
+from trainer.runtime.multihost import agree
 from trainer.run import RunDir, RunError, run_lock
 from trainer.session import data_record, load_state, make_session
-from trainer.signals import GracefulInterrupt
+from trainer.runtime.signals import GracefulInterrupt
 from trainer.step import eval_key
 
 

@@ -2,7 +2,7 @@
 
 Batch k of the run is rows [k*B, (k+1)*B) of the training shard set (wrapping around), so resuming at
 step s needs nothing but s: the restored TrainState (model, BatchNorm state, optimizer state, key) and
-`trainer.multihost.train_stream(..., start_step=s)` continue exactly where an uninterrupted run would be,
+`trainer.runtime.multihost.train_stream(..., start_step=s)` continue exactly where an uninterrupted run would be,
 on any number of processes and devices. Metrics are fetched from the device every `log_every` steps;
 evaluation every `eval_every` steps; checkpoints every `checkpoint_every` steps, at the end, and at the
 first Ctrl+C / SIGTERM to any process (all processes stop at the same step; process 0 writes).
@@ -23,14 +23,14 @@ from tqdm import tqdm
 
 from trainer import checkpoint
 from trainer.config import TrainConfig
-from trainer.distributed import Topology, make_topology, replicate, to_global
+from trainer.runtime.distributed import Topology, make_topology, replicate, to_global
 from trainer.evaluate import evaluate_set, set_name
-from trainer.multihost import agree, any_process, train_stream
+from trainer.runtime.multihost import agree, any_process, train_stream
 from trainer.resume import owed_evaluations, resumed_config
 from trainer.run import RunDir, RunError, run_lock
 from trainer.schedule import StepSchedule
 from trainer.session import Session, data_record, load_state, make_session, restore
-from trainer.signals import GracefulInterrupt
+from trainer.runtime.signals import GracefulInterrupt
 from trainer.step import TrainState, eval_key, init_state, make_train_step
 
 

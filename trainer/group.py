@@ -36,7 +36,7 @@ from seqgen.config import BuildConfig
 from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.data import BatchStream, ShardSet, open_shard_set
-from trainer.distributed import Topology, make_topology, replicate, to_global
+from trainer.runtime.distributed import Topology, make_topology, replicate, to_global
 from trainer.fit import (FitResult, _dispatch_size, _evaluate, _flush_train_metrics, _prepare_run,
                          _redo_evaluations, _resume_step, _save, fit)
 from trainer.evaluate import set_name
@@ -45,7 +45,7 @@ from trainer.run import run_lock
 from trainer.schedule import StepSchedule
 from trainer.run import RunDir, RunError
 from trainer.session import Session, data_record, device_table, open_sets, restore
-from trainer.signals import GracefulInterrupt
+from trainer.runtime.signals import GracefulInterrupt
 from trainer.step import StepContext, TrainState, init_state, make_eval_step, make_one_step
 
 __all__ = ["GroupError", "fit_group", "group_key", "make_group_step", "plan_groups", "stack_states",

@@ -15,7 +15,7 @@ from seqgen.config import ExampleType
 from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.data import DataError, ShardSet, check_compatible, open_shard_set
-from trainer.distributed import Topology, replicate
+from trainer.runtime.distributed import Topology, replicate
 from trainer.images import prepare_table
 from trainer.step import StepContext, TrainState, make_eval_step, state_skeleton, upgrade_state
 

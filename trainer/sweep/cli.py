@@ -11,7 +11,7 @@ from typing import Sequence
 import click
 
 from seqgen.config import ConfigError
-from trainer.errors import fail, known_errors
+from trainer.runtime.errors import fail, known_errors
 from trainer.sweep.checks import Verdict
 from trainer.sweep.execute import execute
 from trainer.sweep.plan import default_out, describe_plan, make_plan

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from seqgen.atomic import atomic_copy, atomic_write_text
-from trainer.signals import GracefulInterrupt
+from trainer.runtime.signals import GracefulInterrupt
 from trainer.sweep.plan import Plan, RunAction, RunPlan, SetAction
 from trainer.sweep.report import record_provenance, write_report
 from trainer.sweep.spec import SweepError
@@ -141,7 +141,7 @@ def execute(plan: Plan, *, command: str, results: Path | None = None, omniglot_d
 
 def _in_process(units: list[list[RunPlan]], results: Path, stop: GracefulInterrupt, omniglot_dir: Any,
                 cache_dir: Any, progress: bool | None, echo: Callable[[str], None], report: Callable[[], Any]):
-    from trainer.distributed import make_topology
+    from trainer.runtime.distributed import make_topology
     from trainer.evaluate_cli import evaluate_run
     from trainer.fit import fit
     from trainer.group import fit_group

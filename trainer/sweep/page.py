@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from seqgen.atomic import atomic_write_text
-from trainer.errors import fail, known_errors
+from trainer.runtime.errors import fail, known_errors
 from trainer.sweep.checks import CheckResult, Verdict
 from trainer.sweep.report import check_report
 from trainer.sweep.spec import DEFAULT_SHARDS_DIR, Sweep, SweepError, load_sweep

@@ -29,8 +29,8 @@ def _die_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from trainer.hugepages import reexec_with_hugepages
-    from trainer.signals import GracefulInterrupt
+    from trainer.runtime.hugepages import reexec_with_hugepages
+    from trainer.runtime.signals import GracefulInterrupt
 
     reexec_with_hugepages()
     order = json.loads(argv[0])
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
 
 def _run(order: dict, stop) -> int:
     from trainer.config import TrainConfig
-    from trainer.errors import fail, known_errors
+    from trainer.runtime.errors import fail, known_errors
 
     runs = order["runs"]
     cfgs = [TrainConfig.from_dict(r["trainer"]) for r in runs]
@@ -54,7 +54,7 @@ def _run(order: dict, stop) -> int:
             return 130
         first = runs[0]
         if first["action"] == "evaluate":
-            from trainer.distributed import make_topology
+            from trainer.runtime.distributed import make_topology
             from trainer.evaluate_cli import evaluate_run
 
             res = evaluate_run(first["run_dir"], first["evals"], step=first["step"], train_dir=first["train"],

@@ -243,7 +243,7 @@ def analyze_run(run_dir: Any, eval_dir: Any, *, train_dir: Any = None, steps: st
                 ablate_steps: str | None = "last", ablation: str = "both", max_seqs: int = 512,
                 batch_size: int = 128, omniglot_dir: Any = None, cache_dir: Any = "data/cache",
                 echo: Callable[[str], None] = print, plot: bool = True) -> list[dict[str, Any]]:
-    from trainer.distributed import make_topology
+    from trainer.runtime.distributed import make_topology
     from trainer.evaluate import set_name
     from trainer.evaluate_cli import _train_path
     from trainer.session import make_session, restore
@@ -277,7 +277,7 @@ def analyze_run(run_dir: Any, eval_dir: Any, *, train_dir: Any = None, steps: st
              + (f", top induction head L{best[0]}H{best[1]} {best[2]:+.3f}" if best else "")
              + (f", ablations {', '.join(modes)}" if step in ablate else ""))
     if plot:
-        from trainer.analyze_plots import plot_analysis
+        from trainer.analyze.plots import plot_analysis
 
         for p in plot_analysis(run.path):
             echo(str(p))

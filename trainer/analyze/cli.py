@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from trainer.errors import one_line_errors
+from trainer.runtime.errors import one_line_errors
 
 
 @click.command("analyze")
@@ -27,7 +27,7 @@ def analyze_command(run_dir, eval_dir, train_dir, steps, ablate_steps, ablation,
                     omniglot_dir, cache_dir) -> None:
     """Induction / previous-token scores per layer and head for every checkpoint of RUN_DIR, and head
     ablations: RUN_DIR/analysis.jsonl and RUN_DIR/plots/{induction,prev_token,ablation}.png."""
-    from trainer.analyze import analyze_run
+    from trainer.analyze.measures import analyze_run
 
     analyze_run(run_dir, eval_dir, train_dir=train_dir, steps=steps, ablate_steps=ablate_steps, ablation=ablation,
                 max_seqs=max_seqs, batch_size=batch_size, omniglot_dir=omniglot_dir, cache_dir=cache_dir,

@@ -19,7 +19,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from seqgen.shards import ShardError
     from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
-    from trainer.distributed import TopologyError
+    from trainer.runtime.distributed import TopologyError
     from trainer.models import ModelInputError
     from trainer.models.kernels import KernelPathError
     from trainer.run import RunError

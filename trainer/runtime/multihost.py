@@ -3,7 +3,7 @@
 One rule decides which rows of a global batch this process reads, for training and evaluation alike:
 `host_part(topo, B)` derives it from the batch sharding itself (the rows that this process's devices
 hold of a `[B]` array sharded along the mesh's `batch` axis), which is exactly where
-`jax.make_array_from_process_local_data` (`trainer.distributed.to_global`) puts this process's rows.
+`jax.make_array_from_process_local_data` (`trainer.runtime.distributed.to_global`) puts this process's rows.
 `train_stream` and `eval_split` are the only builders of host batches; `fit` (fresh or resumed) and
 `trainer evaluate` call them, so they cannot disagree about the rows, on any topology: 1 process x N
 devices reads whole global batches, P processes read one slice each, and the slices concatenate in
@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from trainer.data import BatchStream, ShardSet, eval_batches
-from trainer.distributed import Topology, TopologyError
+from trainer.runtime.distributed import Topology, TopologyError
 
 
 def host_part(topo: Topology, global_batch: int) -> tuple[int, int]:

@@ -12,7 +12,7 @@ Two regimes, both for SIGINT (Ctrl+C) and SIGTERM:
   flag; the training loop checks it at step boundaries and saves a checkpoint, evaluation loops check it
   between batches; a second interrupt exits at once. Leaving the context restores the early handler.
 
-The `trainer` command re-executes itself once (huge pages, `trainer.hugepages`): SIGINT / SIGTERM are
+The `trainer` command re-executes itself once (huge pages, `trainer.runtime.hugepages`): SIGINT / SIGTERM are
 blocked across that `execve` (`block_interrupts`), so a signal that arrives then stays pending and is
 delivered by `install_early_exit` in the new process image instead of being lost. Periodic checkpoints
 remain the real guarantee (a SIGKILL gives no warning).

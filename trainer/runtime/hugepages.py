@@ -64,7 +64,7 @@ def reexec_with_hugepages() -> None:
     point, before JAX allocates anything."""
     if not sys.platform.startswith("linux") or not glibc_supports_tunable() or not thp_available():
         return
-    from trainer.signals import block_interrupts, restore_mask
+    from trainer.runtime.signals import block_interrupts, restore_mask
 
     env = environ_with_hugepages(os.environ)
     if env is None:  # e.g. the re-executed image: deliver an interrupt that arrived during execve
@@ -73,7 +73,7 @@ def reexec_with_hugepages() -> None:
 
     sys.stdout.flush()
     sys.stderr.flush()
-    previous = block_interrupts()  # a Ctrl+C now stays pending across execve (trainer.signals)
+    previous = block_interrupts()  # a Ctrl+C now stays pending across execve (trainer.runtime.signals)
     try:
         os.execve(sys.executable, list(sys.orig_argv), env)
     except OSError:  # e.g. an interpreter that cannot be re-executed: run on without the tunable

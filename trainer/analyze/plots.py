@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from trainer.analyze import read_analysis  # noqa: E402
+from trainer.analyze.measures import read_analysis  # noqa: E402
 from trainer.plots import ICL_SET, IWL_SET, _band, _series  # noqa: E402
 from trainer.run import RunDir, RunError  # noqa: E402
 
