@@ -4,7 +4,8 @@ One `BuildConfig` describes a shard set completely: which examples exist (`Datas
 are split into rare / common / holdout (`SplitConfig`), what a sequence looks like (`SequenceConfig`),
 which kind of sequence is generated (`SeqType`), how many, and from which seed. It is built once (from
 defaults, a TOML file and command-line options), validated before any work, and saved verbatim into the
-shard manifest, where the trainer reads it back.
+shard manifest, where the trainer reads it back. Every field that a command line sets carries its one-line
+documentation (`documented`), which is also that option's `--help` text (`seqgen.cliopts`).
 
 Defaults are the paper's `images_all_exemplars` config (Chan et al. 2022; the original's
 `experiment/configs/images_all_exemplars.py`). Options that the original encoded in strings are typed
