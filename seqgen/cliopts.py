@@ -236,8 +236,11 @@ def _get(obj: Any, path: str) -> Any:
 
 
 # ---- options that several commands share and that set no config field ----------------------------------
-def omniglot_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """`--omniglot DIR` (parameter `omniglot_dir`, default None: $OMNIGLOT_DIR, else data/omniglot)."""
+OMNIGLOT_HELP = "Omniglot folder (default: $OMNIGLOT_DIR, else data/omniglot)."
+
+
+def omniglot_option(help: str = OMNIGLOT_HELP) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--omniglot DIR` (parameter `omniglot_dir`; None: `seqgen.omniglot.resolve_omniglot_dir` decides)."""
     return click.option("--omniglot", "omniglot_dir", type=click.Path(file_okay=False), default=None, help=help)
 
 

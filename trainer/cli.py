@@ -19,8 +19,6 @@ from seqgen.usage import OneLineGroup
 from trainer.config import FIT_OPTIONS, TrainConfig, train_config_from_toml, with_overrides
 from trainer.runtime.errors import one_line_errors
 
-OMNIGLOT_HELP = "Omniglot folder (default: $OMNIGLOT_DIR or data/omniglot)."
-
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
@@ -53,7 +51,7 @@ def _positive_finite(ctx: click.Context, param: click.Parameter, value: float | 
 
 
 def _common_data_options(fn: Callable) -> Callable:
-    fn = omniglot_option(OMNIGLOT_HELP)(fn)
+    fn = omniglot_option()(fn)
     fn = cache_dir_option(fn)
     fn = click.option("--devices", type=click.IntRange(min=1), default=None,
                       help="Use only the first N local devices (default: all).")(fn)

@@ -22,7 +22,7 @@ from trainer.runtime.errors import one_line_errors
               help="Analyse each checkpoint on at most this many eval sequences.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Sequences per batch of the model's forward passes.")
-@omniglot_option("Omniglot folder (default: $OMNIGLOT_DIR or data/omniglot).")
+@omniglot_option()
 @cache_dir_option
 @one_line_errors
 def analyze_command(run_dir, eval_dir, train_dir, steps, ablate_steps, ablation, max_seqs, batch_size,

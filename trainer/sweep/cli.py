@@ -49,7 +49,7 @@ def results_folder(sweep: Sweep, out: str | None, results: str | None) -> Path:
                    "built from (default: results/<sweep name>, or --out when --out is given).")
 @click.option("--shards-dir", type=click.Path(file_okay=False), default=None,
               help=f"Shared folder of shard sets (default: {DEFAULT_SHARDS_DIR}).")
-@omniglot_option("Omniglot folder (default: $OMNIGLOT_DIR or data/omniglot).")
+@omniglot_option()
 @cache_dir_option
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes building each shard set (seqgen build --workers).")
