@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +24,14 @@ from seqgen.build import (
     omniglot_base_url,
     parse_shard_range,
 )
-from seqgen.config import (
-    BuildConfig,
-    ConfigError,
-    ExampleType,
-    Exemplars,
-    Labeling,
-    NonBurstyType,
-    SeqType,
-    build_config_from_toml,
-    load_toml,
-    replace_nested,
-)
+from seqgen.cliopts import ConfigOption, ConfigOptions, cache_dir_option, omniglot_option
+from seqgen.config import BuildConfig, ConfigError, SeqType, build_config_from_toml, load_toml, replace_nested
 from seqgen.download import OmniglotError
 from seqgen.lock import LockError
 from seqgen.usage import OneLineGroup
 
 EXIT_ERROR = 2
+OMNIGLOT_HELP = "Omniglot folder (default: $OMNIGLOT_DIR, else data/omniglot; downloaded when absent)."
 
 
 def error_message(exc: BaseException) -> str | None:
@@ -80,63 +70,24 @@ def main() -> None:
     """seqgen: build the sequence sets of Chan et al. 2022 into HDF5 shards."""
 
 
-def _choice(enum_cls: Any) -> click.Choice:
-    return click.Choice([m.value for m in enum_cls])
+# The BuildConfig fields `seqgen build` sets, in --help order; name, type, help and shown default come from
+# the fields (seqgen.cliopts). Every option defaults to "not given", so a --config file's value is kept.
+BUILD_OPTIONS = ConfigOptions(
+    BuildConfig,
+    ConfigOption("seq_type", "--type"), "num_seqs", "seed", "shard_size",
+    "sequence.p_bursty", "sequence.p_bursty_common", "sequence.p_bursty_zipfian", "sequence.p_fewshot",
+    "sequence.seq_len", "sequence.ways", "sequence.bursty_shots", "sequence.fs_shots", "sequence.non_bursty_type",
+    "sequence.labeling_rare", "sequence.labeling_common", "sequence.polysemy", "sequence.grouped",
+    "sequence.randomly_generate_rare", "sequence.noise_scale",
+    "split.zipf_exponent", "split.use_zipf_for_common_rare", "split.n_rare_classes", "split.n_common_classes",
+    "split.n_holdout_classes", ConfigOption("split.preserve_ordering_every_n", none_is=0), "split.split_seed",
+    "dataset.example_type", "dataset.exemplars", "dataset.augment", "dataset.symbolic_size",
+)
 
 
-# (option declaration, dotted BuildConfig field); every option defaults to None = "not given".
-_CONFIG_OPTIONS: list[tuple[Callable[[Any], Any], str]] = [
-    (click.option("--type", "seq_type", type=_choice(SeqType), help="Sequence type (default: bursty)."), "seq_type"),
-    (click.option("--num-seqs", type=int, help="Number of sequences."), "num_seqs"),
-    (click.option("--seed", type=int, help="Root seed of the set."), "seed"),
-    (click.option("--shard-size", type=int, help="Sequences per shard file."), "shard_size"),
-    (click.option("--p-bursty", type=float), "sequence.p_bursty"),
-    (click.option("--p-bursty-common", type=float), "sequence.p_bursty_common"),
-    (click.option("--p-bursty-zipfian", type=float), "sequence.p_bursty_zipfian"),
-    (click.option("--p-fewshot", type=float, help="Mixed sets: fraction of few-shot sequences."), "sequence.p_fewshot"),
-    (click.option("--seq-len", type=int, help="Bursty / no-support length, query included."), "sequence.seq_len"),
-    (click.option("--ways", type=int), "sequence.ways"),
-    (click.option("--bursty-shots", type=int), "sequence.bursty_shots"),
-    (click.option("--fs-shots", type=int), "sequence.fs_shots"),
-    (click.option("--non-bursty-type", type=_choice(NonBurstyType)), "sequence.non_bursty_type"),
-    (click.option("--labeling-rare", type=_choice(Labeling)), "sequence.labeling_rare"),
-    (click.option("--labeling-common", type=_choice(Labeling)), "sequence.labeling_common"),
-    (click.option("--polysemy", type=int, help="Labels per rare class (with --labeling-rare ordered)."), "sequence.polysemy"),
-    (click.option("--grouped/--no-grouped", default=None), "sequence.grouped"),
-    (click.option("--randomly-generate-rare/--no-randomly-generate-rare", default=None), "sequence.randomly_generate_rare"),
-    (click.option("--noise-scale", type=float, help="Gaussian pixel noise (added by the trainer)."), "sequence.noise_scale"),
-    (click.option("--zipf-exponent", type=float), "split.zipf_exponent"),
-    (click.option("--use-zipf-for-common-rare/--no-use-zipf-for-common-rare", default=None), "split.use_zipf_for_common_rare"),
-    (click.option("--n-rare-classes", type=int), "split.n_rare_classes"),
-    (click.option("--n-common-classes", type=int), "split.n_common_classes"),
-    (click.option("--n-holdout-classes", type=int), "split.n_holdout_classes"),
-    (click.option("--preserve-ordering-every-n", type=int, help="Keep blocks of N classes together (0: off)."),
-     "split.preserve_ordering_every_n"),
-    (click.option("--split-seed", type=int), "split.split_seed"),
-    (click.option("--example-type", type=_choice(ExampleType)), "dataset.example_type"),
-    (click.option("--exemplars", type=_choice(Exemplars)), "dataset.exemplars"),
-    (click.option("--augment/--no-augment", default=None, help="x8 classes: flip x rot90."), "dataset.augment"),
-    (click.option("--symbolic-size", type=int, help="Number of symbolic examples."), "dataset.symbolic_size"),
-]
-
-
-def _config_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    for option, _ in reversed(_CONFIG_OPTIONS):
-        f = option(f)
-    return f
-
-
-def make_config(config_file: str | None, options: dict[str, Any]) -> BuildConfig:
-    """defaults < [seqgen] table of `config_file` < the options given on the command line."""
+def make_config(config_file: str | None, overrides: dict[str, Any]) -> BuildConfig:
+    """defaults < [seqgen] table of `config_file` < `overrides` ({dotted field: value}: the options given)."""
     cfg = build_config_from_toml(load_toml(config_file)) if config_file else BuildConfig()
-    overrides: dict[str, Any] = {}
-    for _, dotted in _CONFIG_OPTIONS:
-        value = options.get(dotted.rsplit(".", 1)[-1])  # each option is named after its field
-        if value is None:
-            continue
-        if dotted == "split.preserve_ordering_every_n" and value == 0:
-            value = None
-        overrides[dotted] = value
     return replace_nested(cfg, overrides).validate() if overrides else cfg.validate()
 
 
@@ -145,22 +96,22 @@ def _progress_flag(quiet: bool) -> bool:
 
 
 @main.command("build")
-@_config_options
+@BUILD_OPTIONS
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: data/shards/<type>).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with a [seqgen] table.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Shard-building processes.")
-@click.option("--omniglot", "omniglot_dir", type=click.Path(file_okay=False),
-              help="Omniglot folder (default: $OMNIGLOT_DIR, else data/omniglot; downloaded when absent).")
-@click.option("--cache-dir", default="data/cache", show_default=True, type=click.Path(file_okay=False),
-              help="Image-table cache folder.")
+@omniglot_option(OMNIGLOT_HELP)
+@cache_dir_option
 @click.option("--overwrite", is_flag=True, help="Replace a folder that holds a different build.")
 @click.option("--materialize", is_flag=True, help="Also store uint8 pixels [rows, length, 105, 105].")
 @click.option("--shards", "shard_range", metavar="A:B", help="Build only shards A..B-1 (no manifest; see finalize).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def build_cmd(out: str | None, config_file: str | None, workers: int, omniglot_dir: str | None, cache_dir: str,
               overwrite: bool, materialize: bool, shard_range: str | None, quiet: bool, **options: Any) -> None:
-    """Build (or resume) a shard set."""
-    cfg = make_config(config_file, options)
+    """Build (or resume) a shard set.
+
+    Settings: defaults (shown) < the [seqgen] table of --config FILE < the options given."""
+    cfg = make_config(config_file, BUILD_OPTIONS.overrides(options))
     folder = Path(out) if out else Path("data/shards") / cfg.seq_type.value
     shards = parse_shard_range(shard_range, cfg.num_shards) if shard_range is not None else None
     res = build(cfg, folder, workers=workers, overwrite=overwrite, materialize=materialize, shards=shards,
@@ -181,10 +132,11 @@ def _report(res: Any, cfg: BuildConfig) -> None:
 
 @main.command("finalize")
 @click.argument("folder", type=click.Path(file_okay=False))
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--omniglot", "omniglot_dir", type=click.Path(file_okay=False))
-@click.option("--cache-dir", default="data/cache", show_default=True, type=click.Path(file_okay=False))
-@click.option("--quiet", is_flag=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes rebuilding missing shards.")
+@omniglot_option(OMNIGLOT_HELP)
+@cache_dir_option
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 def finalize_cmd(folder: str, workers: int, omniglot_dir: str | None, cache_dir: str, quiet: bool) -> None:
     """Check all shards of a (ranged) build, rebuild missing ones, write the manifest."""
     res = finalize(folder, workers=workers, omniglot_dir=omniglot_dir, cache_dir=cache_dir,
@@ -262,7 +214,7 @@ def info_cmd(folder: str) -> None:
 @click.option("--omniglot", "omniglot_dir", type=click.Path(file_okay=False),
               help="Destination (default: $OMNIGLOT_DIR, else data/omniglot).")
 @click.option("--base-url", hidden=True, default=None, help="Mirror URL (also $SEQGEN_OMNIGLOT_URL).")
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 def download_cmd(omniglot_dir: str | None, base_url: str | None, quiet: bool) -> None:
     """Download the official Omniglot archives (MD5-checked)."""
     from seqgen.omniglot import download, resolve_omniglot_dir

@@ -4,7 +4,8 @@ One `BuildConfig` describes a shard set completely: which examples exist (`Datas
 are split into rare / common / holdout (`SplitConfig`), what a sequence looks like (`SequenceConfig`),
 which kind of sequence is generated (`SeqType`), how many, and from which seed. It is built once (from
 defaults, a TOML file and command-line options), validated before any work, and saved verbatim into the
-shard manifest, where the trainer reads it back.
+shard manifest, where the trainer reads it back. Every field that a command line sets carries its one-line
+documentation (`documented`), which is also that option's `--help` text (`seqgen.cliopts`).
 
 Defaults are the paper's `images_all_exemplars` config (Chan et al. 2022; the original's
 `experiment/configs/images_all_exemplars.py`). Options that the original encoded in strings are typed
@@ -36,6 +37,17 @@ MAX_SHARD_CELLS = 1 << 28  # sequences per shard x examples per sequence (~2.7 G
 
 class ConfigError(ValueError):
     """An invalid option or combination of options; the message is one line naming the fix."""
+
+
+def documented(default: Any, doc: str) -> Any:
+    """A config dataclass field with its one-line documentation (`field_doc`); the command-line help of
+    the option that sets the field is this text (`seqgen.cliopts`), so fields are documented only here."""
+    return field(default=default, metadata={"doc": doc})
+
+
+def field_doc(f: dataclasses.Field) -> str:
+    """The documentation of a config field (`documented`); empty when it has none."""
+    return str(f.metadata.get("doc", ""))
 
 
 class SeqType(str, enum.Enum):
@@ -94,10 +106,12 @@ class NonBurstyType(str, enum.Enum):
 class DatasetConfig:
     """Which examples exist, and so how many dataset classes there are."""
 
-    example_type: ExampleType = ExampleType.OMNIGLOT
-    exemplars: Exemplars = Exemplars.ALL
-    augment: bool = False  # x8 classes: flip left-right x rot90 (the `images_augmented` config)
-    symbolic_size: int = 1000  # number of integer "examples" when example_type is symbolic
+    example_type: ExampleType = documented(ExampleType.OMNIGLOT, "Omniglot images, or integer (symbolic) examples.")
+    exemplars: Exemplars = documented(
+        Exemplars.ALL, "Omniglot drawings per class: all 20 (one label), the first one only (single), or each its "
+        "own class (separated).")
+    augment: bool = documented(False, "x8 classes: flip left-right x rot90 (the `images_augmented` config).")
+    symbolic_size: int = documented(1000, "Number of integer examples (= classes) when example_type is symbolic.")
 
     @property
     def num_dataset_classes(self) -> int:
@@ -122,13 +136,17 @@ class DatasetConfig:
 class SplitConfig:
     """Rare / common / holdout split of the dataset classes (the original `generator_config`)."""
 
-    n_rare_classes: int = 1603
-    n_common_classes: int = 10
-    n_holdout_classes: int = 10
-    zipf_exponent: float = 0.0
-    use_zipf_for_common_rare: bool = False
-    preserve_ordering_every_n: int | None = None  # 8 for the augmented config
-    split_seed: int = 1337
+    n_rare_classes: int = documented(1603, "Classes of the rare pool (the first of the split's class ordering).")
+    n_common_classes: int = documented(10, "Classes of the common pool (after the rare ones).")
+    n_holdout_classes: int = documented(10, "Classes held out of training (the last of the ordering).")
+    zipf_exponent: float = documented(0.0, "Exponent a of the Zipf weights 1/j**a over rare + common classes "
+                                      "(0: uniform).")
+    use_zipf_for_common_rare: bool = documented(
+        False, "Draw rare and common classes by their slices of the Zipf weights (else uniformly).")
+    preserve_ordering_every_n: int | None = documented(
+        None, "Shuffle the classes in blocks of N consecutive ones, e.g. 8 so that the augmentations of a "
+        "character stay on one side of the split (0 on the command line, or unset: off).")
+    split_seed: int = documented(1337, "Seed of the class ordering that makes the split.")
 
     @property
     def n_classes(self) -> int:
@@ -139,34 +157,45 @@ class SplitConfig:
 class SequenceConfig:
     """What one sequence looks like (the original `seq_config`, plus `noise_scale`)."""
 
-    seq_len: int = 9  # bursty / no_support length, query included; fewshot and mixed use fs_shots*ways+1
-    fs_shots: int = 4
-    bursty_shots: int = 3
-    ways: int = 2
-    p_bursty: float = 0.9
-    p_bursty_common: float = 0.0
-    p_bursty_zipfian: float = 1.0
-    p_fewshot: float = 0.1  # mixed sequences
-    non_bursty_type: NonBurstyType = NonBurstyType.ZIPFIAN
-    labeling_common: Labeling = Labeling.ORDERED
-    labeling_rare: Labeling = Labeling.ORDERED
-    polysemy: int = 1  # >1 with labeling_rare ORDERED: the original's "ordered_polysemyX"
-    randomly_generate_rare: bool = False
-    grouped: bool = False
-    noise_scale: float = 0.0  # Gaussian pixel noise; added by the trainer from the stored noise seeds
+    seq_len: int = documented(9, "Length of bursty / no_support sequences, query included (few-shot, mixed and "
+                              "strategy types use fs_shots*ways+1).")
+    fs_shots: int = documented(4, "Support examples per class in few-shot (and mixed / strategy) sequences.")
+    bursty_shots: int = documented(3, "Support examples per class in the few-shot block of a bursty sequence.")
+    ways: int = documented(2, "Classes in a few-shot block (bursty) or a few-shot sequence.")
+    p_bursty: float = documented(0.9, "Bursty sets: probability that a sequence is bursty (a few-shot block "
+                                 "plus a remainder; else non_bursty_type).")
+    p_bursty_common: float = documented(0.0, "Probability that a bursty block draws common classes.")
+    p_bursty_zipfian: float = documented(1.0, "Probability that a bursty block draws zipfian (rare + common) "
+                                         "classes; the rest of the probability draws rare ones.")
+    p_fewshot: float = documented(0.1, "Mixed sets: fraction of rare few-shot sequences (else common ones).")
+    non_bursty_type: NonBurstyType = documented(
+        NonBurstyType.ZIPFIAN, "Non-bursty sequences of bursty sets: zipfian random classes, uniform common "
+        "classes, or common classes without the query's class in the support.")
+    labeling_common: Labeling = documented(
+        Labeling.ORDERED, "Labels of common classes: ordered (after the rare labels) or original (dataset class id).")
+    labeling_rare: Labeling = documented(
+        Labeling.ORDERED, "Labels of rare classes: ordered (index in the rare pool), unfixed (0..ways-1 at random "
+        "per sequence) or original (dataset class id).")
+    polysemy: int = documented(1, "Labels per rare class, with labeling_rare ordered (the original's "
+                               "ordered_polysemyX).")
+    randomly_generate_rare: bool = documented(
+        False, "Show rare classes as random images (drawn by the trainer from stored noise seeds).")
+    grouped: bool = documented(False, "Shuffle the support of few-shot sequences within blocks of `ways` only.")
+    noise_scale: float = documented(0.0, "Std of Gaussian pixel noise (added by the trainer from the stored "
+                                    "noise seeds; 0: none).")
 
 
 @dataclass(frozen=True)
 class BuildConfig:
     """A whole shard set: one sequence type, `num_seqs` sequences from `seed`."""
 
-    seq_type: SeqType = SeqType.BURSTY
-    num_seqs: int = 1_000_000
-    seed: int = 0
-    shard_size: int = 1 << 18  # sequences per shard file
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    sequence: SequenceConfig = field(default_factory=SequenceConfig)
+    seq_type: SeqType = documented(SeqType.BURSTY, "Sequence type of the set.")
+    num_seqs: int = documented(1_000_000, "Number of sequences.")
+    seed: int = documented(0, "Root seed of the set (sequence i is a function of seed and i).")
+    shard_size: int = documented(1 << 18, "Sequences per shard file.")
+    dataset: DatasetConfig = field(default_factory=DatasetConfig, metadata={"doc": "Which examples exist."})
+    split: SplitConfig = field(default_factory=SplitConfig, metadata={"doc": "Rare / common / holdout split."})
+    sequence: SequenceConfig = field(default_factory=SequenceConfig, metadata={"doc": "What a sequence looks like."})
 
     # ---- derived quantities -------------------------------------------------------------
     @property

@@ -13,11 +13,11 @@ from typing import Any, Callable
 
 import click
 
+from seqgen.cliopts import cache_dir_option, omniglot_option
 from seqgen.config import flatten, load_toml
 from seqgen.usage import OneLineGroup
-from trainer.config import TrainConfig, train_config_from_toml, with_overrides
+from trainer.config import FIT_OPTIONS, TrainConfig, train_config_from_toml, with_overrides
 from trainer.runtime.errors import one_line_errors
-from trainer.models.config import ExampleEncoding, SeqModel
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,10 +51,8 @@ def _positive_finite(ctx: click.Context, param: click.Parameter, value: float | 
 
 
 def _common_data_options(fn: Callable) -> Callable:
-    fn = click.option("--omniglot", "omniglot_dir", type=click.Path(file_okay=False), default=None,
-                      help="Omniglot folder (default: $OMNIGLOT_DIR or data/omniglot).")(fn)
-    fn = click.option("--cache-dir", default="data/cache", show_default=True, type=click.Path(file_okay=False),
-                      help="Where the cached image table lives.")(fn)
+    fn = omniglot_option()(fn)
+    fn = cache_dir_option(fn)
     fn = click.option("--devices", type=click.IntRange(min=1), default=None,
                       help="Use only the first N local devices (default: all).")(fn)
     fn = click.option("--process-id", type=click.IntRange(min=0), envvar="JAX_PROCESS_ID",
@@ -82,32 +80,16 @@ def _common_data_options(fn: Callable) -> Callable:
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Run directory (e.g. runs/NAME).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file; its [trainer.*] tables.")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its latest checkpoint.")
-@click.option("--steps", type=int, help="Training steps (default 500000).")
-@click.option("--batch-size", type=int, help="Global batch size (default 32).")
-@click.option("--seed", type=int, help="Root seed of model init and dropout (default 0).")
-@click.option("--image-size", type=int, help="Image side in pixels: 105 (default) or 28 (the original's downsample).")
-@click.option("--lr", "max_lr", type=float, help="Peak learning rate after warm-up (default 3e-4).")
-@click.option("--warmup-steps", type=int, help="Linear warm-up steps (default 4000).")
-@click.option("--clip-norm", type=float, help="Global-norm gradient clipping (default off, as the original).")
-@click.option("--weight-decay", type=float, help="Decoupled weight decay, optax.adamw's (default 0; docs/analysis.md).")
-@click.option("--l2", type=float, help="Classic L2 penalty (l2/2)*||theta||^2 added to the loss (default 0).")
-@click.option("--w-interim", type=float, help="Loss weight of interim predictions (default 0: query only).")
-@click.option("--seq-model", type=click.Choice([m.value for m in SeqModel]), help="transformer, lstm or vanilla_rnn.")
-@click.option("--example-encoding", type=click.Choice([m.value for m in ExampleEncoding]))
-@click.option("--num-layers", type=int)
-@click.option("--num-heads", type=int)
-@click.option("--emb-dim", type=int)
-@click.option("--log-every", type=int)
-@click.option("--eval-every", type=int)
-@click.option("--eval-seqs", type=int, help="Sequences per eval set at each evaluation (default 2048).")
-@click.option("--checkpoint-every", type=int)
-@click.option("--steps-per-dispatch", type=int, help="Steps per jitted call (lax.scan; default 10): the same arithmetic up to float round-off, less overhead.")
+@FIT_OPTIONS
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when on a terminal).")
 @_common_data_options
 @one_line_errors
 def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_dir, cache_dir, devices,
         distributed, coordinator, num_processes, process_id, init_timeout, heartbeat_timeout, **opts) -> None:
-    """Train on TRAIN shards, evaluating on each --eval set every --eval-every steps."""
+    """Train on TRAIN shards, evaluating on each --eval set every --eval-every steps.
+
+    Settings: defaults (shown) < the [trainer.*] tables of --config FILE < the options given; with --resume
+    the run's stored config replaces the defaults, and only --steps may differ from it."""
     from trainer.runtime.distributed import initialize, make_topology
     from trainer.runtime.errors import known_errors
     from trainer.fit import fit as run_fit
@@ -115,19 +97,8 @@ def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_d
 
     initialize(distributed, coordinator, num_processes, process_id, init_timeout=init_timeout,
                heartbeat_timeout=heartbeat_timeout)
-    keys = {
-        "steps": "training.steps", "batch_size": "training.batch_size", "seed": "training.seed",
-        "image_size": "training.image_size", "max_lr": "optimizer.max_lr",
-        "warmup_steps": "optimizer.warmup_steps", "clip_norm": "optimizer.clip_norm",
-        "weight_decay": "optimizer.weight_decay", "l2": "optimizer.l2",
-        "w_interim": "training.w_interim_predictions", "seq_model": "model.seq_model",
-        "example_encoding": "model.example_encoding", "num_layers": "model.num_layers",
-        "num_heads": "model.num_heads", "emb_dim": "model.emb_dim", "log_every": "training.log_every",
-        "eval_every": "training.eval_every", "eval_seqs": "training.eval_seqs",
-        "checkpoint_every": "training.checkpoint_every", "steps_per_dispatch": "training.steps_per_dispatch",
-    }
     # --resume continues the stored config: options given now must agree with it (only --steps may change)
-    cfg = _config_from(config_file, {keys[k]: v for k, v in opts.items()},
+    cfg = _config_from(config_file, FIT_OPTIONS.overrides(opts),
                        base=_stored_config(run_dir) if resume else None)
     topo = make_topology(devices)
     with exit_on_failure(topo, known_errors()):
@@ -141,11 +112,12 @@ def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_d
 
 @main.command()
 @click.argument("eval_dirs", nargs=-1, required=True, type=click.Path())
-@click.option("--run-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Run directory of a fit.")
 @click.option("--step", type=int, help="Checkpoint step (default: the latest).")
 @click.option("--train", "train_dir", type=click.Path(), help="Training shard set, if it moved since fit.")
 @click.option("--max-seqs", type=click.IntRange(min=1), help="Evaluate at most this many sequences per set.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Sequences per evaluation batch.")
 @click.option("--watch", is_flag=True, help="Follow a running fit: evaluate each new checkpoint as it appears.")
 @click.option("--poll", type=float, default=30.0, show_default=True, callback=_positive_finite,
               help="Seconds between checks with --watch.")

@@ -16,59 +16,71 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from seqgen.config import ConfigError, check_finite, from_plain, to_plain
+from seqgen.cliopts import ConfigOption, ConfigOptions
+from seqgen.config import ConfigError, check_finite, documented, from_plain, to_plain
 from trainer.models.config import ModelConfig
 from trainer.schedule import ScheduleKind
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    max_lr: float = 3e-4
-    warmup_steps: int = 4000
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    clip_norm: float | None = None  # global-norm gradient clipping; None = off (as the original's update)
-    # Regularisers (beyond the paper; trainer/regularize.py). weight_decay: decoupled, optax.adamw's
-    # update (Loshchilov & Hutter 2019, the decay scaled by the scheduled learning rate); l2: classic L2,
-    # (l2 / 2) * ||theta||^2 added to the loss (its gradient goes through Adam). Both act on the arrays
-    # that decay_mask selects: "weights" (biases, LayerNorm / BatchNorm scales and offsets excluded) or "all".
-    weight_decay: float = 0.0
-    l2: float = 0.0
-    decay_mask: str = "weights"
+    """Adam with linear warm-up then inverse-square-root decay, optional clipping and regularisers."""
+
+    max_lr: float = documented(3e-4, "Peak learning rate, reached after warm-up.")
+    warmup_steps: int = documented(4000, "Linear warm-up steps.")
+    b1: float = documented(0.9, "Adam's b1.")
+    b2: float = documented(0.999, "Adam's b2.")
+    eps: float = documented(1e-8, "Adam's eps.")
+    clip_norm: float | None = documented(None, "Global-norm gradient clipping (none: off, as the original's update).")
+    # Regularisers (beyond the paper; trainer/regularize.py and docs/analysis.md)
+    weight_decay: float = documented(
+        0.0, "Decoupled weight decay, optax.adamw's (Loshchilov & Hutter 2019: scaled by the scheduled learning "
+        "rate), on the arrays decay_mask selects.")
+    l2: float = documented(0.0, "Classic L2 penalty: (l2/2)*||theta||^2 added to the loss (its gradient goes "
+                           "through Adam), on the arrays decay_mask selects.")
+    decay_mask: str = documented("weights", "What weight_decay and l2 act on: \"weights\" (biases, LayerNorm / "
+                                 "BatchNorm scales and offsets excluded) or \"all\".")
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    steps: int = 500_000
-    batch_size: int = 32
-    seed: int = 0
-    w_interim_predictions: float = 0.0
-    image_size: int = 105  # 28 = the original's `downsample` option
-    # Steps per jitted call (lax.scan): the same arithmetic up to float round-off. Each call has a fixed
-    # cost (XLA's scratch memory is mapped and page-faulted afresh; README, Speed), which 10 amortises.
-    steps_per_dispatch: int = 10
-    log_every: int = 100
-    eval_every: int = 5000
-    eval_seqs: int = 2048  # sequences per eval set at each evaluation (whole set if smaller)
-    eval_batch_size: int = 256
-    checkpoint_every: int = 5000
-    keep_checkpoints: int = 3  # most recent complete checkpoints kept (0 = keep all)
-    # When to evaluate / checkpoint (trainer/schedule.py): "every" N steps (default), "log" (per_decade
-    # points per factor of 10 in steps), or "list" (the listed steps); always at the last step too.
-    eval_schedule: ScheduleKind = ScheduleKind.EVERY
-    eval_steps: tuple[int, ...] = ()
-    eval_per_decade: int = 10
-    checkpoint_schedule: ScheduleKind = ScheduleKind.EVERY
-    checkpoint_steps: tuple[int, ...] = ()
-    checkpoint_per_decade: int = 10
+    """The training loop: length, batch, seed, loss, and when to log, evaluate and checkpoint."""
+
+    steps: int = documented(500_000, "Training steps.")
+    batch_size: int = documented(32, "Global batch size (sequences per step).")
+    seed: int = documented(0, "Root seed of model init and dropout.")
+    w_interim_predictions: float = documented(0.0, "Loss weight of the interim predictions (0: the query only).")
+    image_size: int = documented(105, "Image side in pixels (28: the original's `downsample` option).")
+    # Each jitted call has a fixed cost (XLA's scratch memory is mapped and page-faulted afresh; README,
+    # Speed), which 10 steps per call amortise.
+    steps_per_dispatch: int = documented(10, "Steps per jitted call (lax.scan): the same arithmetic up to float "
+                                         "round-off, less overhead.")
+    log_every: int = documented(100, "Steps between training-loss log lines.")
+    eval_every: int = documented(5000, "Steps between evaluations (with eval_schedule every).")
+    eval_seqs: int = documented(2048, "Sequences per eval set at each evaluation (the whole set if smaller).")
+    eval_batch_size: int = documented(256, "Sequences per batch of fit's evaluations.")
+    checkpoint_every: int = documented(5000, "Steps between checkpoints (with checkpoint_schedule every).")
+    keep_checkpoints: int = documented(3, "Most recent complete checkpoints kept (0: keep all).")
+    # When to evaluate / checkpoint (trainer/schedule.py); always at the last step too.
+    eval_schedule: ScheduleKind = documented(
+        ScheduleKind.EVERY, "When to evaluate: every eval_every steps, log-spaced (eval_per_decade points per "
+        "factor of 10 in steps), or at the listed eval_steps.")
+    eval_steps: tuple[int, ...] = documented((), "Steps to evaluate at with eval_schedule list.")
+    eval_per_decade: int = documented(10, "Evaluations per factor of 10 in steps with eval_schedule log.")
+    checkpoint_schedule: ScheduleKind = documented(
+        ScheduleKind.EVERY, "When to checkpoint: every checkpoint_every steps, log-spaced (checkpoint_per_decade "
+        "points per factor of 10 in steps), or at the listed checkpoint_steps.")
+    checkpoint_steps: tuple[int, ...] = documented((), "Steps to checkpoint at with checkpoint_schedule list.")
+    checkpoint_per_decade: int = documented(10, "Checkpoints per factor of 10 in steps with checkpoint_schedule log.")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """A whole training run: model, optimizer, training loop."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "The model (trainer.models)."})
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig, metadata={"doc": "The optimizer."})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"doc": "The training loop."})
 
     def validate(self) -> "TrainConfig":
         t, o = self.training, self.optimizer
@@ -114,6 +126,20 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         return from_plain(cls, data, "trainer.")
+
+
+# The TrainConfig fields that `trainer fit` sets from its command line, in --help order (trainer/cli.py
+# declares them from this table; resume messages name options by it). Name, type, help text and shown
+# default come from the fields (seqgen.cliopts).
+FIT_OPTIONS = ConfigOptions(
+    TrainConfig,
+    "training.steps", "training.batch_size", "training.seed", "training.image_size",
+    ConfigOption("optimizer.max_lr", "--lr"), "optimizer.warmup_steps", "optimizer.clip_norm",
+    "optimizer.weight_decay", "optimizer.l2", ConfigOption("training.w_interim_predictions", "--w-interim"),
+    "model.seq_model", "model.example_encoding", "model.num_layers", "model.num_heads", "model.emb_dim",
+    "training.log_every", "training.eval_every", "training.eval_seqs", "training.checkpoint_every",
+    "training.steps_per_dispatch",
+)
 
 
 def train_config_from_toml(data: dict[str, Any]) -> TrainConfig:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from seqgen.config import flatten
-from trainer.config import TrainConfig, with_overrides
+from trainer.config import FIT_OPTIONS, TrainConfig, with_overrides
 from trainer.run import RunError
 
 # Options that change only how the loop reports and saves, not what it computes.
@@ -27,16 +27,8 @@ BOOKKEEPING = frozenset({
     "training.eval_seqs", "training.eval_every", "training.eval_batch_size", "training.log_every",
     "training.checkpoint_every", "training.keep_checkpoints", "training.steps_per_dispatch",
 })
-# The command-line spelling of options, for messages.
-OPTION_NAMES = {
-    "training.steps": "--steps", "training.batch_size": "--batch-size", "training.seed": "--seed",
-    "training.image_size": "--image-size", "optimizer.max_lr": "--lr", "optimizer.warmup_steps": "--warmup-steps",
-    "optimizer.clip_norm": "--clip-norm", "training.w_interim_predictions": "--w-interim",
-    "model.seq_model": "--seq-model", "model.example_encoding": "--example-encoding",
-    "model.num_layers": "--num-layers", "model.num_heads": "--num-heads", "model.emb_dim": "--emb-dim",
-    "training.log_every": "--log-every", "training.eval_every": "--eval-every", "training.eval_seqs": "--eval-seqs",
-    "training.checkpoint_every": "--checkpoint-every", "training.steps_per_dispatch": "--steps-per-dispatch",
-}
+# The command-line spelling of options, for messages (the `trainer fit` option table).
+OPTION_NAMES = FIT_OPTIONS.flags
 
 
 def option_name(key: str) -> str:

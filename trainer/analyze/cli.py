@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from seqgen.cliopts import cache_dir_option, omniglot_option
 from trainer.runtime.errors import one_line_errors
 
 
@@ -17,11 +18,12 @@ from trainer.runtime.errors import one_line_errors
               help="Where to ablate each head: comma-separated steps, 'all', 'last' or 'none'.")
 @click.option("--ablation", type=click.Choice(["zero", "mean", "both"]), default="both", show_default=True,
               help="Replace an ablated head's output by 0, by its mean over the eval sequences, or do both.")
-@click.option("--max-seqs", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--omniglot", "omniglot_dir", type=click.Path(file_okay=False), default=None,
-              help="Omniglot folder (default: $OMNIGLOT_DIR or data/omniglot).")
-@click.option("--cache-dir", default="data/cache", show_default=True, type=click.Path(file_okay=False))
+@click.option("--max-seqs", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Analyse each checkpoint on at most this many eval sequences.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Sequences per batch of the model's forward passes.")
+@omniglot_option()
+@cache_dir_option
 @one_line_errors
 def analyze_command(run_dir, eval_dir, train_dir, steps, ablate_steps, ablation, max_seqs, batch_size,
                     omniglot_dir, cache_dir) -> None:

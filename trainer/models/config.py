@@ -17,7 +17,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from seqgen.config import ConfigError, from_plain, to_plain
+from seqgen.config import ConfigError, documented, from_plain, to_plain
 
 
 class ExampleEncoding(str, enum.Enum):
@@ -34,26 +34,32 @@ class SeqModel(str, enum.Enum):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    seq_model: SeqModel = SeqModel.TRANSFORMER
-    emb_dim: int = 64
-    example_encoding: ExampleEncoding = ExampleEncoding.RESNET
-    flatten_superpixels: bool = False  # flatten the ResNet's last feature map instead of averaging it
-    example_dropout_prob: float = 0.0  # applied at training AND evaluation (noise on examples), as the original
-    concatenate_labels: bool = False  # one token per (example, label) pair instead of interleaving
-    use_positional_encodings: bool = True
-    positional_dropout_prob: float = 0.0  # one mask shared by the whole batch, training only (as the original)
-    num_layers: int = 12  # transformer blocks, or stacked RNN layers
-    num_heads: int = 8
-    dropout_prob: float = 0.0  # transformer: after attention and after the MLP, training only
-    rnn_hidden_size: int = 64
+    seq_model: SeqModel = documented(SeqModel.TRANSFORMER, "Sequence model over the tokens.")
+    emb_dim: int = documented(64, "Embedding width of examples and labels (the tokens).")
+    example_encoding: ExampleEncoding = documented(
+        ExampleEncoding.RESNET, "Example encoder: ResNet over each image, one linear layer over the flattened "
+        "image, or an embedding table (symbolic data).")
+    flatten_superpixels: bool = documented(False, "Flatten the ResNet's last feature map instead of averaging it.")
+    example_dropout_prob: float = documented(
+        0.0, "Dropout on the example embeddings, at training and evaluation (noise on examples), as the original.")
+    concatenate_labels: bool = documented(
+        False, "One token per (example, label) pair instead of interleaved example and label tokens.")
+    use_positional_encodings: bool = documented(True, "Add sinusoidal positional encodings to the tokens.")
+    positional_dropout_prob: float = documented(
+        0.0, "Dropout on the positional encodings: one mask shared by the batch, training only (as the original).")
+    num_layers: int = documented(12, "Transformer blocks, or stacked RNN layers.")
+    num_heads: int = documented(8, "Attention heads per transformer block.")
+    dropout_prob: float = documented(0.0, "Transformer dropout after attention and after the MLP, training only.")
+    rnn_hidden_size: int = documented(64, "Hidden state width of the LSTM / vanilla RNN.")
     # Constants of the original's modules, exposed with their values.
-    resnet_blocks: tuple[int, ...] = (2, 2, 2, 2)
-    resnet_channels: tuple[int, ...] = (16, 32, 32)  # the last group's width is emb_dim (emb_dim // 16 flattened)
-    resnet_strides: tuple[int, ...] = (1, 2, 2, 2)
-    bn_decay: float = 0.9
-    bn_eps: float = 1e-5
-    widening_factor: int = 4
-    positional_max_time: float = 30.0
+    resnet_blocks: tuple[int, ...] = documented((2, 2, 2, 2), "ResNet blocks in each of the 4 groups.")
+    resnet_channels: tuple[int, ...] = documented(
+        (16, 32, 32), "ResNet widths of the first 3 groups (the last group's is emb_dim; emb_dim // 16 flattened).")
+    resnet_strides: tuple[int, ...] = documented((1, 2, 2, 2), "ResNet strides of the 4 groups.")
+    bn_decay: float = documented(0.9, "BatchNorm moving-average decay.")
+    bn_eps: float = documented(1e-5, "BatchNorm epsilon.")
+    widening_factor: int = documented(4, "Transformer MLP width / token width.")
+    positional_max_time: float = documented(30.0, "Time scale of the sinusoidal positional encodings.")
     self_att_init_scale: float = 1.0
     dense_init_scale: float = 1.0
     # How the transformer's identical blocks are run (not what they compute): unrolled (faster per step on a

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import click
 
+from seqgen.cliopts import cache_dir_option, omniglot_option
 from seqgen.config import ConfigError
 from trainer.runtime.errors import fail, known_errors
 from trainer.sweep.checks import Verdict
@@ -48,10 +49,8 @@ def results_folder(sweep: Sweep, out: str | None, results: str | None) -> Path:
                    "built from (default: results/<sweep name>, or --out when --out is given).")
 @click.option("--shards-dir", type=click.Path(file_okay=False), default=None,
               help=f"Shared folder of shard sets (default: {DEFAULT_SHARDS_DIR}).")
-@click.option("--omniglot", "omniglot_dir", type=click.Path(file_okay=False), default=None,
-              help="Omniglot folder (default: $OMNIGLOT_DIR or data/omniglot).")
-@click.option("--cache-dir", default="data/cache", show_default=True, type=click.Path(file_okay=False),
-              help="Where the cached image table lives.")
+@omniglot_option()
+@cache_dir_option
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes building each shard set (seqgen build --workers).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
