@@ -299,7 +299,9 @@ def test_paper_sweep_files_load_and_plan(path, tmp_path):
         pytest.skip("configs/cpu.toml (the CPU preset the sweeps build on) is not there yet")
     sweep = load_sweep(path)
     assert path.read_text().lstrip().startswith("#")  # the header comment names figure and claim
-    assert sweep.figure and sweep.claim and len(sweep.runs) >= 3
+    assert sweep.figure and sweep.claim and len(sweep.runs) >= 2  # a comparison at least
+    if sweep.figure.startswith("Chan et al. 2022"):  # the paper's figures: three or more settings or seeds
+        assert len(sweep.runs) >= 3
     assert sweep.eval_seqs >= 2000
     plan = make_plan(sweep, out=tmp_path / "o", shards_dir=tmp_path / "s")
     assert len(plan.runs) == len(sweep.runs) and not os.listdir(tmp_path)
