@@ -30,8 +30,9 @@ def _die_with_parent(parent: int) -> None:
 
 def main(argv: list[str]) -> int:
     from trainer.runtime.hugepages import reexec_with_hugepages
-    from trainer.runtime.signals import GracefulInterrupt
+    from trainer.runtime.signals import GracefulInterrupt, install_early_exit
 
+    install_early_exit()  # an interrupt from here on (re-execution included): one line, exit 130
     reexec_with_hugepages()
     order = json.loads(argv[0])
     _die_with_parent(order["parent"])
