@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from seqgen import shards as fmt
+from seqgen.errors import UserError
 from seqgen.lock import FolderLock, LockError, locked_by
 from seqgen.config import (
     flatten,
@@ -46,7 +47,7 @@ from seqgen.config import (
 OMNIGLOT_URL_ENV = "SEQGEN_OMNIGLOT_URL"  # overrides the download base URL (tests, mirrors)
 
 
-class BuildError(Exception):
+class BuildError(UserError):
     """A build that cannot proceed (foreign folder, unwritable output); one line naming the fix."""
 
 

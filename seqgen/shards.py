@@ -33,6 +33,7 @@ import numpy as np
 
 from seqgen.atomic import commit
 from seqgen.config import IMAGE_SIZE, BuildConfig, ConfigError, ExampleType, Labeling, SeqType
+from seqgen.errors import UserError
 from seqgen.files import Optional, check_schema, dumps_strict, read_json_object
 
 FORMAT = "emergent-icl/seqgen-shards"
@@ -43,7 +44,7 @@ INDEX_KEYS = ("example", "exemplar", "label", "is_rare")
 _HASH_BLOCK = 1 << 22
 
 
-class ShardError(Exception):
+class ShardError(UserError):
     """A missing, corrupt, truncated or foreign shard set; the message is one line naming the fix."""
 
 

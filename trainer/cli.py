@@ -14,7 +14,7 @@ from typing import Any, Callable
 import click
 
 from seqgen.config import flatten, load_toml
-from seqgen.usage import OneLineGroup
+from seqgen.errors import OneLineGroup
 from trainer.config import TrainConfig, train_config_from_toml, with_overrides
 from trainer.runtime.errors import one_line_errors
 from trainer.models.config import ExampleEncoding, SeqModel
@@ -109,7 +109,6 @@ def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_d
         distributed, coordinator, num_processes, process_id, init_timeout, heartbeat_timeout, **opts) -> None:
     """Train on TRAIN shards, evaluating on each --eval set every --eval-every steps."""
     from trainer.runtime.distributed import initialize, make_topology
-    from trainer.runtime.errors import known_errors
     from trainer.fit import fit as run_fit
     from trainer.runtime.multihost import exit_on_failure
 
@@ -130,7 +129,7 @@ def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_d
     cfg = _config_from(config_file, {keys[k]: v for k, v in opts.items()},
                        base=_stored_config(run_dir) if resume else None)
     topo = make_topology(devices)
-    with exit_on_failure(topo, known_errors()):
+    with exit_on_failure(topo):
         result = run_fit(cfg, train_dir, eval_dirs, run_dir, resume=resume, omniglot_dir=omniglot_dir,
                          cache_dir=cache_dir, topo=topo, progress=progress, strict_resume=True)
     if result.interrupted:
@@ -155,7 +154,6 @@ def evaluate(eval_dirs, run_dir, step, train_dir, max_seqs, batch_size, watch, p
              devices, distributed, coordinator, num_processes, process_id, init_timeout, heartbeat_timeout) -> None:
     """Evaluate a run's checkpoint on EVAL_DIRS: a table on stdout, JSON in RUN_DIR/evaluations/."""
     from trainer.runtime.distributed import initialize, make_topology
-    from trainer.runtime.errors import known_errors
     from trainer.evaluate_cli import evaluate_run, watch_run
     from trainer.runtime.multihost import exit_on_failure
 
@@ -168,7 +166,7 @@ def evaluate(eval_dirs, run_dir, step, train_dir, max_seqs, batch_size, watch, p
     stop = GracefulInterrupt("stopping the evaluation; nothing is saved")
     kwargs = dict(train_dir=train_dir, max_seqs=max_seqs, batch_size=batch_size, omniglot_dir=omniglot_dir,
                   cache_dir=cache_dir, topo=topo, echo=click.echo, interrupt=stop)
-    with exit_on_failure(topo, known_errors()):
+    with exit_on_failure(topo):
         if watch:
             watch_run(run_dir, eval_dirs, poll=poll, **kwargs)
         else:

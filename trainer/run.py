@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from seqgen.config import ConfigError
+from seqgen.errors import UserError
 from seqgen.files import Optional, dumps_strict, read_json_object, read_jsonl_objects
 from seqgen.lock import FolderLock
 from trainer.config import TrainConfig
@@ -28,7 +29,7 @@ METRICS_SCHEMA = {"step": int, "kind": Optional(str), "set": Optional(str), "sou
                   "metrics": Optional(dict)}
 
 
-class RunError(Exception):
+class RunError(UserError):
     """A run directory that cannot be used as asked; one-line message."""
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from trainer.data import BatchStream, ShardSet, eval_batches
 from trainer.runtime.distributed import Topology, TopologyError
+from trainer.runtime.errors import TRAINER, UserError, error_line
 
 
 def host_part(topo: Topology, global_batch: int) -> tuple[int, int]:
@@ -109,7 +110,7 @@ def any_process(topo: Topology, flag: bool) -> bool:
 
 
 @contextlib.contextmanager
-def exit_on_failure(topo: Topology, known: tuple[type[BaseException], ...]) -> Iterator[None]:
+def exit_on_failure(topo: Topology) -> Iterator[None]:
     """Several processes: any error becomes one line `error: ...` and an immediate exit (code 2).
 
     `os._exit` skips `jax.distributed`'s shutdown barrier, which would otherwise wait for (and then abort
@@ -125,9 +126,8 @@ def exit_on_failure(topo: Topology, known: tuple[type[BaseException], ...]) -> I
         raise
     except BaseException as e:  # noqa: BLE001 - every failure must end this process cleanly
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if isinstance(e, known):
-            msg = first
-        else:
+        msg = error_line(e, TRAINER) if isinstance(e, UserError) else None
+        if msg is None:
             msg = (f"process {topo.process_index} of {topo.process_count} failed ({type(e).__name__}: {first[:300]}); "
                    "if another process died first, its log says why; restart every process (with --resume)")
         sys.stdout.flush()
