@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from seqgen.atomic import fsync_dir
+from seqgen.atomic import commit
 from seqgen.errors import UserError
 
 DEFAULT_BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
@@ -130,7 +130,6 @@ def download(
                 f"MD5 mismatch for {url}: got {got}, expected {want} (file discarded); "
                 f"retry later or {_manual_hint(dest, base)}"
             )
-        os.replace(part, target)
-        fsync_dir(dest)
+        commit(part, target)
         paths.append(target)
     return paths

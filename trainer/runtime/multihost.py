@@ -21,14 +21,13 @@ immediate exit of that process, which closes its collective connections so the o
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import sys
 from typing import Any, Iterator
 
 import numpy as np
 
+from seqgen.files import canonical_sha256
 from trainer.data import BatchStream, ShardSet, eval_batches
 from trainer.runtime.distributed import Topology, TopologyError
 from trainer.runtime.errors import TRAINER, UserError, error_line
@@ -78,8 +77,7 @@ def _gather(topo: Topology, local: np.ndarray) -> np.ndarray:
 
 
 def _digest(value: Any) -> np.ndarray:
-    raw = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).digest()
-    return np.frombuffer(raw, np.uint32)
+    return np.frombuffer(bytes.fromhex(canonical_sha256(value)), np.uint32)
 
 
 def agree(topo: Topology, what: dict[str, Any]) -> None:
