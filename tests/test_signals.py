@@ -56,8 +56,15 @@ def _env() -> dict[str, str]:
     return {**env, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
 
 
-def _ignore_sigint() -> None:  # what `cmd &` in a shell without job control does to the child
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# what `cmd &` in a shell without job control does to the child: SIGINT ignored, then exec (no preexec_fn:
+# forking a process that has started JAX threads warns, and warnings are errors here)
+IGNORING = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+
+def _python(*args: str, ignored: bool = False) -> list[str]:
+    """`python ARGS`, started with SIGINT ignored when `ignored` (same process id after the exec)."""
+    return [sys.executable, "-c", IGNORING, *args] if ignored else [sys.executable, *args]
 
 
 def _assert_one_line_130(proc: subprocess.CompletedProcess, sig: int) -> None:
@@ -71,15 +78,14 @@ def _assert_one_line_130(proc: subprocess.CompletedProcess, sig: int) -> None:
 @pytest.mark.parametrize("inherited", ["default", "ignored"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupt_during_the_reexecution_is_delivered_after_it(inherited, sig):
-    proc = subprocess.run([sys.executable, "-c", REEXEC.format(sig=int(sig))], capture_output=True, text=True,
-                          env=_env(), cwd=REPO, timeout=60,
-                          preexec_fn=_ignore_sigint if inherited == "ignored" else None)
+    proc = subprocess.run(_python("-c", REEXEC.format(sig=int(sig)), ignored=inherited == "ignored"),
+                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=60)
     _assert_one_line_130(proc, sig)
 
 
 def test_a_sigint_ignored_by_the_parent_still_stops_the_trainer():
-    proc = subprocess.run([sys.executable, "-c", SELF_KILL.format(sig=int(signal.SIGINT))], capture_output=True,
-                          text=True, env=_env(), cwd=REPO, timeout=60, preexec_fn=_ignore_sigint)
+    proc = subprocess.run(_python("-c", SELF_KILL.format(sig=int(signal.SIGINT)), ignored=True), capture_output=True,
+                          text=True, env=_env(), cwd=REPO, timeout=60)
     _assert_one_line_130(proc, signal.SIGINT)
 
 
@@ -99,9 +105,9 @@ def test_sigint_at_several_moments_of_trainer_start_up_is_never_lost(tmp_path):
     handler is in place (through the re-execution and the imports): always 130 and one line. A lost
     interrupt shows as the fit going on to its error about the missing training set (exit 2)."""
     for delay in (0.0, 0.005, 0.02, 0.05, 0.1, 0.2):
-        proc = subprocess.Popen([sys.executable, "-m", "trainer", "fit", "--train", str(tmp_path / "none"),
-                                 "--run-dir", str(tmp_path / "run")], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO, preexec_fn=_ignore_sigint)
+        proc = subprocess.Popen(_python("-m", "trainer", "fit", "--train", str(tmp_path / "none"), "--run-dir",
+                                        str(tmp_path / "run"), ignored=True),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
         end = time.monotonic() + 60
         while not _catches_sigterm(proc.pid) and proc.poll() is None and time.monotonic() < end:
             time.sleep(0.001)
