@@ -30,6 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from seqgen import shards as fmt
+from seqgen.atomic import atomic_write_json
+from seqgen.errors import UserError
 from seqgen.lock import FolderLock, LockError, locked_by
 from seqgen.config import (
     flatten,
@@ -46,7 +48,7 @@ from seqgen.config import (
 OMNIGLOT_URL_ENV = "SEQGEN_OMNIGLOT_URL"  # overrides the download base URL (tests, mirrors)
 
 
-class BuildError(Exception):
+class BuildError(UserError):
     """A build that cannot proceed (foreign folder, unwritable output); one line naming the fix."""
 
 
@@ -165,7 +167,7 @@ def _write(plan: _Plan, i: int, arrays: dict[str, np.ndarray], images: np.ndarra
         dtypes=fmt.storage_dtypes(plan.cfg), pixels=pixels,
     )
     entry = _entry(plan, i, sha)
-    fmt.write_json_atomic(plan.folder / fmt.sidecar_file(i), {"build": plan.build_id, **entry.to_dict()})
+    atomic_write_json(plan.folder / fmt.sidecar_file(i), {"build": plan.build_id, **entry.to_dict()})
     return entry
 
 
@@ -290,7 +292,7 @@ def _prepare_folder(folder: Path, header: dict[str, Any], overwrite: bool) -> No
         for p in _our_files(folder):
             p.unlink()
     if old != header:
-        fmt.write_json_atomic(folder / fmt.BUILD_FILE, header)
+        atomic_write_json(folder / fmt.BUILD_FILE, header)
 
 
 def _image_table_info(cfg: BuildConfig, materialize: bool, omniglot_dir: Any, cache_dir: Any, progress: bool):
@@ -369,7 +371,7 @@ def _build_locked(cfg: BuildConfig, folder: Path, split: Any, header: dict[str, 
     finalized = shards is None
     if finalized:
         manifest = dict(header, shards=[entries[i].to_dict() for i in range(cfg.num_shards)])
-        fmt.write_json_atomic(folder / fmt.MANIFEST, manifest)
+        atomic_write_json(folder / fmt.MANIFEST, manifest)
     reused = tuple(i for i in wanted if i not in todo)
     return BuildResult(folder, tuple(todo), reused, finalized, time.perf_counter() - t0)
 

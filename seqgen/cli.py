@@ -8,7 +8,6 @@ printed as one line `error: ...` with exit code 2, never a traceback.
 
 from __future__ import annotations
 
-import errno
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,54 +17,27 @@ import numpy as np
 
 from seqgen import shards as fmt
 from seqgen.build import (
-    BuildError,
     build,
     finalize,
     omniglot_base_url,
     parse_shard_range,
 )
 from seqgen.cliopts import ConfigOption, ConfigOptions, cache_dir_option, omniglot_option
-from seqgen.config import BuildConfig, ConfigError, SeqType, build_config_from_toml, load_toml, replace_nested
-from seqgen.download import OmniglotError
-from seqgen.lock import LockError
-from seqgen.usage import OneLineGroup
+from seqgen.config import BuildConfig, SeqType, build_config_from_toml, load_toml, replace_nested
+from seqgen.errors import EXIT_ERROR, Advice, OneLineGroup, one_line_errors
 
-EXIT_ERROR = 2
 OMNIGLOT_HELP = "Omniglot folder (default: $OMNIGLOT_DIR, else data/omniglot; downloaded when absent)."
 
-
-def error_message(exc: BaseException) -> str | None:
-    """The one-line message for an expected failure; None for a bug (which keeps its traceback)."""
-    if isinstance(exc, (ConfigError, OmniglotError, fmt.ShardError, BuildError, LockError)):
-        msg = str(exc)
-    elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        where = f" writing {exc.filename}" if exc.filename else ""
-        msg = f"disk full{where}; free space, then rerun the same command to resume (finished shards are kept)"
-    elif isinstance(exc, OSError):
-        msg = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
-    elif isinstance(exc, MemoryError):
-        msg = "out of memory; lower --shard-size (rows held in memory at once) or --workers"
-    else:
-        return None
-    return " ".join(msg.split())
+# what seqgen advises after a full disk, no memory or Ctrl+C (seqgen.errors: the one-line error policy)
+ADVICE = Advice(
+    disk_full="free space, then rerun the same command to resume (finished shards are kept)",
+    out_of_memory="lower --shard-size (rows held in memory at once) or --workers",
+    interrupted="rerun the same command to resume (finished shards are kept)",
+)
+one_line = one_line_errors(ADVICE)
 
 
-class _Group(OneLineGroup):
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; rerun the same command to resume (finished shards are kept)", err=True)
-            raise click.exceptions.Exit(130) from None
-        except Exception as e:
-            msg = error_message(e)
-            if msg is None:
-                raise
-            click.echo(f"error: {msg}", err=True)
-            raise click.exceptions.Exit(EXIT_ERROR) from None
-
-
-@click.group(cls=_Group)
+@click.group(cls=OneLineGroup)
 def main() -> None:
     """seqgen: build the sequence sets of Chan et al. 2022 into HDF5 shards."""
 
@@ -106,6 +78,7 @@ def _progress_flag(quiet: bool) -> bool:
 @click.option("--materialize", is_flag=True, help="Also store uint8 pixels [rows, length, 105, 105].")
 @click.option("--shards", "shard_range", metavar="A:B", help="Build only shards A..B-1 (no manifest; see finalize).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@one_line
 def build_cmd(out: str | None, config_file: str | None, workers: int, omniglot_dir: str | None, cache_dir: str,
               overwrite: bool, materialize: bool, shard_range: str | None, quiet: bool, **options: Any) -> None:
     """Build (or resume) a shard set.
@@ -137,6 +110,7 @@ def _report(res: Any, cfg: BuildConfig) -> None:
 @omniglot_option(OMNIGLOT_HELP)
 @cache_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@one_line
 def finalize_cmd(folder: str, workers: int, omniglot_dir: str | None, cache_dir: str, quiet: bool) -> None:
     """Check all shards of a (ranged) build, rebuild missing ones, write the manifest."""
     res = finalize(folder, workers=workers, omniglot_dir=omniglot_dir, cache_dir=cache_dir,
@@ -148,6 +122,7 @@ def finalize_cmd(folder: str, workers: int, omniglot_dir: str | None, cache_dir:
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--sample", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Rows per shard checked for the structural invariants.")
+@one_line
 def verify_cmd(folder: str, sample: int) -> None:
     """Check manifest, checksums, shapes, dtypes and sequence invariants."""
     from seqgen.split import make_split
@@ -169,6 +144,7 @@ def _disk_size(folder: Path) -> int:
 
 @main.command("info")
 @click.argument("folder", type=click.Path(file_okay=False))
+@one_line
 def info_cmd(folder: str) -> None:
     """Summarise a finished shard set."""
     path = Path(folder)
@@ -215,6 +191,7 @@ def info_cmd(folder: str) -> None:
               help="Destination (default: $OMNIGLOT_DIR, else data/omniglot).")
 @click.option("--base-url", hidden=True, default=None, help="Mirror URL (also $SEQGEN_OMNIGLOT_URL).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@one_line
 def download_cmd(omniglot_dir: str | None, base_url: str | None, quiet: bool) -> None:
     """Download the official Omniglot archives (MD5-checked)."""
     from seqgen.omniglot import download, resolve_omniglot_dir

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seqgen.errors import UserError
+
 N_OMNIGLOT_CLASSES = 1623
 N_EXEMPLARS = 20
 N_AUGMENTATIONS = 8  # flip left-right x rot90 k in 0..3
@@ -35,7 +37,7 @@ MAX_LENGTH = 1 << 16
 MAX_SHARD_CELLS = 1 << 28  # sequences per shard x examples per sequence (~2.7 GB: a shard is generated in memory)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An invalid option or combination of options; the message is one line naming the fix."""
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from seqgen.atomic import fsync_dir
+from seqgen.atomic import commit
+from seqgen.errors import UserError
 
 DEFAULT_BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 ARCHIVES = ("images_background.zip", "images_evaluation.zip")
@@ -35,7 +36,7 @@ _CHUNK = 1 << 16
 _TIMEOUT_S = 60.0
 
 
-class OmniglotError(Exception):
+class OmniglotError(UserError):
     """Omniglot missing, incomplete, corrupt or not downloadable; the message is one line naming the fix."""
 
 
@@ -129,7 +130,6 @@ def download(
                 f"MD5 mismatch for {url}: got {got}, expected {want} (file discarded); "
                 f"retry later or {_manual_hint(dest, base)}"
             )
-        os.replace(part, target)
-        fsync_dir(dest)
+        commit(part, target)
         paths.append(target)
     return paths

@@ -13,6 +13,7 @@ Callers pass their own exception class, so each package keeps its error types (S
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -40,6 +41,17 @@ def loads_strict(text: str) -> Any:
 def dumps_strict(obj: Any, **kwargs: Any) -> str:
     """json.dumps that raises ValueError on NaN / inf instead of writing non-standard JSON."""
     return json.dumps(obj, allow_nan=False, **kwargs)
+
+
+def canonical_sha256(obj: Any, *, spaced: bool = False) -> str:
+    """sha256 (hex) of `obj` as canonical JSON: keys sorted, ASCII, separators `,` and `:`: the one JSON
+    hash of both packages (shard-set build ids, manifest fingerprints, sweep set folders).
+
+    `spaced=True` hashes json.dumps's default separators `, ` and `: ` instead: the form in which run
+    fingerprints (config.json `data.*.fingerprint`) and sweep shard-folder names (`bursty-b07ae1470b2e`)
+    were first stored, kept so that those stored values stay valid. Callers truncate if they need to."""
+    separators = (", ", ": ") if spaced else (",", ":")
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=separators).encode()).hexdigest()
 
 
 def read_text(path: Path, *, what: str, fix: str, error: type[Exception]) -> str:

@@ -25,10 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from seqgen.errors import UserError
+
 LOCK_FILE = ".lock"
 
 
-class LockError(Exception):
+class LockError(UserError):
     """The folder is being written by another process; the message is one line naming it."""
 
 

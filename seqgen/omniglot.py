@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from seqgen.atomic import commit
 from seqgen.config import IMAGE_SIZE, N_EXEMPLARS, N_OMNIGLOT_CLASSES
 from seqgen.download import ARCHIVES, DEFAULT_BASE_URL, OmniglotError, download
 
@@ -313,9 +314,7 @@ def _write_cache(path: Path, images: np.ndarray, alphabets: list[str], character
             f.create_dataset("character", data=characters, dtype=h5py.string_dtype())
             f.attrs.update(fingerprint=fingerprint, format_version=FORMAT_VERSION, source=source,
                            source_stat=stat_key)
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
-import os
 import shutil
-import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +30,8 @@ import numpy as np
 
 from seqgen.atomic import commit
 from seqgen.config import IMAGE_SIZE, BuildConfig, ConfigError, ExampleType, Labeling, SeqType
-from seqgen.files import Optional, check_schema, dumps_strict, read_json_object
+from seqgen.errors import UserError
+from seqgen.files import Optional, canonical_sha256, check_schema, read_json_object
 
 FORMAT = "emergent-icl/seqgen-shards"
 FORMAT_VERSION = 1
@@ -43,7 +41,7 @@ INDEX_KEYS = ("example", "exemplar", "label", "is_rare")
 _HASH_BLOCK = 1 << 22
 
 
-class ShardError(Exception):
+class ShardError(UserError):
     """A missing, corrupt, truncated or foreign shard set; the message is one line naming the fix."""
 
 
@@ -111,23 +109,7 @@ def expected_keys(cfg: BuildConfig, materialized: bool) -> tuple[str, ...]:
     return keys + (("pixels",) if materialized else ())
 
 
-# ---- atomic writes and hashes (seqgen.atomic) ---------------------------------------------------------------
-def write_json_atomic(path: Path, obj: Any) -> None:
-    # a name of this process's own: ranged builds on several machines write the same build.json at once
-    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    text = dumps_strict(obj, indent=1, sort_keys=True) + "\n"  # ValueError on NaN / inf: never written
-    try:
-        tmp.write_text(text)
-        commit(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def canonical_sha256(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
+# ---- hashes -----------------------------------------------------------------------------------------------
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -97,7 +97,7 @@ def _run_task(task: dict, pid: int, trace: list) -> dict:
     from dataclasses import replace
 
     from tests.trainkit import tiny_config
-    from trainer.runtime.errors import known_errors
+    from seqgen.errors import UserError
     from trainer.runtime.distributed import make_topology
 
     topo = make_topology()
@@ -117,7 +117,7 @@ def _run_task(task: dict, pid: int, trace: list) -> dict:
                                max_seqs=task["max_seqs"], batch_size=task["batch_size"], omniglot_dir=None,
                                cache_dir=None, topo=topo, echo=lambda s: None)
         return {"ok": True, "results": results}
-    except known_errors() as e:
+    except UserError as e:
         return {"ok": False, "error": str(e), "type": type(e).__name__}
 
 

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from seqgen import shards as fmt
+from seqgen.atomic import atomic_write_json
 from seqgen.cli import main as seqgen_main
 from seqgen.config import BuildConfig, ConfigError, SeqType, SequenceConfig, load_toml
 from tests.trainkit import symbolic_set
@@ -82,7 +83,7 @@ def test_a_manifest_or_sidecar_that_is_not_an_object_is_one_line(tmp_path, name)
 
 def test_json_written_by_seqgen_never_holds_nan(tmp_path):
     with pytest.raises(ValueError):
-        fmt.write_json_atomic(tmp_path / "x.json", {"noise_scale": float("nan")})
+        atomic_write_json(tmp_path / "x.json", {"noise_scale": float("nan")})
     assert not list(tmp_path.iterdir())  # neither the file nor its .tmp
 
 

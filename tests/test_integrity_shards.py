@@ -222,14 +222,16 @@ def test_disk_full_while_writing_a_shard_leaves_nothing_that_looks_complete(pris
 
 def test_disk_full_while_writing_a_sidecar_is_one_line(pristine, tmp_path, monkeypatch):
     cfg = open_shard_set(pristine).config
-    real = fmt.write_json_atomic
+    import seqgen.build
+
+    real = seqgen.build.atomic_write_json
 
     def sidecar_fails(path, obj):
         if path.name.startswith("shard-"):
             _enospc()
         return real(path, obj)
 
-    monkeypatch.setattr(fmt, "write_json_atomic", sidecar_fails)
+    monkeypatch.setattr(seqgen.build, "atomic_write_json", sidecar_fails)
     one_line(CliRunner().invoke(seqgen_main, _cli_args(cfg, tmp_path / "s")), "disk full", "rerun")
     assert not (tmp_path / "s" / "manifest.json").exists()
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from seqgen import shards as fmt
+from seqgen.atomic import atomic_write_json
 from seqgen.build import build
 from seqgen.config import (
     BuildConfig,
@@ -90,8 +91,8 @@ def test_read_manifest_errors_are_one_line(tmp_path: Path):
         fmt.read_shard(tmp_path / "missing.h5")
 
 
-def test_write_json_atomic_leaves_no_tmp(tmp_path: Path):
-    fmt.write_json_atomic(tmp_path / "x.json", {"b": 1, "a": [1, 2]})
+def test_atomic_write_json_leaves_no_tmp(tmp_path: Path):
+    atomic_write_json(tmp_path / "x.json", {"b": 1, "a": [1, 2]})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": [1, 2], "b": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 

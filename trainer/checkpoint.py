@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from seqgen.atomic import fsync_dir, fsync_file
+from seqgen.errors import UserError
 from seqgen.files import Optional, check_schema, dumps_strict, read_json_object
 from seqgen.shards import file_sha256
 
@@ -33,7 +34,7 @@ READABLE_VERSIONS = (1, 2)  # the caller rebuilds the skeleton of the stored ver
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A missing, incompatible or truncated checkpoint; the message is one line."""
 
 

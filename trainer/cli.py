@@ -15,7 +15,7 @@ import click
 
 from seqgen.cliopts import cache_dir_option, omniglot_option
 from seqgen.config import flatten, load_toml
-from seqgen.usage import OneLineGroup
+from seqgen.errors import OneLineGroup
 from trainer.config import FIT_OPTIONS, TrainConfig, train_config_from_toml, with_overrides
 from trainer.runtime.errors import one_line_errors
 
@@ -91,7 +91,6 @@ def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_d
     Settings: defaults (shown) < the [trainer.*] tables of --config FILE < the options given; with --resume
     the run's stored config replaces the defaults, and only --steps may differ from it."""
     from trainer.runtime.distributed import initialize, make_topology
-    from trainer.runtime.errors import known_errors
     from trainer.fit import fit as run_fit
     from trainer.runtime.multihost import exit_on_failure
 
@@ -101,7 +100,7 @@ def fit(train_dir, eval_dirs, run_dir, config_file, resume, progress, omniglot_d
     cfg = _config_from(config_file, FIT_OPTIONS.overrides(opts),
                        base=_stored_config(run_dir) if resume else None)
     topo = make_topology(devices)
-    with exit_on_failure(topo, known_errors()):
+    with exit_on_failure(topo):
         result = run_fit(cfg, train_dir, eval_dirs, run_dir, resume=resume, omniglot_dir=omniglot_dir,
                          cache_dir=cache_dir, topo=topo, progress=progress, strict_resume=True)
     if result.interrupted:
@@ -127,7 +126,6 @@ def evaluate(eval_dirs, run_dir, step, train_dir, max_seqs, batch_size, watch, p
              devices, distributed, coordinator, num_processes, process_id, init_timeout, heartbeat_timeout) -> None:
     """Evaluate a run's checkpoint on EVAL_DIRS: a table on stdout, JSON in RUN_DIR/evaluations/."""
     from trainer.runtime.distributed import initialize, make_topology
-    from trainer.runtime.errors import known_errors
     from trainer.evaluate_cli import evaluate_run, watch_run
     from trainer.runtime.multihost import exit_on_failure
 
@@ -140,7 +138,7 @@ def evaluate(eval_dirs, run_dir, step, train_dir, max_seqs, batch_size, watch, p
     stop = GracefulInterrupt("stopping the evaluation; nothing is saved")
     kwargs = dict(train_dir=train_dir, max_seqs=max_seqs, batch_size=batch_size, omniglot_dir=omniglot_dir,
                   cache_dir=cache_dir, topo=topo, echo=click.echo, interrupt=stop)
-    with exit_on_failure(topo, known_errors()):
+    with exit_on_failure(topo):
         if watch:
             watch_run(run_dir, eval_dirs, poll=poll, **kwargs)
         else:

@@ -40,6 +40,7 @@ import numpy as np
 
 from seqgen import shards as fmt
 from seqgen.config import BuildConfig, ConfigError
+from seqgen.errors import UserError
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "BatchStream", "DataError", "ShardInfo", "ShardSet",
@@ -50,7 +51,7 @@ FORMAT, FORMAT_VERSION, MANIFEST = fmt.FORMAT, fmt.FORMAT_VERSION, fmt.MANIFEST 
 SEQ_FIELDS = ("example", "exemplar", "label", "is_rare")  # [rows, length] in every shard
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A missing, unfinished, corrupt or mismatched shard set; the message is one line naming the fix."""
 
 

@@ -7,8 +7,6 @@ IWL is `accuracy_query` on `no_support_zipfian`. The original logged `eval_accur
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -18,6 +16,7 @@ import jax.numpy as jnp
 
 import numpy as np
 
+from seqgen.atomic import atomic_write_json
 from trainer.data import ShardSet
 from trainer.runtime.distributed import Topology, replicate, to_global
 from trainer.runtime.multihost import any_process, eval_batch_size, eval_split
@@ -119,13 +118,7 @@ def write_evaluation(path: Path, step: int, results: list[tuple[str, str, dict]]
     kept = [r for r in (old["sets"] if old and old.get("step") == step else []) if r["set"] not in names]
     record = {"step": step, "time": time.time(), **extra, "sets": kept + new}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    try:
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, record, allow_nan=True)  # as before; read_evaluation refuses NaN (noted in #16)
 
 
 def set_name(shard_set: ShardSet) -> str:

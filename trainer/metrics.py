@@ -47,6 +47,7 @@ import numpy as np
 import optax
 
 from seqgen.config import BuildConfig, Labeling, SeqType
+from seqgen.errors import UserError
 
 __all__ = [
     "BINARY_METRICS", "DESCRIPTIONS", "METRICS", "STRATEGY_METRICS", "LabelSets", "MetricsError", "batch_sums",
@@ -83,7 +84,7 @@ BINARY_METRICS = frozenset(m for m in METRICS + STRATEGY_METRICS
 Z95 = 1.959963984540054
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError, ValueError):
     """Metrics undefined for this configuration; the message is one line naming the fix."""
 
 

@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from seqgen.atomic import atomic_write  # noqa: E402
 from trainer.metrics import icl_ceiling  # noqa: E402
 from trainer.run import RunDir, RunError  # noqa: E402
 
@@ -87,7 +88,7 @@ def _plot_accuracy(run: RunDir, evals, ways, ceiling: float | None) -> Path:
     ax.grid(alpha=0.3)
     out = run.plots_dir / "icl_iwl.png"
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return out
 
@@ -108,6 +109,6 @@ def _plot_loss(run: RunDir, train, evals) -> Path:
     ax.grid(alpha=0.3)
     out = run.plots_dir / "loss.png"
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return out

@@ -16,8 +16,10 @@ import platform
 from pathlib import Path
 from typing import Any, Iterator
 
+from seqgen.atomic import atomic_write_json, atomic_write_text
 from seqgen.config import ConfigError
-from seqgen.files import Optional, dumps_strict, read_json_object, read_jsonl_objects
+from seqgen.errors import UserError
+from seqgen.files import Optional, read_json_object, read_jsonl_objects
 from seqgen.lock import FolderLock
 from trainer.config import TrainConfig
 
@@ -28,7 +30,7 @@ METRICS_SCHEMA = {"step": int, "kind": Optional(str), "set": Optional(str), "sou
                   "metrics": Optional(dict)}
 
 
-class RunError(Exception):
+class RunError(UserError):
     """A run directory that cannot be used as asked; one-line message."""
 
 
@@ -83,14 +85,11 @@ class RunDir:
         return self.config_path.is_file()
 
     def create(self, cfg: TrainConfig, data: dict[str, Any]) -> None:
-        tmp = self.config_path.with_suffix(".json.tmp")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             record = {"trainer": cfg.to_dict(), "data": data, "versions": versions()}
-            tmp.write_text(dumps_strict(record, indent=1, sort_keys=True))
-            os.replace(tmp, self.config_path)
+            atomic_write_json(self.config_path, record)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise RunError(f"cannot write run directory {self.path}: {e.strerror or e}") from None
 
     def read(self) -> dict[str, Any]:
@@ -111,6 +110,7 @@ class RunDir:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
             f.flush()
+            os.fsync(f.fileno())  # a record is on disk before the checkpoint that follows it
 
     def read_metrics(self) -> Iterator[dict[str, Any]]:
         """The records of metrics.jsonl; a line cut by a hard kill is skipped, a line that is JSON but not a
@@ -125,6 +125,4 @@ class RunDir:
         if not self.metrics_path.is_file():
             return
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= step or r.get("source") == "watch"]
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-        os.replace(tmp, self.metrics_path)
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +10,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 
 from seqgen.config import ExampleType
+from seqgen.files import canonical_sha256
 from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.data import DataError, ShardSet, check_compatible, open_shard_set
@@ -88,7 +87,7 @@ def load_state(run_dir: str | os.PathLike, step: int, cfg: TrainConfig, num_clas
 
 def manifest_fingerprint(s: ShardSet) -> str:
     """sha256 of the manifest (which lists every shard's sha256): identifies a shard set's content."""
-    return hashlib.sha256(json.dumps(s.manifest, sort_keys=True).encode()).hexdigest()
+    return canonical_sha256(s.manifest, spaced=True)  # the form stored in every run's config.json
 
 
 def data_record(train: ShardSet, evals: list[ShardSet]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqgen.atomic import atomic_write_text
 from seqgen.config import BuildConfig
 from trainer import checkpoint
 from trainer.data import eval_batches
@@ -220,9 +221,7 @@ def _write_records(run: RunDir, records: list[dict[str, Any]]) -> Path:
             if (r.get("step"), r.get("set")) not in new:
                 kept.append(r)
     rows = sorted(kept + records, key=lambda r: (r["set"], r["step"]))
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return path
 
 

@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from seqgen.atomic import atomic_write  # noqa: E402
 from trainer.analyze.measures import read_analysis  # noqa: E402
 from trainer.plots import ICL_SET, IWL_SET, _band, _series  # noqa: E402
 from trainer.run import RunDir, RunError  # noqa: E402
@@ -79,7 +80,7 @@ def _plot_measure(run: RunDir, records, evals, measure: str, title: str) -> Path
     ax2.grid(alpha=0.3)
     path = run.plots_dir / f"{measure}.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
 
@@ -102,6 +103,6 @@ def _plot_ablation(run: RunDir, rec) -> Path:
                  f"(unablated {rec['accuracy_closed']:.3f})", fontsize=9)
     path = run.plots_dir / "ablation.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path

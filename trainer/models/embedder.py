@@ -27,12 +27,13 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from seqgen.errors import UserError
 from trainer.models.config import ExampleEncoding, ModelConfig
 from trainer.models.layers import Dense, dropout, haiku_default_std, truncated_normal
 from trainer.models.resnet import SimpleResNet
 
 
-class ModelInputError(ValueError):
+class ModelInputError(UserError, ValueError):
     """Inputs that do not fit the model (wrong rank, dtype or image size); the message names the fix."""
 
 

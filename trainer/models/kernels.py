@@ -19,12 +19,14 @@ from typing import Iterator
 
 import jax
 
+from seqgen.errors import UserError
+
 PATHS = ("custom", "xla")
 ENV = "EMERGENT_ICL_KERNELS"
 _override: str | None = None
 
 
-class KernelPathError(ValueError):
+class KernelPathError(UserError, ValueError):
     """An unknown kernel path name; one-line message."""
 
 

@@ -16,8 +16,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from seqgen.errors import UserError
 
-class TopologyError(Exception):
+
+class TopologyError(UserError):
     """Batch sizes or device counts that do not fit; one-line message."""
 
 

@@ -1,53 +1,26 @@
-"""The trainer's one-line error policy: known errors print `error: ...` and exit 2, never a traceback."""
+"""The trainer's side of the one-line error policy (`seqgen.errors`): what its commands advise after a
+full disk, no memory or an interrupt, as ready decorators.
+
+`one_line_errors` wraps `trainer fit / evaluate / plot / analyze / claims`; `sweep_errors` wraps
+`trainer sweep` and its worker processes (a sweep resumes by being run again, not with --resume).
+"""
 
 from __future__ import annotations
 
-import errno
-import functools
-import sys
-from typing import Any, Callable
+from seqgen.errors import Advice, UserError, error_line, fail
+from seqgen.errors import one_line_errors as _one_line_errors
 
-import click
+__all__ = ["SWEEP", "TRAINER", "UserError", "error_line", "fail", "one_line_errors", "sweep_errors"]
 
+TRAINER = Advice(
+    disk_full="free space, then continue with --resume (complete checkpoints are kept)",
+    out_of_memory="lower --batch-size / eval batch size, or use a machine with more memory",
+)
+SWEEP = Advice(
+    disk_full="free space, then rerun the same command to resume (finished sets and runs are kept)",
+    out_of_memory="lower --jobs, --group or --workers, or use a machine with more memory",
+    interrupted="rerun the same command to resume (finished sets and runs are kept)",
+)
 
-def known_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions whose message is a complete, one-line explanation with the fix."""
-    from seqgen.build import BuildError
-    from seqgen.config import ConfigError
-    from seqgen.lock import LockError
-    from seqgen.omniglot import OmniglotError
-    from seqgen.shards import ShardError
-    from trainer.checkpoint import CheckpointError
-    from trainer.data import DataError
-    from trainer.runtime.distributed import TopologyError
-    from trainer.models import ModelInputError
-    from trainer.models.kernels import KernelPathError
-    from trainer.run import RunError
-
-    return (ConfigError, OmniglotError, BuildError, ShardError, CheckpointError, DataError, TopologyError,
-            ModelInputError, RunError, LockError, KernelPathError)
-
-
-def one_line_errors(fn: Callable) -> Callable:
-    """Decorate a click command: known errors and OSErrors become one line on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except known_errors() as e:
-            fail(str(e))
-        except OSError as e:
-            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            if e.errno == errno.ENOSPC:
-                fail(f"disk full{where}; free space, then continue with --resume (complete checkpoints are kept)")
-            fail(f"{e.strerror or e}{where}")
-        except MemoryError:
-            fail("out of memory; lower --batch-size / eval batch size, or use a machine with more memory")
-
-    return wrapper
-
-
-def fail(message: str) -> None:
-    click.echo(f"error: {message.splitlines()[0] if message else 'failed'}", err=True)
-    sys.exit(2)
+one_line_errors = _one_line_errors(TRAINER)
+sweep_errors = _one_line_errors(SWEEP)

@@ -21,16 +21,16 @@ immediate exit of that process, which closes its collective connections so the o
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import sys
 from typing import Any, Iterator
 
 import numpy as np
 
+from seqgen.files import canonical_sha256
 from trainer.data import BatchStream, ShardSet, eval_batches
 from trainer.runtime.distributed import Topology, TopologyError
+from trainer.runtime.errors import TRAINER, UserError, error_line
 
 
 def host_part(topo: Topology, global_batch: int) -> tuple[int, int]:
@@ -77,8 +77,7 @@ def _gather(topo: Topology, local: np.ndarray) -> np.ndarray:
 
 
 def _digest(value: Any) -> np.ndarray:
-    raw = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).digest()
-    return np.frombuffer(raw, np.uint32)
+    return np.frombuffer(bytes.fromhex(canonical_sha256(value)), np.uint32)
 
 
 def agree(topo: Topology, what: dict[str, Any]) -> None:
@@ -109,7 +108,7 @@ def any_process(topo: Topology, flag: bool) -> bool:
 
 
 @contextlib.contextmanager
-def exit_on_failure(topo: Topology, known: tuple[type[BaseException], ...]) -> Iterator[None]:
+def exit_on_failure(topo: Topology) -> Iterator[None]:
     """Several processes: any error becomes one line `error: ...` and an immediate exit (code 2).
 
     `os._exit` skips `jax.distributed`'s shutdown barrier, which would otherwise wait for (and then abort
@@ -125,9 +124,8 @@ def exit_on_failure(topo: Topology, known: tuple[type[BaseException], ...]) -> I
         raise
     except BaseException as e:  # noqa: BLE001 - every failure must end this process cleanly
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if isinstance(e, known):
-            msg = first
-        else:
+        msg = error_line(e, TRAINER) if isinstance(e, UserError) else None
+        if msg is None:
             msg = (f"process {topo.process_index} of {topo.process_count} failed ({type(e).__name__}: {first[:300]}); "
                    "if another process died first, its log says why; restart every process (with --resume)")
         sys.stdout.flush()

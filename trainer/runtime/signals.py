@@ -14,8 +14,10 @@ Two regimes, both for SIGINT (Ctrl+C) and SIGTERM:
 
 The `trainer` command re-executes itself once (huge pages, `trainer.runtime.hugepages`): SIGINT / SIGTERM are
 blocked across that `execve` (`block_interrupts`), so a signal that arrives then stays pending and is
-delivered by `install_early_exit` in the new process image instead of being lost. Periodic checkpoints
-remain the real guarantee (a SIGKILL gives no warning).
+delivered by `install_early_exit` in the new process image instead of being lost. What remains uncovered
+is the interpreter's own start-up before `install_early_exit` runs (tens of milliseconds; Python's
+defaults apply there: SIGINT raises KeyboardInterrupt, SIGTERM terminates). Periodic checkpoints remain
+the real guarantee (a SIGKILL gives no warning).
 """
 
 from __future__ import annotations
@@ -51,14 +53,16 @@ def set_early_message(text: str) -> None:
 
 
 def install_early_exit() -> None:
-    """Install the early handler for SIGINT and SIGTERM (a SIGINT ignored by the parent, e.g. `nohup`,
-    stays ignored), then unblock both, so that one that arrived during the huge-pages re-execution is
-    delivered now. Main thread only."""
+    """Install the early handler for SIGINT and SIGTERM, then unblock both, so that one that arrived
+    during the huge-pages re-execution is delivered now. Main thread only.
+
+    A SIGINT that the parent set to be ignored (a shell without job control does so for `cmd &`, and the
+    child inherits it) is taken over too, as `GracefulInterrupt` does: otherwise an interrupt sent to the
+    process during start-up would be dropped (the process trains on to the end), while the same interrupt
+    a second later stops it cleanly."""
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in SIGNALS:
-        if signal.getsignal(sig) is signal.SIG_IGN:
-            continue
         signal.signal(sig, _early_handler)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # delivers (and handles) pending ones

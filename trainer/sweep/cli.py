@@ -12,7 +12,7 @@ import click
 
 from seqgen.cliopts import cache_dir_option, omniglot_option
 from seqgen.config import ConfigError
-from trainer.runtime.errors import fail, known_errors
+from trainer.runtime.errors import sweep_errors
 from trainer.sweep.checks import Verdict
 from trainer.sweep.execute import execute
 from trainer.sweep.plan import default_out, describe_plan, make_plan
@@ -66,19 +66,12 @@ def results_folder(sweep: Sweep, out: str | None, results: str | None) -> Path:
 @click.option("--report-only", is_flag=True, help="Rewrite tables and figures from the results folder only.")
 @click.option("--check", is_flag=True,
               help="Print each check's verdict; exit 1 if any is FAIL or PENDING (with --report-only or after a run).")
+@sweep_errors
 def sweep_command(sweep_file, out, results, shards_dir, omniglot_dir, cache_dir, workers, jobs, group, progress,
                   only, dry_run, report_only, check) -> None:
     """Build the shard sets, train every run of SWEEP_FILE, write results.csv/md and figures, check its claims."""
-    try:
-        code = _sweep(sweep_file, out, results, shards_dir, omniglot_dir, cache_dir, workers, jobs, group, progress,
-                      only, dry_run, report_only, check)
-    except (SweepError, *known_errors()) as e:
-        fail(str(e))
-    except OSError as e:
-        fail(f"{e.strerror or e}" + (f" ({e.filename})" if getattr(e, "filename", None) else ""))
-    except KeyboardInterrupt:
-        click.echo("interrupted; rerun the same command to resume (finished sets and runs are kept)", err=True)
-        sys.exit(130)
+    code = _sweep(sweep_file, out, results, shards_dir, omniglot_dir, cache_dir, workers, jobs, group, progress,
+                  only, dry_run, report_only, check)
     if code:
         sys.exit(code)
 

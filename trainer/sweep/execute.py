@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from seqgen.atomic import atomic_copy, atomic_write_text
+from seqgen.atomic import atomic_copy, atomic_write_json
 from trainer.runtime.signals import GracefulInterrupt
 from trainer.sweep.plan import Plan, RunAction, RunPlan, SetAction
 from trainer.sweep.report import record_provenance, write_report
@@ -54,7 +54,7 @@ def _write_plan(plan: Plan, folder: Path) -> None:
                   "eval": [str(e) for e in r.eval_dirs], "trainer": r.spec.trainer.to_dict(),
                   "seqgen": r.spec.train.to_dict()} for r in plan.runs],
     }
-    atomic_write_text(folder / "sweep.json", json.dumps(record, indent=1, sort_keys=True))
+    atomic_write_json(folder / "sweep.json", record)
 
 
 def publish(run_dir: Path, results: Path, name: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from seqgen.atomic import atomic_write_text
-from trainer.runtime.errors import fail, known_errors
+from trainer.runtime.errors import one_line_errors
 from trainer.sweep.checks import CheckResult, Verdict
 from trainer.sweep.report import check_report
 from trainer.sweep.spec import DEFAULT_SHARDS_DIR, Sweep, SweepError, load_sweep
@@ -65,25 +65,21 @@ def replace_block(page: str, block: list[str]) -> str:
               help="Where the sweeps' shard sets are named from (only their names are used).")
 @click.option("--write", "page", type=click.Path(dir_okay=False), default=None,
               help="Replace the claims block of this Markdown page (e.g. docs/results.md).")
+@one_line_errors
 def claims_command(sweep_files, results_root, shards_dir, page) -> None:
     """Print every check of SWEEP_FILES with its verdict, from their committed results folders."""
-    try:
-        items = []
-        for f in sweep_files:
-            sweep = load_sweep(f)
-            folder = Path(results_root) / sweep.name
-            items.append((sweep, folder, check_report(sweep, folder, Path(shards_dir)) if folder.is_dir() else
-                          [CheckResult(c, Verdict.PENDING, {}, {}, f"no results in {folder} yet") for c in sweep.checks]))
-        table = claims_table(items, Path(page).parent if page else Path("."))
-        updated = replace_block(Path(page).read_text(), table) if page else None
-        for line in table:
-            click.echo(line)
-        if page:
-            atomic_write_text(page, updated)
-            click.echo(f"wrote {page}")
-    except (SweepError, *known_errors()) as e:
-        fail(str(e))
-    except OSError as e:
-        fail(f"{e.strerror or e}" + (f" ({e.filename})" if getattr(e, "filename", None) else ""))
+    items = []
+    for f in sweep_files:
+        sweep = load_sweep(f)
+        folder = Path(results_root) / sweep.name
+        items.append((sweep, folder, check_report(sweep, folder, Path(shards_dir)) if folder.is_dir() else
+                      [CheckResult(c, Verdict.PENDING, {}, {}, f"no results in {folder} yet") for c in sweep.checks]))
+    table = claims_table(items, Path(page).parent if page else Path("."))
+    updated = replace_block(Path(page).read_text(), table) if page else None
+    for line in table:
+        click.echo(line)
+    if page:
+        atomic_write_text(page, updated)
+        click.echo(f"wrote {page}")
     verdicts = [c.verdict for _, _, checks in items for c in checks]
     sys.exit(1 if any(v is Verdict.FAIL for v in verdicts) else 0)

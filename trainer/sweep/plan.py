@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 from seqgen.config import BuildConfig, ConfigError, flatten
+from seqgen.files import canonical_sha256
 from trainer.checkpoint import latest_step
 from seqgen.shards import ShardError, read_manifest
 from trainer.evaluate import read_evaluation
@@ -25,7 +24,8 @@ from trainer.sweep.spec import BOOKKEEPING, DEFAULT_SHARDS_DIR, RunSpec, Sweep, 
 
 
 def config_hash(cfg: BuildConfig) -> str:
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    """12 hex digits naming a shard set's folder (`bursty-b07ae1470b2e`): existing folders keep their names."""
+    return canonical_sha256(cfg.to_dict(), spaced=True)[:12]
 
 
 def set_folder(shards_dir: str | Path, cfg: BuildConfig) -> Path:

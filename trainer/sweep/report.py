@@ -26,7 +26,6 @@ import csv
 import dataclasses
 import io
 import json
-import os
 import math
 import platform
 import statistics
@@ -35,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from seqgen.atomic import atomic_write_text, commit
+from seqgen.atomic import atomic_write, atomic_write_json, atomic_write_text
 from trainer.metrics import column_of, icl_ceiling, label_of, metric_key_of
 from trainer.run import RunDir
 from trainer.sweep.checks import CheckResult, Verdict, evaluate_checks
@@ -110,7 +109,7 @@ def record_provenance(results: Path, run_name: str, action: str, wall_s: float, 
     entry["segments"].append({"action": action, "wall_s": round(wall_s, 1), "commit": code_commit(),
                               "hardware": hardware(), "jobs": jobs, "cpus": cpus, "group": group,
                               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    atomic_write_text(path, json.dumps(entry, indent=1, sort_keys=True))
+    atomic_write_json(path, entry)
 
 
 # ---- collection -------------------------------------------------------------------------------------
@@ -342,12 +341,7 @@ def write_markdown(sweep: Sweep, rows: list[Row], checks: list[CheckResult], col
 
 # ---- figures ----------------------------------------------------------------------------------------
 def _save_png(fig: Any, path: Path, dpi: int) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
 def _x_positions(sweep: Sweep) -> tuple[dict[str, float], list[str] | None]:

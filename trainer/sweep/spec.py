@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Any
 
 from seqgen.config import BuildConfig, ConfigError, SeqType, SequenceConfig, load_toml
+from seqgen.errors import UserError
 from trainer.config import TrainConfig
 from trainer.metrics import column_of
 
@@ -94,7 +95,7 @@ BOOKKEEPING = {"training.steps", "training.eval_seqs", "training.eval_every", "t
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class SweepError(Exception):
+class SweepError(UserError):
     """A sweep that cannot proceed as asked (e.g. a run directory from another config); one line."""
 
 

@@ -30,8 +30,9 @@ def _die_with_parent(parent: int) -> None:
 
 def main(argv: list[str]) -> int:
     from trainer.runtime.hugepages import reexec_with_hugepages
-    from trainer.runtime.signals import GracefulInterrupt
+    from trainer.runtime.signals import GracefulInterrupt, install_early_exit
 
+    install_early_exit()  # an interrupt from here on (re-execution included): one line, exit 130
     reexec_with_hugepages()
     order = json.loads(argv[0])
     _die_with_parent(order["parent"])
@@ -43,42 +44,41 @@ def main(argv: list[str]) -> int:
 
 
 def _run(order: dict, stop) -> int:
+    from trainer.runtime.errors import sweep_errors
+
+    return sweep_errors(_train)(order, stop)  # a known error: one line in the log, exit 2
+
+
+def _train(order: dict, stop) -> int:
     from trainer.config import TrainConfig
-    from trainer.runtime.errors import fail, known_errors
 
     runs = order["runs"]
     cfgs = [TrainConfig.from_dict(r["trainer"]) for r in runs]
     common = {"omniglot_dir": order["omniglot_dir"], "cache_dir": order["cache_dir"]}
-    try:
-        if stop.stop_requested:
-            return 130
-        first = runs[0]
-        if first["action"] == "evaluate":
-            from trainer.runtime.distributed import make_topology
-            from trainer.evaluate_cli import evaluate_run
+    if stop.stop_requested:
+        return 130
+    first = runs[0]
+    if first["action"] == "evaluate":
+        from trainer.runtime.distributed import make_topology
+        from trainer.evaluate_cli import evaluate_run
 
-            res = evaluate_run(first["run_dir"], first["evals"], step=first["step"], train_dir=first["train"],
-                               max_seqs=cfgs[0].training.eval_seqs, batch_size=cfgs[0].training.eval_batch_size,
-                               topo=make_topology(), echo=print, interrupt=stop, **common)
-            return 0 if res is not None else 130
-        from trainer.fit import fit
-        from trainer.group import fit_group
+        res = evaluate_run(first["run_dir"], first["evals"], step=first["step"], train_dir=first["train"],
+                           max_seqs=cfgs[0].training.eval_seqs, batch_size=cfgs[0].training.eval_batch_size,
+                           topo=make_topology(), echo=print, interrupt=stop, **common)
+        return 0 if res is not None else 130
+    from trainer.fit import fit
+    from trainer.group import fit_group
 
-        if stop.stop_requested:
-            return 130
-        if len(runs) == 1:
-            results = [fit(cfgs[0], first["train"], first["evals"], first["run_dir"],
-                           resume=first["action"] == "resume", progress=False, interrupt=stop, **common)]
-        else:
-            results = fit_group(cfgs, [r["train"] for r in runs], [r["evals"] for r in runs],
-                                [r["run_dir"] for r in runs], resume=[r["action"] == "resume" for r in runs],
-                                progress=False, interrupt=stop, **common)
-        return 130 if any(r.interrupted for r in results) else 0
-    except known_errors() as e:
-        fail(str(e))
-    except OSError as e:
-        fail(f"{e.strerror or e}" + (f" ({e.filename})" if getattr(e, "filename", None) else ""))
-    return 2
+    if stop.stop_requested:
+        return 130
+    if len(runs) == 1:
+        results = [fit(cfgs[0], first["train"], first["evals"], first["run_dir"],
+                       resume=first["action"] == "resume", progress=False, interrupt=stop, **common)]
+    else:
+        results = fit_group(cfgs, [r["train"] for r in runs], [r["evals"] for r in runs],
+                            [r["run_dir"] for r in runs], resume=[r["action"] == "resume" for r in runs],
+                            progress=False, interrupt=stop, **common)
+    return 130 if any(r.interrupted for r in results) else 0
 
 
 if __name__ == "__main__":
