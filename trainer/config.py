@@ -29,7 +29,7 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-8
     clip_norm: float | None = None  # global-norm gradient clipping; None = off (as the original's update)
-    # Regularisers (beyond the paper; trainer/regularize.py). weight_decay: decoupled, optax.adamw's
+    # Regularisers (beyond the paper; trainer/state.py). weight_decay: decoupled, optax.adamw's
     # update (Loshchilov & Hutter 2019, the decay scaled by the scheduled learning rate); l2: classic L2,
     # (l2 / 2) * ||theta||^2 added to the loss (its gradient goes through Adam). Both act on the arrays
     # that decay_mask selects: "weights" (biases, LayerNorm / BatchNorm scales and offsets excluded) or "all".

@@ -1,9 +1,10 @@
-"""`trainer plot RUN_DIR`: PNGs of ICL, IWL and loss against step, from `metrics.jsonl`.
+"""`trainer plot RUN_DIR`: PNGs of ICL, IWL and loss against step, from the run's `metrics.jsonl` (its evaluation
+store: `trainer.run`; the curve is fit's and --watch's evaluations).
 
-- `plots/icl_iwl.png`: ICL (accuracy_closed on fewshot_holdout sets, chance line at 1/ways, and the ICL
-  ceiling of `trainer.metrics.icl_ceiling`: ways are drawn with replacement) and IWL (accuracy_query on
-  no_support_zipfian sets) with their 95 % intervals as bands; every other eval set's accuracy_closed is
-  drawn thinner.
+- `plots/icl_iwl.png`: the paper's headline numbers (`trainer.metrics.HEADLINES`: ICL = accuracy_closed on
+  fewshot_holdout sets, chance line at 1/ways, and the ICL ceiling of `trainer.metrics.icl_ceiling`: ways
+  are drawn with replacement; IWL = accuracy_query on no_support_zipfian sets) with their 95 % intervals as
+  bands; every other eval set's accuracy_closed is drawn thinner.
 - `plots/loss.png`: training loss (and eval losses) against step, log-scaled steps.
 """
 
@@ -18,11 +19,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from trainer.metrics import icl_ceiling  # noqa: E402
-from trainer.run import RunDir, RunError  # noqa: E402
-
-ICL_SET = "fewshot_holdout"
-IWL_SET = "no_support_zipfian"
+from seqgen.config import SeqType  # noqa: E402
+from trainer.metrics import HEADLINES, icl_ceiling, label_of, metric_key_of  # noqa: E402
+from trainer.run import CURVE_SOURCES, RunDir, RunError  # noqa: E402
 
 
 def _series(run: RunDir):
@@ -32,8 +31,9 @@ def _series(run: RunDir):
         if r.get("kind") == "train":
             for k, v in r["metrics"].items():
                 train[k].append((r["step"], v))
-        elif r.get("kind") == "eval":
-            evals[(r["set"], r["seq_type"])].append((r["step"], r["metrics"]))
+    for e in run.evaluations():
+        if e.source in CURVE_SOURCES:
+            evals[(e.set, e.seq_type)].append((e.step, e.metrics))
     for key in evals:
         by_step = {s: m for s, m in evals[key]}  # a re-evaluated step keeps its latest record
         evals[key] = sorted(by_step.items())
@@ -68,15 +68,14 @@ def _band(ax, points, metric, label, **kw):
 def _plot_accuracy(run: RunDir, evals, ways, ceiling: float | None) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drew = False
+    headline_types = {t.value for t in HEADLINES}
     for (name, seq_type), pts in sorted(evals.items()):
-        if seq_type == ICL_SET:
-            drew |= _band(ax, pts, "accuracy_closed", f"ICL: accuracy_closed, {name}", lw=2)
-        elif seq_type == IWL_SET:
-            drew |= _band(ax, pts, "accuracy_query", f"IWL: accuracy, {name}", lw=2)
+        if seq_type in headline_types:
+            drew |= _band(ax, pts, metric_key_of(seq_type), f"{label_of(seq_type)} ({name})", lw=2)
         else:
             drew |= _band(ax, pts, "accuracy_closed", f"accuracy_closed, {name}", lw=1, alpha=0.7)
     ax.axhline(0.5 if not ways else 1.0 / ways, color="grey", ls=":", lw=1, label="ICL chance")
-    if ceiling is not None and any(seq_type == ICL_SET for _, seq_type in evals):
+    if ceiling is not None and any(seq_type == SeqType.FEWSHOT_HOLDOUT.value for _, seq_type in evals):
         ax.axhline(ceiling, color="tab:blue", ls="--", lw=0.8, alpha=0.6, label=f"ICL ceiling ({ceiling:.2f})")
     ax.set_xlabel("training step")
     ax.set_ylabel("accuracy")
