@@ -31,6 +31,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from seqgen.config import BuildConfig, to_plain
 from trainer import checkpoint
@@ -286,7 +287,7 @@ def _group_loop(jobs: list[TrainingRun], ctx: StepContext, trains: list[ShardSet
         states, metrics = group_step(table, states, to_global(topo, batches, leading=2))
         return metrics
 
-    def log(pending: Pending, bar: Any) -> None:
+    def log(pending: Pending, bar: tqdm | None) -> None:
         host = jax.device_get([m for _, m in pending])
         for r, job in enumerate(jobs):
             job.log([(s, {k: v[:, r] for k, v in m.items()}) for (s, _), m in zip(pending, host)],

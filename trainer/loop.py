@@ -48,7 +48,7 @@ def dispatch_size(step: int, t: TrainingConfig) -> int:
 
 
 def train_loop(t: TrainingConfig, start: int, *, advance: Callable[[int], dict[str, Any]],
-               log: Callable[[Pending, Any], None], evaluate: Callable[[int], bool], save: Callable[[int], None],
+               log: Callable[[Pending, tqdm | None], None], evaluate: Callable[[int], bool], save: Callable[[int], None],
                should_stop: Callable[[], bool], progress: bool | None, desc: str | None = None) -> tuple[int, bool]:
     """Train from `start` to `t.steps`; return (step reached, interrupted).
 
@@ -99,7 +99,7 @@ class TrainingRun:
     evaluator: Evaluator
     topo: Topology
 
-    def log(self, pending: Pending, bar: Any) -> None:
+    def log(self, pending: Pending, bar: tqdm | None) -> None:
         """One record per logging window: metrics averaged over the steps since the last record."""
         host = jax.device_get([m for _, m in pending])
         first, _ = pending[0]

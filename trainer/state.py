@@ -52,9 +52,9 @@ __all__ = ["TrainState", "decay_mask", "decoupled_optimizer", "global_norm", "in
 
 class TrainState(eqx.Module):
     step: jax.Array  # int32 scalar: number of updates applied
-    model: Any
-    bn_state: Any
-    opt_state: Any
+    model: eqx.Module  # trainer.models.Model
+    bn_state: eqx.nn.State
+    opt_state: optax.OptState
     key: jax.Array  # uint32[2] raw key, split once per step
 
 

@@ -1,10 +1,10 @@
 """The jitted train and eval steps.
 
-One jitted call does `steps_per_dispatch` steps (lax.scan over
-stacked batches); each step builds the pixels from integer batches on the device
-(`trainer.images.make_examples`), runs the model, takes the gradient of the original's loss and applies
-Adam (`trainer.state`: the train state and the optimizer). Everything that does not change during a run (configs, label sets, the image table) is closed over
-or passed as the un-donated first argument.
+One jitted call does `steps_per_dispatch` steps (lax.scan over stacked batches); each step builds the
+pixels from integer batches on the device (`trainer.images.make_examples`), runs the model, takes the
+gradient of the original's loss and applies Adam (`trainer.state`: the train state and the optimizer).
+Everything that does not change during a run (configs, label sets, the image table) is closed over or
+passed as the un-donated first argument.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import equinox as eqx
 import jax
