@@ -47,7 +47,7 @@ from trainer.runtime.hugepages import TUNABLE, reexec_with_hugepages  # noqa: E4
 from benchkit import cost_flops  # noqa: E402
 
 
-def host_images(table, batch, set_cfg):
+def finished_images(table, batch, set_cfg):
     """Baseline: the step receives finished float32 images from the host."""
     return batch["images"]
 
@@ -124,7 +124,7 @@ def main() -> None:
             ours_median = float(np.median(per_call))
 
         # ---- baseline --------------------------------------------------------------------------------
-        base_step = make_train_step(ctx, examples=host_images)
+        base_step = make_train_step(ctx, examples=finished_images)
         bstate = replicate(topo, init_state(cfg, shards.num_labels))
         shard_rows = shards.config.shard_size
 
