@@ -24,7 +24,8 @@ from trainer.metrics import HEADLINES, icl_ceiling, label_of, metric_key_of  # n
 from trainer.run import CURVE_SOURCES, RunDir, RunError  # noqa: E402
 
 
-def _series(run: RunDir):
+def series(run: RunDir):
+    """(train metrics {name: [(step, value)]}, curve evaluations {(set, seq_type): [(step, metrics)]}) of a run."""
     train = defaultdict(list)
     evals: dict[tuple[str, str], list[tuple[int, dict]]] = defaultdict(list)
     for r in run.read_metrics():
@@ -43,7 +44,7 @@ def _series(run: RunDir):
 def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     run = RunDir(run_dir)
     run.read()
-    train, evals = _series(run)
+    train, evals = series(run)
     if not train and not evals:
         raise RunError(f"{run.metrics_path} has no metrics yet; train with `trainer fit` first")
     run.plots_dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,8 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     return [_plot_accuracy(run, evals, ways, ceiling), _plot_loss(run, train, evals)]
 
 
-def _band(ax, points, metric, label, **kw):
+def band(ax, points, metric, label, **kw):
+    """Plot `metric`'s mean against step with its 95 % interval as a band; False when no point has it."""
     pts = [(s, m[metric]) for s, m in points if metric in m]
     if not pts:
         return False
@@ -71,9 +73,9 @@ def _plot_accuracy(run: RunDir, evals, ways, ceiling: float | None) -> Path:
     headline_types = {t.value for t in HEADLINES}
     for (name, seq_type), pts in sorted(evals.items()):
         if seq_type in headline_types:
-            drew |= _band(ax, pts, metric_key_of(seq_type), f"{label_of(seq_type)} ({name})", lw=2)
+            drew |= band(ax, pts, metric_key_of(seq_type), f"{label_of(seq_type)} ({name})", lw=2)
         else:
-            drew |= _band(ax, pts, "accuracy_closed", f"accuracy_closed, {name}", lw=1, alpha=0.7)
+            drew |= band(ax, pts, "accuracy_closed", f"accuracy_closed, {name}", lw=1, alpha=0.7)
     ax.axhline(0.5 if not ways else 1.0 / ways, color="grey", ls=":", lw=1, label="ICL chance")
     if ceiling is not None and any(seq_type == SeqType.FEWSHOT_HOLDOUT.value for _, seq_type in evals):
         ax.axhline(ceiling, color="tab:blue", ls="--", lw=0.8, alpha=0.6, label=f"ICL ceiling ({ceiling:.2f})")
