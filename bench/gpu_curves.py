@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 
 def steps(bench_txt: str, seconds: float) -> int:
@@ -19,15 +20,17 @@ def steps(bench_txt: str, seconds: float) -> int:
 
 
 def curves(metrics: str, label: str) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from trainer.metrics import column_of, metric_key_of  # ICL / IWL: the one definition
+
     if not os.path.isfile(metrics):
         print(f"{label}: no metrics.jsonl (the fit failed or ran out of time before its first log)")
         return
     for line in open(metrics):
         r = json.loads(line)
         if r["kind"] == "eval":
-            icl = r["seq_type"] == "fewshot_holdout"
-            m = r["metrics"]["accuracy_closed" if icl else "accuracy_query"]
-            print(f"{label} step {r['step']:>7} {'ICL' if icl else 'IWL'} {m['mean']:.3f} "
+            m = r["metrics"][metric_key_of(r["seq_type"])]
+            print(f"{label} step {r['step']:>7} {column_of(r['seq_type']).upper()} {m['mean']:.3f} "
                   f"[{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] n={m['n']}")
         else:
             print(f"{label} step {r['step']:>7} train loss {r['metrics']['loss']:.3f}")

@@ -34,8 +34,9 @@ from trainer.group import make_group_step, stack_states  # noqa: E402
 from trainer.runtime.hugepages import reexec_with_hugepages  # noqa: E402
 from trainer.models import ModelConfig  # noqa: E402
 from trainer.models.kernels import kernel_path  # noqa: E402
-from trainer.session import device_table  # noqa: E402
-from trainer.step import StepContext, init_state, make_train_step  # noqa: E402
+from trainer.images import device_table  # noqa: E402
+from trainer.state import init_state  # noqa: E402
+from trainer.step import StepContext, make_train_step  # noqa: E402
 
 
 def main() -> None:

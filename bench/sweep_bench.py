@@ -47,8 +47,9 @@ def worker(args: argparse.Namespace) -> None:
     from trainer.data import BatchStream, open_shard_set
     from trainer.runtime.distributed import make_topology, replicate
     from trainer.group import make_group_step, stack_states
-    from trainer.session import device_table
-    from trainer.step import StepContext, init_state, make_train_step
+    from trainer.images import device_table
+    from trainer.state import init_state
+    from trainer.step import StepContext, make_train_step
 
     seeds = [int(s) for s in args.seeds.split(",")]
     base = train_config_from_toml(load_toml(args.config))

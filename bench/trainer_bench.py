@@ -38,19 +38,18 @@ from trainer.config import TrainConfig, TrainingConfig  # noqa: E402
 from trainer.data import BatchStream, open_shard_set  # noqa: E402
 from trainer.images import GRAY_LUT, resize_matrix  # noqa: E402
 from trainer.models import ModelConfig  # noqa: E402
-from trainer.session import device_table  # noqa: E402
+from trainer.images import device_table  # noqa: E402
 from trainer.runtime.distributed import make_topology, replicate  # noqa: E402
-from trainer.step import StepContext, init_state, make_train_step  # noqa: E402
+from trainer.state import init_state  # noqa: E402
+from trainer.step import StepContext, make_train_step  # noqa: E402
 from trainer.runtime.hugepages import TUNABLE, reexec_with_hugepages  # noqa: E402
 
 from benchkit import cost_flops  # noqa: E402
 
 
-class HostImages(StepContext):
+def finished_images(table, batch, set_cfg):
     """Baseline: the step receives finished float32 images from the host."""
-
-    def examples(self, table, batch, set_cfg):
-        return batch["images"]
+    return batch["images"]
 
 
 def _flops_per_step(ctx, table, state, batches) -> float:
@@ -125,7 +124,7 @@ def main() -> None:
             ours_median = float(np.median(per_call))
 
         # ---- baseline --------------------------------------------------------------------------------
-        base_step = make_train_step(HostImages(cfg, shards.config, ctx.label_sets))
+        base_step = make_train_step(ctx, examples=finished_images)
         bstate = replicate(topo, init_state(cfg, shards.num_labels))
         shard_rows = shards.config.shard_size
 

@@ -81,7 +81,7 @@ def _install_trace(root: Path, trace: list) -> None:
     shutil.rmtree = wrap("rmtree", shutil.rmtree, "write")
 
     import trainer.fit
-    import trainer.evaluate_cli
+    import trainer.evaluate
     import trainer.runtime.multihost
 
     real_agree = trainer.runtime.multihost.agree
@@ -90,7 +90,7 @@ def _install_trace(root: Path, trace: list) -> None:
         trace.append(["agree", ""])
         return real_agree(*a, **k)
 
-    trainer.fit.agree = trainer.evaluate_cli.agree = agree
+    trainer.fit.agree = trainer.evaluate.agree = agree
 
 
 def _run_task(task: dict, pid: int, trace: list) -> dict:
@@ -111,7 +111,7 @@ def _run_task(task: dict, pid: int, trace: list) -> dict:
         if task["kind"] == "fit":
             return {"ok": True, **_fit(cfg, mine.get("train", task["train"]), task["eval"], task["run"],
                                        task.get("resume", False), topo)}
-        from trainer.evaluate_cli import evaluate_run
+        from trainer.evaluate import evaluate_run
 
         results = evaluate_run(task["run"], task["eval"], step=task["step"], train_dir=None,
                                max_seqs=task["max_seqs"], batch_size=task["batch_size"], omniglot_dir=None,

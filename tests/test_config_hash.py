@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from seqgen.config import BuildConfig, SeqType
 from seqgen.files import canonical_sha256
 from seqgen.shards import canonical_sha256 as shards_hash
-from trainer.session import manifest_fingerprint
+from trainer.data import manifest_fingerprint
 from trainer.sweep.plan import config_hash, set_folder
 
 OBJ = {"b": [1, 2.5, None, True], "a": {"z": "é", "y": 0}}
@@ -21,7 +21,7 @@ def test_the_build_id_hash_is_unchanged():  # seqgen.shards.canonical_sha256 (bu
     assert canonical_sha256(OBJ) == "c595c61f41578ad8c03f781b9ab44e48e3189159333bc7d6eab20a41cfe186f8"
 
 
-def test_the_manifest_fingerprint_is_unchanged():  # trainer.session.manifest_fingerprint (config.json)
+def test_the_manifest_fingerprint_is_unchanged():  # trainer.data.manifest_fingerprint (config.json)
     assert manifest_fingerprint(SimpleNamespace(manifest=OBJ)) == \
         "f87712b00b6c89dc652bd4c84c8f2926969b3f0f1fa379a0395e433e3bd71235"
 

@@ -18,7 +18,7 @@ from tests.naive import naive_generate
 from tests.trainkit import DATASET, SPLIT, symbolic_set, tiny_config
 from trainer.config import with_overrides
 from trainer.runtime.distributed import make_topology
-from trainer.evaluate_cli import evaluate_run
+from trainer.evaluate import evaluate_run
 from trainer.fit import fit
 from trainer.images import make_examples, prepare_table
 from trainer.run import RunDir

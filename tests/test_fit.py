@@ -14,13 +14,13 @@ from dataclasses import replace
 from tests.trainkit import SPLIT, paper_like_sets, symbolic_set, tiny_config
 from trainer import checkpoint
 from trainer.data import DataError
-from trainer.evaluate_cli import evaluate_run
+from trainer.evaluate import evaluate_run
 from trainer.fit import fit
 from trainer.runtime.distributed import make_topology
 from trainer.plots import plot_run
 from trainer.run import RunDir, RunError
 from trainer.runtime.signals import GracefulInterrupt
-from trainer.step import learning_rate, state_skeleton
+from trainer.state import learning_rate, state_skeleton
 from trainer.config import OptimizerConfig
 
 
@@ -59,7 +59,7 @@ def _as_format_1(state, cfg):
     """The same state in checkpoint format 1: the optimizer's flat mu / nu vectors cut back into one array
     per parameter array (the layout before the flat optimizer)."""
     import equinox as eqx
-    from trainer.step import _per_array_optimizer
+    from trainer.state import _per_array_optimizer
 
     params = eqx.filter(state.model, eqx.is_inexact_array)
     leaves, treedef = jax.tree_util.tree_flatten(params)

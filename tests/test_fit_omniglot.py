@@ -20,11 +20,11 @@ from trainer import checkpoint
 from trainer.config import OptimizerConfig, TrainConfig, TrainingConfig
 from trainer.data import DataError
 from trainer.runtime.distributed import make_topology
-from trainer.evaluate_cli import watch_run
+from trainer.evaluate import watch_run
 from trainer.fit import fit
 from trainer.models import ModelConfig
 from trainer.run import RunDir
-from trainer.step import state_skeleton
+from trainer.state import state_skeleton
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

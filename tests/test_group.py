@@ -18,12 +18,12 @@ from seqgen.config import SeqType
 from tests.trainkit import paper_like_sets, symbolic_set, tiny_config
 from trainer import checkpoint
 from trainer.runtime.distributed import make_topology
-from trainer.evaluate_cli import evaluate_run
+from trainer.evaluate import evaluate_run
 from trainer.fit import fit
 from trainer.group import GroupError, fit_group, plan_groups, stack_states, unstack_state
 from trainer.models import ExampleEncoding, ModelConfig, forward, make_model
 from trainer.run import RunDir
-from trainer.step import state_skeleton
+from trainer.state import state_skeleton
 
 # Tolerance of a run trained in a group against the same run alone: the vmapped (batched) matmuls sum in
 # another order, so results differ by float32 round-off (measured: max |difference| < 1e-6 after 10 steps).

@@ -18,8 +18,7 @@ from tests.trainkit import symbolic_set
 from trainer import checkpoint
 from trainer.cli import main as trainer_main
 from trainer.data import DataError, open_shard_set
-from trainer.evaluate import read_evaluation, write_evaluation
-from trainer.run import RunDir, RunError
+from trainer.run import Evaluation, RunDir, RunError, read_evaluation
 
 BAD_JSON = {"array": "[]", "empty object": "{}", "binary": b"\xff\xd8\xff\x00\x01", "nan": '{"step": NaN}'}
 
@@ -141,11 +140,12 @@ def test_an_evaluation_file_of_the_wrong_shape_is_one_line(tmp_path):
 
 def test_each_evaluate_keeps_the_other_sets_of_a_step(tmp_path):
     path = tmp_path / "evaluations" / "step-5.json"
+    run = RunDir(tmp_path)
     summary = {"accuracy_closed": {"mean": 0.5, "ci95": [0.4, 0.6], "n": 10}}
-    write_evaluation(path, 5, [("icl", "fewshot_holdout", summary)], {"max_seqs": None, "source": "evaluate"})
-    write_evaluation(path, 5, [("iwl", "no_support_zipfian", summary)], {"max_seqs": 7, "source": "evaluate"})
+    run.record_evaluation(Evaluation(5, "icl", "fewshot_holdout", "evaluate", summary, None))
+    run.record_evaluation(Evaluation(5, "iwl", "no_support_zipfian", "evaluate", summary, 7))
     newer = {"accuracy_closed": {"mean": 0.9, "ci95": [0.8, 1.0], "n": 10}}
-    write_evaluation(path, 5, [("icl", "fewshot_holdout", newer)], {"max_seqs": None, "source": "watch"})
+    run.record_evaluation(Evaluation(5, "icl", "fewshot_holdout", "watch", newer, None))
     sets = {s["set"]: s for s in read_evaluation(path)["sets"]}
     assert set(sets) == {"icl", "iwl"}
     assert sets["icl"]["metrics"] == newer and sets["icl"]["source"] == "watch"

@@ -1,4 +1,5 @@
-"""trainer.metrics: every metric against hand-computed tiny cases, polysemy branches, label sets, intervals."""
+"""trainer.metrics: every metric against hand-computed tiny cases, polysemy branches, label sets, intervals,
+and the evaluation's reduction (masked sums over valid sequences -> summary -> the ICL / IWL headline)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 from seqgen.config import (BuildConfig, DatasetConfig, ExampleType, Labeling, SeqType, SequenceConfig,
                            SplitConfig)
 from seqgen.split import make_split
-from trainer.metrics import (METRICS, LabelSets, MetricsError, batch_sums, chance_level, headline,
-                             per_sequence_metrics, summarize, training_loss)
+from trainer.metrics import (METRICS, LabelSets, MetricsError, headline, masked_sums, per_sequence_metrics,
+                             summarize)
 
 LN = np.log
 # 6 labels: rare {0,1,2,3}, common {4,5}; ways 2.  L = 3 examples -> T = 5 positions.
@@ -73,8 +74,8 @@ def test_interim_weighting_by_hand():
     np.testing.assert_allclose(m["loss_interim"], [0.25 * LN(6)] * 2, rtol=1e-5)
     # interim predictions are 0 (uniform logits): seq 0 targets (1, 0) -> 1/2, seq 1 targets (0, 5) -> 1/2
     np.testing.assert_allclose(m["accuracy_interim"], [0.5, 0.5])
-    np.testing.assert_allclose(training_loss(LOGITS, jnp.asarray(TARGETS), 0.5), m["loss"].mean(), rtol=1e-5)
-    np.testing.assert_allclose(training_loss(LOGITS, jnp.asarray(TARGETS)), (LN(5) + LN(8 / 3)) / 2, rtol=1e-5)
+    # the training loss is the batch mean of "loss" (trainer.step); query only: the mean of the query losses
+    np.testing.assert_allclose(_m(SeqType.FEWSHOT_HOLDOUT)["loss"].mean(), (LN(5) + LN(8 / 3)) / 2, rtol=1e-5)
 
 
 @pytest.mark.parametrize("seq_type, closed", [
@@ -161,12 +162,37 @@ def test_label_sets_default_and_original():
 
 
 # ---- aggregation and intervals --------------------------------------------------------------------
-def test_batch_sums_respects_valid_mask():
-    per = {"accuracy_query": jnp.array([1.0, 0.0, 1.0]), "loss": jnp.array([1.0, 2.0, 3.0])}
-    sums, sq = batch_sums(per, jnp.array([True, True, False]))
-    assert float(sums["accuracy_query"]) == 1.0 and float(sums["loss"]) == 3.0 and float(sq["loss"]) == 5.0
-    sums, _ = batch_sums(per)
-    assert float(sums["loss"]) == 6.0
+def test_masked_sums_count_only_valid_sequences():
+    per = {"accuracy_query": jnp.array([1.0, 0.0, 1.0]), "loss": jnp.array([1.0, 2.0, 3.0]),
+           "flag": jnp.array([True, False, True])}  # any dtype: summed as float32
+    sums, sq, n = masked_sums(per, jnp.array([1.0, 1.0, 0.0]))
+    assert {k: float(v) for k, v in sums.items()} == {"accuracy_query": 1.0, "loss": 3.0, "flag": 1.0}
+    assert float(sq["loss"]) == 5.0 and float(sq["accuracy_query"]) == 1.0 and float(n) == 2.0
+    sums, sq, n = masked_sums(per, jnp.ones(3))
+    assert float(sums["loss"]) == 6.0 and float(sq["loss"]) == 14.0 and float(n) == 3.0
+
+
+def test_evaluation_of_hand_made_logits_end_to_end():
+    """per-sequence metrics of hand-made logits -> masked sums (the 2nd sequence is padding) -> summary ->
+    headline: the numbers `trainer evaluate` prints and records."""
+    logits = _logits([[1, 2, 1, 4, 1, 1],   # open pred 3 (wrong: target 1); among {0, 1}: 1 (right)
+                      [1, 1, 1, 1, 1, 3],   # padding: must not count
+                      [9, 1, 1, 1, 1, 1]])  # open pred 0 (right: target 0); among {0, 1}: 0 (right)
+    targets = jnp.asarray(np.array([[1, 0, 0, 0, 1], [0, 0, 5, 0, 5], [0, 0, 1, 0, 0]]))
+    per = per_sequence_metrics(logits, targets, SETS, SeqType.FEWSHOT_HOLDOUT)
+    sums, sq, n = masked_sums(per, jnp.array([1.0, 0.0, 1.0]))
+    assert float(n) == 2.0
+    summary = summarize({k: float(v) for k, v in sums.items()}, {k: float(v) for k, v in sq.items()}, int(n))
+    assert summary["accuracy_closed"]["mean"] == 1.0 and summary["accuracy_query"]["mean"] == 0.5
+    assert summary["accuracy_closed"]["n"] == summary["accuracy_query"]["n"] == 2
+    np.testing.assert_allclose(summary["loss"]["mean"], (LN(5) + LN(14 / 9)) / 2, rtol=1e-5)
+    lo, hi = summary["accuracy_closed"]["ci95"]
+    assert hi == 1.0 and round(lo, 4) == 0.3424  # Wilson 2/2
+    assert headline(SeqType.FEWSHOT_HOLDOUT, summary) == \
+        f"ICL (accuracy_closed on fewshot_holdout) = 1.000 [{lo:.3f}, 1.000]"
+    lo, hi = summary["accuracy_query"]["ci95"]
+    assert headline("no_support_zipfian", summary) == \
+        f"IWL (accuracy on no_support_zipfian) = 0.500 [{lo:.3f}, {hi:.3f}]"
 
 
 def test_summarize_wilson_and_normal():
@@ -185,11 +211,14 @@ def test_summarize_wilson_and_normal():
         summarize({"loss": 0.0}, {"loss": 0.0}, 0)
 
 
-def test_headlines_and_chance():
-    assert headline(SeqType.FEWSHOT_HOLDOUT) == ("icl", "accuracy_closed")
-    assert headline(SeqType.NO_SUPPORT_ZIPFIAN) == ("iwl", "accuracy_query")
-    assert headline(SeqType.BURSTY) is None
-    assert chance_level(SeqType.FEWSHOT_HOLDOUT, SETS) == 0.5 and chance_level(SeqType.BURSTY, SETS) is None
+def test_headline_names_only_the_papers_two_numbers():
+    s = {"accuracy_closed": {"mean": 0.8125, "ci95": [0.75, 0.875], "n": 64},
+         "accuracy_query": {"mean": 0.25, "ci95": [0.1, 0.4], "n": 64}}
+    assert headline(SeqType.FEWSHOT_HOLDOUT, s) == "ICL (accuracy_closed on fewshot_holdout) = 0.812 [0.750, 0.875]"
+    assert headline(SeqType.NO_SUPPORT_ZIPFIAN, s) == "IWL (accuracy on no_support_zipfian) = 0.250 [0.100, 0.400]"
+    assert headline(SeqType.BURSTY, s) is None and headline(SeqType.FEWSHOT_COMMON, s) is None
+    assert headline("no_support_common", s) is None and headline("not a type", s) is None
+    assert headline(SeqType.FEWSHOT_HOLDOUT, {"accuracy_query": s["accuracy_query"]}) is None
 
 
 def test_icl_ceiling_formula_and_the_generator():

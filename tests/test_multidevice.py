@@ -23,7 +23,7 @@ import pytest
 from tests.trainkit import tiny_config
 from trainer import checkpoint
 from trainer.run import RunDir
-from trainer.step import state_skeleton
+from trainer.state import state_skeleton
 
 ROOT = Path(__file__).resolve().parents[1]
 

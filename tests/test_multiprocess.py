@@ -33,7 +33,7 @@ from seqgen.config import SeqType
 from trainer import checkpoint
 from trainer.runtime.distributed import make_topology
 from trainer.run import RunDir
-from trainer.step import state_skeleton
+from trainer.state import state_skeleton
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 600  # seconds: bound of every launch (a hang fails the test instead of blocking CI)
@@ -204,7 +204,7 @@ def test_two_processes_evaluate_like_one(job, tmp_path):
     # fit's own evaluations (steps 4 and 8, 40 sequences in padded batches of 16)
     _assert_same_metrics(_eval_metrics(_records(runs / "two-proc", "eval")), _eval_metrics(_records(runs / "one", "eval")))
     # `trainer evaluate` of the same checkpoint on 2 processes and on 1
-    from trainer.evaluate_cli import evaluate_run
+    from trainer.evaluate import evaluate_run
 
     here = evaluate_run(runs / "one", job["evals"], step=8, train_dir=None, max_seqs=40, batch_size=16,
                         omniglot_dir=None, cache_dir=None, topo=make_topology(), echo=lambda s: None)

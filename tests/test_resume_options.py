@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from tests.trainkit import paper_like_sets, tiny_config
 from trainer import checkpoint
-from trainer import fit as fit_module
+from trainer import evaluate as evaluate_module
 from trainer.cli import main
 from trainer.config import with_overrides
 from trainer.fit import fit
@@ -44,7 +44,7 @@ class _Flag(GracefulInterrupt):
 def _interrupt_during_evaluation(monkeypatch, stop: _Flag, nth: int = 1) -> None:
     """Raise `stop` when fit starts its nth evaluation of a set: that evaluation is cut short."""
     calls = {"n": 0}
-    real = fit_module.evaluate_set
+    real = evaluate_module.evaluate_set
 
     def evaluate_set(*args, **kwargs):
         calls["n"] += 1
@@ -52,7 +52,7 @@ def _interrupt_during_evaluation(monkeypatch, stop: _Flag, nth: int = 1) -> None
             stop.raised = True
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fit_module, "evaluate_set", evaluate_set)
+    monkeypatch.setattr(evaluate_module, "evaluate_set", evaluate_set)
 
 
 def _evals(run_dir) -> list[tuple[int, str, dict]]:

@@ -22,7 +22,7 @@ from seqgen.config import SeqType
 from tests.trainkit import symbolic_set
 from trainer import checkpoint
 from trainer.config import TrainConfig
-from trainer.step import state_skeleton
+from trainer.state import state_skeleton
 
 REPO = Path(__file__).resolve().parents[1]
 TOML = """

@@ -15,11 +15,12 @@ from seqgen.config import ConfigError, SeqType
 from tests.trainkit import symbolic_set, tiny_config
 from trainer import checkpoint
 from trainer.config import OptimizerConfig, TrainConfig, TrainingConfig
-from trainer.fit import _dispatch_size, fit
-from trainer.regularize import decay_mask, decoupled_optimizer, global_norm, l2_penalty
+from trainer.fit import fit
+from trainer.loop import dispatch_size
+from trainer.state import decay_mask, decoupled_optimizer, global_norm, l2_penalty
 from trainer.run import RunDir
 from trainer.schedule import ScheduleKind, StepSchedule, log_steps
-from trainer.step import learning_rate, make_optimizer
+from trainer.state import learning_rate, make_optimizer
 
 
 # ---- schedules -----------------------------------------------------------------------------------
@@ -55,7 +56,7 @@ def test_dispatches_never_jump_over_a_scheduled_step():
     due = set(StepSchedule.of(t, "eval").all_steps()) | {37, 111, 200} | set(range(50, 201, 50))
     step, reached = 0, set()
     while step < t.steps:
-        step += _dispatch_size(step, t)
+        step += dispatch_size(step, t)
         reached.add(step)
     assert due <= reached
 

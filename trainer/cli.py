@@ -126,7 +126,7 @@ def evaluate(eval_dirs, run_dir, step, train_dir, max_seqs, batch_size, watch, p
              devices, distributed, coordinator, num_processes, process_id, init_timeout, heartbeat_timeout) -> None:
     """Evaluate a run's checkpoint on EVAL_DIRS: a table on stdout, JSON in RUN_DIR/evaluations/."""
     from trainer.runtime.distributed import initialize, make_topology
-    from trainer.evaluate_cli import evaluate_run, watch_run
+    from trainer.evaluate import evaluate_run, watch_run
     from trainer.runtime.multihost import exit_on_failure
 
     from trainer.runtime.signals import GracefulInterrupt, set_early_message

@@ -32,7 +32,7 @@ class OptimizerConfig:
     b2: float = documented(0.999, "Adam's b2.")
     eps: float = documented(1e-8, "Adam's eps.")
     clip_norm: float | None = documented(None, "Global-norm gradient clipping (none: off, as the original's update).")
-    # Regularisers (beyond the paper; trainer/regularize.py and docs/analysis.md)
+    # Regularisers (beyond the paper; trainer/state.py and docs/analysis.md)
     weight_decay: float = documented(
         0.0, "Decoupled weight decay, optax.adamw's (Loshchilov & Hutter 2019: scaled by the scheduled learning "
         "rate), on the arrays decay_mask selects.")

@@ -6,8 +6,10 @@ checks (with seqgen's own manifest reader) the format version and the manifest's
 class split is the one its config produces, that every shard is there with the advertised rows, shapes,
 dtypes and attributes (a swapped shard names another index), and reads the `seqgen.config.BuildConfig`
 back. The reader checks each shard's sha256 against the manifest when it first reads it, and the value
-ranges of every block it reads (class ids, labels, exemplars, is_rare), refusing with one line. `check_compatible` refuses an evaluation set whose class
-split, label space, dataset options or image table differ from the training set's.
+ranges of every block it reads (class ids, labels, exemplars, is_rare), refusing with one line.
+`check_compatible` refuses an evaluation set whose class split, label space, dataset options or image
+table differ from the training set's (`open_sets`: a run's training and eval sets, checked);
+`data_record` is what a run records of its sets (paths, manifest fingerprints).
 
 Data order is a pure function of (shard set, batch size, step), as in Grain / Levanter: batch `k` is rows
 `(k*B + j) mod num_seqs`, `j < B`, of the concatenated set (epochs repeat in the same order; the order was
@@ -29,11 +31,12 @@ arrays only; pixels are made on the device (`trainer.images`):
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -41,10 +44,11 @@ import numpy as np
 from seqgen import shards as fmt
 from seqgen.config import BuildConfig, ConfigError
 from seqgen.errors import UserError
+from seqgen.files import canonical_sha256
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "BatchStream", "DataError", "ShardInfo", "ShardSet",
-    "check_compatible", "eval_batches", "open_shard_set",
+    "check_compatible", "data_record", "eval_batches", "manifest_fingerprint", "open_sets", "open_shard_set",
 ]
 
 FORMAT, FORMAT_VERSION, MANIFEST = fmt.FORMAT, fmt.FORMAT_VERSION, fmt.MANIFEST  # seqgen's own format
@@ -83,10 +87,6 @@ class ShardSet:
     def shards(self) -> tuple[ShardInfo, ...]:
         return tuple(ShardInfo(s["file"], int(s["start"]), int(s["rows"]), str(s.get("sha256", "")))
                      for s in self.manifest["shards"])
-
-    @property
-    def has_noise_seed(self) -> bool:
-        return self.config.needs_noise_seed
 
     def verify_shard(self, info: ShardInfo) -> None:
         """Check the shard file's sha256 against the manifest, once per process (DataError when it differs).
@@ -201,6 +201,39 @@ def check_compatible(train: ShardSet, other: ShardSet) -> None:
                             f"rebuild it with the training set's options ({fix})")
 
 
+def open_sets(train_path: str | os.PathLike, eval_paths: Sequence[str | os.PathLike]) -> tuple[ShardSet, list[ShardSet]]:
+    """The training set and the eval sets of a run, each validated and checked against the training set."""
+    train = open_shard_set(train_path)
+    evals = [open_shard_set(p) for p in eval_paths]
+    for e in evals:
+        check_compatible(train, e)
+    return train, evals
+
+
+def manifest_fingerprint(s: ShardSet) -> str:
+    """sha256 of the manifest (which lists every shard's sha256): identifies a shard set's content."""
+    return canonical_sha256(s.manifest, spaced=True)  # the form stored in every run's config.json
+
+
+def data_record(train: ShardSet, evals: Sequence[ShardSet]) -> dict[str, Any]:
+    """Paths and fingerprints of a run's shard sets, saved in config.json and checkpoints."""
+
+    def one(s: ShardSet) -> dict[str, Any]:
+        return {
+            "path": str(Path(s.path).resolve()),
+            "seq_type": s.config.seq_type.value,
+            "fingerprint": manifest_fingerprint(s),
+        }
+
+    return {
+        "train": one(train),
+        "eval": [one(e) for e in evals],
+        "num_labels": train.num_labels,
+        "ways": train.config.sequence.ways,
+        "n_holdout": train.config.split.n_holdout_classes,
+    }
+
+
 # ---- reading rows ------------------------------------------------------------------------------
 class _RowReader:
     """Rows of a shard set by global index, read in contiguous blocks kept in a small LRU cache."""
@@ -309,11 +342,6 @@ class BatchStream:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="BatchStream", daemon=True)
         self._thread.start()
-
-    def batch_rows(self, k: int) -> np.ndarray:
-        """Global row indices of this host's part of batch k (for inspection and tests)."""
-        return (k * self.batch_size + self.offset + np.arange(self.local_batch_size, dtype=np.int64)) % \
-            self.shard_set.num_seqs
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():

@@ -3,8 +3,8 @@
 The runs' train states are stacked along a leading run axis and `trainer.step.make_one_step` is vmapped
 over it: each run keeps its own key, BatchNorm state (the statistics are reductions over the run's own
 batch, so vmap keeps them per run), optimizer state and data stream (one `BatchStream` per run; each
-dispatch gathers the K batches of every run into one [K, R, B, ...] array). The loop is `trainer.fit`'s
-(same dispatch sizes, logging windows, evaluations and checkpoints), and every run writes its own ordinary
+dispatch gathers the K batches of every run into one [K, R, B, ...] array). The loop is `trainer.loop`'s, as
+`trainer fit`'s (same dispatch sizes, logging windows, evaluations and checkpoints), and every run writes its own ordinary
 run directory: `config.json`, `metrics.jsonl`, `checkpoints/step-N` in the format `trainer fit` writes,
 evaluations. So `trainer evaluate`, the reports and `trainer fit --resume` work on a run of a group
 unchanged, and a group resumes from per-run checkpoints at the same step (written by a group or by fit).
@@ -20,11 +20,12 @@ partitions a list of runs by it (and, when resuming, by the step each run resume
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import equinox as eqx
 import jax
@@ -32,21 +33,22 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from seqgen.config import BuildConfig
+from seqgen.config import BuildConfig, to_plain
 from trainer import checkpoint
 from trainer.config import TrainConfig
-from trainer.data import BatchStream, ShardSet, open_shard_set
+from trainer.data import BatchStream, ShardSet, data_record, open_sets, open_shard_set
+from trainer.evaluate import Evaluator
+from trainer.fit import fit
+from trainer.images import device_table
+from trainer.loop import FitResult, Pending, TrainingRun, train_loop
+from trainer.resume import owed_evaluations, prepare_run, resume_step, resumed_config
+from trainer.run import RunDir, RunError, run_lock
 from trainer.runtime.distributed import Topology, make_topology, replicate, to_global
-from trainer.fit import (FitResult, _dispatch_size, _evaluate, _flush_train_metrics, _prepare_run,
-                         _redo_evaluations, _resume_step, _save, fit)
-from trainer.evaluate import set_name
-from trainer.resume import owed_evaluations, resumed_config
-from trainer.run import run_lock
-from trainer.schedule import StepSchedule
-from trainer.run import RunDir, RunError
-from trainer.session import Session, data_record, device_table, open_sets, restore
 from trainer.runtime.signals import GracefulInterrupt
-from trainer.step import StepContext, TrainState, init_state, make_eval_step, make_one_step
+from trainer.state import TrainState, init_state, restore
+from trainer.step import StepContext, make_one_step
+
+PathLike = str | os.PathLike
 
 __all__ = ["GroupError", "fit_group", "group_key", "make_group_step", "plan_groups", "stack_states",
            "unstack_state"]
@@ -84,10 +86,6 @@ def group_key(cfg: TrainConfig, train: ShardSet) -> str:
 
 
 def _plain(cfg: BuildConfig) -> Any:
-    import dataclasses
-
-    from seqgen.config import to_plain
-
     return to_plain(dataclasses.asdict(cfg))
 
 
@@ -96,7 +94,7 @@ def _resolved(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool) -> tup
     it starts at."""
     run = RunDir(run_dir)
     if resume:
-        start = _resume_step(run)
+        start = resume_step(run)
         return resumed_config(run.train_config(), cfg.validate(), start, run.path, strict=False)[0], start
     return cfg.validate(), 0
 
@@ -157,7 +155,7 @@ def unstack_state(stacked: TrainState, i: int) -> TrainState:
     return eqx.combine(jax.tree_util.tree_map(lambda x: x[i], arrays), static)
 
 
-def make_group_step(ctx: StepContext):
+def make_group_step(ctx: StepContext) -> Callable:
     """`step(table, states, batches) -> (states, metrics)`: states stacked along a run axis R, batches
     [K, R, B, ...], metrics [K, R]; K steps of every run in one jitted call (scan of the vmapped step)."""
     one_step = make_one_step(ctx)
@@ -179,13 +177,13 @@ def make_group_step(ctx: StepContext):
 
 def fit_group(
     cfgs: Sequence[TrainConfig],
-    train_paths: Sequence[str | os.PathLike],
-    eval_paths: Sequence[Sequence[str | os.PathLike]],
-    run_dirs: Sequence[str | os.PathLike],
+    train_paths: Sequence[PathLike],
+    eval_paths: Sequence[Sequence[PathLike]],
+    run_dirs: Sequence[PathLike],
     *,
     resume: bool | Sequence[bool] = False,
-    omniglot_dir: Any = None,
-    cache_dir: Any = "data/cache",
+    omniglot_dir: PathLike | None = None,
+    cache_dir: PathLike | None = "data/cache",
     topo: Topology | None = None,
     progress: bool | None = None,
     interrupt: GracefulInterrupt | None = None,
@@ -213,8 +211,9 @@ def fit_group(
                           interrupt)
 
 
-def _fit_group(cfgs, train_paths, eval_paths, runs: list[RunDir], flags: list[bool], omniglot_dir, cache_dir,
-               topo: Topology, progress, interrupt) -> list[FitResult]:
+def _fit_group(cfgs: Sequence[TrainConfig], train_paths: Sequence[PathLike], eval_paths: Sequence[Sequence[PathLike]],
+               runs: list[RunDir], flags: list[bool], omniglot_dir: PathLike | None, cache_dir: PathLike | None,
+               topo: Topology, progress: bool | None, interrupt: GracefulInterrupt | None) -> list[FitResult]:
     n = len(runs)
     resolved = [_resolved(c, r.path, f) for c, r, f in zip(cfgs, runs, flags)]
     cfgs = [c for c, _ in resolved]
@@ -227,108 +226,87 @@ def _fit_group(cfgs, train_paths, eval_paths, runs: list[RunDir], flags: list[bo
             raise GroupError(f"runs {runs[0].path} and {runs[i].path} differ in more than the seed and the "
                              "sequence draw, so they cannot share a vectorized step; group them with plan_groups")
     records = [data_record(train, evals) for train, evals in opened]
-    for r, c, f, rec in zip(runs, cfgs, flags, records):
-        _prepare_run(r, c, f, rec)
+    for r, f, rec in zip(runs, flags, records):
+        prepare_run(r, f, rec)
     if len({s or 0 for s in starts}) != 1:
         listed = ", ".join(f"{r.path}: {s or 0}" for r, s in zip(runs, starts))
         raise GroupError(f"the runs resume from different steps ({listed}); group runs at the same step "
                          "(plan_groups) or resume them one by one with trainer fit --resume")
-    table = device_table(opened[0][0], cfgs[0].training.image_size, topo, omniglot_dir, cache_dir)
-    sessions = [Session(c, train, evals, topo, table, StepContext.create(c, train.config))
-                for c, (train, evals) in zip(cfgs, opened)]
+    t = cfgs[0].training
+    table = device_table(opened[0][0], t.image_size, topo, omniglot_dir, cache_dir)
     num_classes = opened[0][0].num_labels
+    ctxs = [StepContext.create(c, train.config) for c, (train, _) in zip(cfgs, opened)]
+    # One compiled evaluation per evaluation set: the step context differs between runs only in what
+    # evaluation does not read (the seed, the training set's draw options).
+    compiled: dict[str, Callable] = {}
+    jobs = [TrainingRun(run, cfg, num_classes, rec,
+                        Evaluator.create(ctx, evals, table, topo, max_seqs=t.eval_seqs, batch_size=t.eval_batch_size,
+                                         compiled=compiled), topo)
+            for run, cfg, ctx, rec, (_, evals) in zip(runs, cfgs, ctxs, records, opened)]
     states, owed = [], []
-    for run, cfg, start, rec in zip(runs, cfgs, starts, records):
+    for job, start in zip(jobs, starts):
+        run, cfg = job.run, job.cfg
         if start is None:
             states.append(init_state(cfg, num_classes))
             run.metrics_path.unlink(missing_ok=True)  # of a run that never saved a checkpoint
-            run.create(cfg, rec)
+            run.create(cfg, job.data)
             owed.append([])
         else:
             stored = run.train_config()
             states.append(restore(run.path, start, cfg, num_classes, topo))
             run.truncate_metrics_after(start)
-            run.create(resumed_config(stored, cfg, start, run.path, strict=False)[1], rec)
-            owed.append(owed_evaluations(run.read_metrics(), checkpoint.list_steps(run.path), start, cfg,
-                                         (stored.training.steps, cfg.training.steps),
-                                         [set_name(e) for e in opened[len(owed)][1]]))
+            run.create(resumed_config(stored, cfg, start, run.path, strict=False)[1], job.data)
+            owed.append(owed_evaluations(run.evaluations(), checkpoint.list_steps(run.path), start, cfg,
+                                         (stored.training.steps, cfg.training.steps), job.evaluator.names))
     # The model's `inference` flags are Python bools in a fresh state but arrays in a restored (device_put)
     # one: make them bools again, so that they stay static and the states have one structure.
     states = [eqx.tree_at(lambda s: s.model, s, eqx.nn.inference_mode(s.model, value=False)) for s in states]
     with (interrupt or GracefulInterrupt()) as stop:
-        for session, run, state, due in zip(sessions, runs, states, owed):  # evaluations an interrupt cut short
-            if due and not _redo_evaluations(session, run, state, starts[0], due, stop):
+        for job, state, due in zip(jobs, states, owed):  # evaluations an interrupt cut short
+            if due and not job.redo(state, starts[0], due, lambda: stop.stop_requested):
                 return [FitResult(step=starts[0], interrupted=True, run_dir=str(r.path)) for r in runs]
         arrays, static = eqx.partition(stack_states(states), eqx.is_array)
         stacked = eqx.combine(replicate(topo, arrays), static)
         del states, arrays
-        return _group_loop(sessions, runs, stacked, starts[0] or 0, stop, progress)
+        trains = [train for train, _ in opened]
+        return _group_loop(jobs, ctxs[0], trains, stacked, starts[0] or 0, stop, progress)
 
 
-def _group_loop(sessions: list[Session], runs: list[RunDir], states: TrainState, start: int,
+def _group_loop(jobs: list[TrainingRun], ctx: StepContext, trains: list[ShardSet], states: TrainState, start: int,
                 stop: GracefulInterrupt, progress: bool | None) -> list[FitResult]:
-    """`trainer.fit._loop` for R runs at once: the same dispatches, metric windows, evaluations and saves."""
-    first = sessions[0]
-    t, topo = first.cfg.training, first.topo
-    group_step = make_group_step(first.ctx)
-    # One compiled evaluation per evaluation set: the step context differs between runs only in what
-    # evaluation does not read (the seed, the training set's draw options).
-    eval_cache: dict[str, Any] = {}
+    """`trainer.loop.train_loop` for R runs at once: the same dispatches, metric windows, evaluations and saves."""
+    t, topo, table = jobs[0].cfg.training, jobs[0].topo, jobs[0].evaluator.table
+    group_step = make_group_step(ctx)
+    streams = [BatchStream(train, t.batch_size, start_step=start) for train in trains]
 
-    def eval_steps(s: Session) -> list[Any]:
-        return [eval_cache.setdefault(str(e.path.resolve()), make_eval_step(first.ctx, e.config)) for e in s.evals]
+    def advance(k: int) -> dict[str, Any]:
+        nonlocal states
+        local = [[next(stream) for _ in range(k)] for stream in streams]
+        batches = {name: np.stack([np.stack([b[name] for b in run]) for run in local], axis=1)
+                   for name in local[0][0]}
+        states, metrics = group_step(table, states, to_global(topo, batches, leading=2))
+        return metrics
 
-    per_run_evals = [eval_steps(s) for s in sessions]
-    eval_due, save_due = StepSchedule.of(t, "eval").due, StepSchedule.of(t, "checkpoint").due
-    streams = [BatchStream(s.train, t.batch_size, start_step=start) for s in sessions]
-    step = start
-    pending: list[tuple[int, Any]] = []
-    bar = tqdm(total=t.steps, initial=start, disable=None if progress is None else not progress,
-               unit="step", dynamic_ncols=True, desc=f"{len(runs)} runs")
-    interrupted = False
-
-    def flush() -> None:
+    def log(pending: Pending, bar: tqdm | None) -> None:
         host = jax.device_get([m for _, m in pending])
-        for r, run in enumerate(runs):
-            mine = [(s, {k: v[:, r] for k, v in m.items()}) for (s, _), m in zip(pending, host)]
-            _flush_train_metrics(run, topo, mine, bar if r == 0 else None)
+        for r, job in enumerate(jobs):
+            job.log([(s, {k: v[:, r] for k, v in m.items()}) for (s, _), m in zip(pending, host)],
+                    bar if r == 0 else None)
 
-    def save() -> None:
+    def evaluate(step: int) -> bool:
+        return all(job.evaluate(unstack_state(states, r), step, lambda: stop.stop_requested)
+                   for r, job in enumerate(jobs))  # all(): stops at the first run cut short
+
+    def save(step: int) -> None:
         host = jax.device_get(states)
-        for r, (run, s) in enumerate(zip(runs, sessions)):
-            _save(run, topo, unstack_state(host, r), step, s.cfg, s)
+        for r, job in enumerate(jobs):
+            job.save(unstack_state(host, r), step)
 
     try:
-        while step < t.steps:
-            if stop.stop_requested:
-                interrupted = True
-                break
-            k = _dispatch_size(step, t)
-            local = [[next(stream) for _ in range(k)] for stream in streams]
-            batches = {name: np.stack([np.stack([b[name] for b in run]) for run in local], axis=1)
-                       for name in local[0][0]}
-            states, metrics = group_step(first.table, states, to_global(topo, batches, leading=2))
-            pending.append((step, metrics))
-            step += k
-            bar.update(k)
-            if step % t.log_every == 0 or step == t.steps:
-                flush()
-                pending = []
-            if eval_due(step):
-                for r, (run, s) in enumerate(zip(runs, sessions)):
-                    if not _evaluate(s, run, per_run_evals[r], unstack_state(states, r), step, stop):
-                        interrupted = True
-                        break
-                if interrupted:
-                    break
-            if save_due(step):
-                save()
+        step, interrupted = train_loop(t, start, advance=advance, log=log, evaluate=evaluate, save=save,
+                                       should_stop=lambda: stop.stop_requested, progress=progress,
+                                       desc=f"{len(jobs)} runs")
     finally:
-        bar.close()
         for stream in streams:
             stream.close()
-    if pending:
-        flush()
-    if interrupted:
-        save()
-    return [FitResult(step=step, interrupted=interrupted, run_dir=str(run.path)) for run in runs]
+    return [FitResult(step=step, interrupted=interrupted, run_dir=str(job.run.path)) for job in jobs]

@@ -33,14 +33,18 @@ Noise is added to random rare images too, as in the original.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from seqgen.config import IMAGE_SIZE, N_AUGMENTATIONS, N_EXEMPLARS, BuildConfig, Exemplars, ExampleType
+from trainer.data import DataError, ShardSet
+from trainer.runtime.distributed import Topology, replicate
 
-__all__ = ["GRAY_LUT", "make_examples", "prepare_table", "rare_mask", "resize_matrix", "transform_permutations"]
+__all__ = ["GRAY_LUT", "device_table", "make_examples", "prepare_table", "rare_mask", "resize_matrix",
+           "transform_permutations"]
 
 
 def _gray_lut() -> np.ndarray:
@@ -109,6 +113,24 @@ def prepare_table(images_uint8: np.ndarray, image_size: int) -> jax.Array:
     chunk = 64  # classes per device call: bounded float32 intermediates on any device
     parts = [resize(jnp.asarray(images[i:i + chunk])) for i in range(0, len(images), chunk)]
     return jnp.concatenate(parts)
+
+
+def device_table(train: ShardSet, image_size: int, topo: Topology, omniglot_dir: str | os.PathLike | None,
+                 cache_dir: str | os.PathLike | None) -> jax.Array:
+    """The image table of a run on its devices (`prepare_table`, replicated), checked against the training
+    set's image-table fingerprint; a one-element placeholder for symbolic data."""
+    if train.config.dataset.example_type is ExampleType.SYMBOLIC:
+        return replicate(topo, jnp.zeros((1,), jnp.uint8))
+    from seqgen.omniglot import load_image_table
+
+    table = load_image_table(omniglot_dir, cache_dir, download_if_missing=False)
+    if train.image_table_fingerprint and table.fingerprint != train.image_table_fingerprint:
+        raise DataError(
+            f"the shards in {train.path} index an image table with fingerprint "
+            f"{train.image_table_fingerprint[:12]} but --omniglot gives {table.fingerprint[:12]}; "
+            "point --omniglot at the Omniglot the shards were built from, or rebuild the shards"
+        )
+    return replicate(topo, prepare_table(table.images, image_size))
 
 
 @functools.lru_cache(maxsize=16)

@@ -50,9 +50,9 @@ from seqgen.config import BuildConfig, Labeling, SeqType
 from seqgen.errors import UserError
 
 __all__ = [
-    "BINARY_METRICS", "DESCRIPTIONS", "METRICS", "STRATEGY_METRICS", "LabelSets", "MetricsError", "batch_sums",
-    "chance_level", "column_of", "headline", "icl_ceiling", "label_of", "metric_key_of", "per_sequence_metrics",
-    "strategy_metrics", "summarize", "training_loss",
+    "BINARY_METRICS", "DESCRIPTIONS", "HEADLINES", "METRICS", "STRATEGY_METRICS", "LabelSets", "MetricsError",
+    "column_of", "headline", "icl_ceiling", "label_of", "masked_sums", "metric_key_of", "per_sequence_metrics",
+    "strategy_metrics", "summarize",
 ]
 
 DESCRIPTIONS = {
@@ -250,18 +250,15 @@ def strategy_metrics(logits: jax.Array, labels: jax.Array, examples: jax.Array,
             "neither": (~from_context & ~from_weights).astype(jnp.float32)}
 
 
-def training_loss(logits: jax.Array, targets: jax.Array, w_interim: float = 0.0) -> jax.Array:
-    """The original's scalar training loss: the batch mean of the per-sequence weighted cross-entropy."""
-    _, _, weights = _position_weights(logits.shape[1], w_interim)
-    return jnp.mean((_cross_entropy(logits, targets) * weights).sum(-1) / weights.sum())
-
-
-def batch_sums(per_seq: dict[str, jax.Array], valid: jax.Array | None = None) -> tuple[dict, dict]:
-    """(sums, sums of squares) of per-sequence metrics over the valid sequences of a batch."""
-    if valid is None:
-        return ({k: v.sum() for k, v in per_seq.items()}, {k: (v * v).sum() for k, v in per_seq.items()})
-    w = jnp.asarray(valid).astype(jnp.float32)
-    return ({k: (v * w).sum() for k, v in per_seq.items()}, {k: (v * v * w).sum() for k, v in per_seq.items()})
+@jax.jit
+def masked_sums(per: dict[str, jax.Array], valid: jax.Array) -> tuple[dict, dict, jax.Array]:
+    """(sums, sums of squares, count) of per-sequence metrics `per` {name: [B]} over the sequences whose
+    `valid` [B] is 1 (float 0/1: the padding of an evaluation's last batch is 0), as float32 device scalars;
+    `summarize` turns the totals over every batch into means and intervals."""
+    per = {k: v.astype(jnp.float32) for k, v in per.items()}
+    return ({k: jnp.sum(v * valid) for k, v in per.items()},
+            {k: jnp.sum(v * v * valid) for k, v in per.items()},
+            jnp.sum(valid))
 
 
 def _wilson(p: float, n: int) -> tuple[float, float]:
@@ -296,13 +293,18 @@ def summarize(sums: dict[str, float], sumsq: dict[str, float], n: int) -> dict[s
 
 
 # The one table of headline numbers: the column name (in sweep tables, checks and plots) and the metric
-# key of each evaluation type. Types not named here get a column named after the type.
+# key (`metric_key_of`) of each evaluation type. Types not named here get a column named after the type.
+# The paper's two (HEADLINES): ICL = accuracy_closed on fewshot_holdout, IWL = accuracy_query on
+# no_support_zipfian.
 _COLUMNS = {
     SeqType.FEWSHOT_HOLDOUT: "icl",
     SeqType.NO_SUPPORT_ZIPFIAN: "iwl",
     SeqType.NO_SUPPORT_COMMON: "iwl_common",
     SeqType.NO_SUPPORT_RARE: "iwl_rare",
 }
+
+
+HEADLINES = (SeqType.FEWSHOT_HOLDOUT, SeqType.NO_SUPPORT_ZIPFIAN)
 
 
 def metric_key_of(seq_type: SeqType | str) -> str:
@@ -338,12 +340,17 @@ def icl_ceiling(ways: int, n_classes: int) -> float:
     return sum(math.comb(ways - 1, j) * p**j * (1 - p) ** (ways - 1 - j) / (j + 1) for j in range(ways))
 
 
-def headline(seq_type: SeqType) -> tuple[str, str] | None:
-    """("icl", "accuracy_closed") for fewshot_holdout, ("iwl", "accuracy_query") for no_support_zipfian."""
-    return {SeqType.FEWSHOT_HOLDOUT: ("icl", "accuracy_closed"),
-            SeqType.NO_SUPPORT_ZIPFIAN: ("iwl", "accuracy_query")}.get(SeqType(seq_type))
-
-
-def chance_level(seq_type: SeqType, label_sets: LabelSets) -> float | None:
-    """Chance of accuracy_closed for few-shot types (1 / ways); None where no simple chance level applies."""
-    return 1.0 / label_sets.ways if SeqType(seq_type).is_fewshot else None
+def headline(seq_type: SeqType | str, summary: dict[str, dict[str, object]]) -> str | None:
+    """The paper's name for the number that matters on this set (ICL / IWL, `HEADLINES`) with its 95 %
+    interval, e.g. 'ICL (accuracy_closed on fewshot_holdout) = 0.812 [0.795, 0.828]'; None for other types."""
+    try:
+        seq_type = SeqType(seq_type)
+    except ValueError:
+        return None
+    key = metric_key_of(seq_type)
+    if seq_type not in HEADLINES or key not in summary:
+        return None
+    s = summary[key]
+    said = "accuracy" if key == "accuracy_query" else key  # open-vocabulary accuracy, the original's eval_accuracy
+    lo, hi = s["ci95"]
+    return f"{column_of(seq_type).upper()} ({said} on {seq_type.value}) = {s['mean']:.3f} [{lo:.3f}, {hi:.3f}]"

@@ -1,4 +1,7 @@
-"""What `trainer fit --resume` may change, and which evaluations it still owes.
+"""Starting or resuming a run directory: what `trainer fit --resume` may change, which evaluations it owes.
+
+`resume_step` is the checkpoint a resume continues from; `prepare_run` refuses a fresh start over a run
+that saved a checkpoint, and a resume with another training set.
 
 A resumed run continues its stored config (`config.json`). Only the number of steps may change: more
 steps extend the run (config.json then records the larger number), fewer steps (but not below the
@@ -10,8 +13,8 @@ config (`trainer sweep`, whose sweep files may change them between invocations).
 
 Evaluations owed: an interrupt during an evaluation saves the checkpoint of that step without the
 evaluation (or with only some sets done). On resume, every kept checkpoint at or before the resume step
-that is an evaluation step (a multiple of `eval_every`, or a final step) and lacks a `fit` record of an
-eval set in metrics.jsonl is evaluated on that set, from that checkpoint, before training goes on.
+that is an evaluation step (a multiple of `eval_every`, or a final step) and lacks a `fit` evaluation of an
+eval set in the run's evaluation store (`trainer.run`) is evaluated on that set, from that checkpoint, before training goes on.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from seqgen.config import flatten
+from trainer import checkpoint
 from trainer.config import FIT_OPTIONS, TrainConfig, with_overrides
-from trainer.run import RunError
+from trainer.run import Evaluation, RunDir, RunError
+from trainer.schedule import StepSchedule
 
 # Options that change only how the loop reports and saves, not what it computes.
 BOOKKEEPING = frozenset({
@@ -31,11 +36,38 @@ BOOKKEEPING = frozenset({
 OPTION_NAMES = FIT_OPTIONS.flags
 
 
+def resume_step(run: RunDir) -> int:
+    """The checkpoint a --resume continues from; RunError (one line) when there is none."""
+    if not run.exists():
+        raise RunError(f"--resume given but {run.path} holds no run; drop --resume to start one")
+    step = checkpoint.latest_step(run.path)
+    if step is None:
+        raise RunError(f"--resume given but {run.path} has no complete checkpoint (it stopped before its first "
+                       "save); drop --resume to start afresh")
+    return step
+
+
+def prepare_run(run: RunDir, resume: bool, data: dict[str, Any]) -> None:
+    """Validate the run directory for a fresh start or a resume (`data`: `trainer.data.data_record` of the sets
+    given). A fresh start is refused where a checkpoint exists; a run that never saved one is started afresh
+    (its config and metrics replaced)."""
+    if resume:
+        stored = run.read()
+        if stored["data"]["train"]["fingerprint"] != data["train"]["fingerprint"]:
+            raise RunError(
+                f"--train differs from the shard set this run was trained on ({stored['data']['train']['path']}); "
+                "resume with the same --train"
+            )
+        return
+    if checkpoint.list_steps(run.path):
+        raise RunError(f"{run.path} already holds a run; use --resume to continue it or pick another --run-dir")
+
+
 def option_name(key: str) -> str:
     return OPTION_NAMES.get(key, key)
 
 
-def resumed_config(stored: TrainConfig, given: TrainConfig, checkpoint_step: int, run_path: Any, *,
+def resumed_config(stored: TrainConfig, given: TrainConfig, checkpoint_step: int, run_path: object, *,
                    strict: bool) -> tuple[TrainConfig, TrainConfig]:
     """(config to train with now, config to record in config.json) for resuming `stored` at
     `checkpoint_step` with the options `given`; RunError (one line) for a change it cannot make."""
@@ -60,23 +92,21 @@ def resumed_config(stored: TrainConfig, given: TrainConfig, checkpoint_step: int
 
 def is_eval_step(step: int, cfg: TrainConfig, final_steps: Iterable[int]) -> bool:
     """Whether fit evaluates at `step`: its evaluation schedule (`trainer.schedule`) or a final step."""
-    from trainer.schedule import StepSchedule
-
     return step > 0 and (StepSchedule.of(cfg.training, "eval").due(step) or step in set(final_steps))
 
 
-def owed_evaluations(records: Iterable[dict[str, Any]], checkpoints: Iterable[int], resume_step: int,
+def owed_evaluations(evaluations: Iterable[Evaluation], checkpoints: Iterable[int], start: int,
                      cfg: TrainConfig, final_steps: Iterable[int], set_names: list[str]) -> list[tuple[int, list[str]]]:
     """[(checkpoint step, names of the eval sets it lacks)] in step order: evaluation steps at or before
-    `resume_step` with a kept checkpoint and no `fit` evaluation record for some set."""
+    `start` (the resume step) with a kept checkpoint and no `fit` evaluation (`RunDir.evaluations`) for some set."""
     done: dict[int, set[str]] = {}
-    for r in records:
-        if isinstance(r, dict) and r.get("kind") == "eval" and r.get("source") == "fit":
-            done.setdefault(r.get("step"), set()).add(r.get("set"))
+    for e in evaluations:
+        if e.source == "fit":
+            done.setdefault(e.step, set()).add(e.set)
     finals = set(final_steps)
     owed = []
     for step in sorted(checkpoints):
-        if step > resume_step or not is_eval_step(step, cfg, finals):
+        if step > start or not is_eval_step(step, cfg, finals):
             continue
         missing = [n for n in set_names if n not in done.get(step, set())]
         if missing:

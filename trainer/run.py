@@ -5,6 +5,18 @@ versions. `metrics.jsonl` gets one JSON object per line, appended and flushed:
   {"step": 100, "kind": "train", "metrics": {"loss": .., "accuracy_query": .., ...}}
   {"step": 5000, "kind": "eval", "set": "fewshot_holdout", "seq_type": "fewshot_holdout", "source": "fit",
    "metrics": {"accuracy_closed": {"mean": .., "ci95": [lo, hi], "n": 2048}, ...}}
+
+The evaluation store. metrics.jsonl is the ONE record of every evaluation of the run: one `"kind": "eval"`
+line (an `Evaluation`) per checkpoint step and set, whoever made it (`"source"`: "fit", "watch" for
+`trainer evaluate --watch`, "evaluate" for `trainer evaluate`; the latter two also record `"max_seqs"`).
+It is also what a sweep's results folder keeps. Every writer goes through `RunDir.record_evaluation`,
+every reader through `RunDir.evaluations` / `RunDir.final_evaluations`.
+`evaluations/step-N.json` is DERIVED from it, for people and tools that want one file per checkpoint: the
+latest "evaluate" / "watch" evaluation of each set at step N, rewritten by `record_evaluation` after each
+such evaluation. Run directories written before metrics.jsonl held "evaluate" records kept those in
+evaluations/ only: `evaluations` still reads them from there (`_legacy_evaluations`).
+Precedence (`final_evaluations`): the run's own curve (fit / watch records, at the run's eval size) wins at a
+step; an "evaluate" record (any --max-seqs) counts where the curve has none, the latest of each set.
 """
 
 from __future__ import annotations
@@ -13,21 +25,30 @@ import contextlib
 import json
 import os
 import platform
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from seqgen.atomic import atomic_write_json, atomic_write_text
 from seqgen.config import ConfigError
 from seqgen.errors import UserError
-from seqgen.files import Optional, read_json_object, read_jsonl_objects
+from seqgen.files import Optional, check_schema, read_json_object, read_jsonl_objects
 from seqgen.lock import FolderLock
 from trainer.config import TrainConfig
+from trainer.data import DataError
 
 # What config.json and each metrics.jsonl record must hold (type-checked on every read).
 CONFIG_SCHEMA = {"trainer": dict, "data": {"train": {"path": str, "fingerprint": str}, "eval": Optional([dict])},
                  "versions": Optional(dict)}
 METRICS_SCHEMA = {"step": int, "kind": Optional(str), "set": Optional(str), "source": Optional(str),
                   "metrics": Optional(dict)}
+EVAL_RECORD_SCHEMA = {"step": int, "kind": str, "set": str, "seq_type": str, "source": Optional(str),
+                      "metrics": dict, "max_seqs": Optional(int)}
+# evaluations/step-N.json (derived; and the only record of `trainer evaluate` in older run directories)
+EVALUATION_SCHEMA = {"step": int, "sets": [{"set": str, "seq_type": str, "metrics": dict,
+                                            "source": Optional(str), "max_seqs": Optional(int)}]}
+CURVE_SOURCES = ("fit", "watch")  # evaluations at the run's own eval size, every scheduled step
 
 
 class RunError(UserError):
@@ -59,6 +80,39 @@ def run_lock(run_dir: str | os.PathLike, command: str, *, enabled: bool = True,
     if not enabled:
         return contextlib.nullcontext()
     return FolderLock(folder if folder is not None else run_dir, command)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of one checkpoint on one eval set: a `"kind": "eval"` line of metrics.jsonl."""
+
+    step: int
+    set: str  # the eval set's folder name
+    seq_type: str
+    source: str  # "fit", "watch" or "evaluate"
+    metrics: dict[str, dict[str, Any]]  # {metric: {"mean", "ci95", "n"}}
+    max_seqs: int | None = None  # of `trainer evaluate` (--max-seqs); fit's size is its config's eval_seqs
+
+    def to_record(self) -> dict[str, Any]:
+        record = {"step": self.step, "kind": "eval", "source": self.source, "set": self.set,
+                  "seq_type": self.seq_type, "metrics": self.metrics}
+        if self.source != "fit":
+            record["max_seqs"] = self.max_seqs
+        return record
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any], where: str) -> "Evaluation":
+        check_schema(r, EVAL_RECORD_SCHEMA, where=where, error=RunError, fix="delete or repair that line")
+        return cls(r["step"], r["set"], r["seq_type"], r.get("source") or "fit", r["metrics"], r.get("max_seqs"))
+
+
+def read_evaluation(path: Path) -> dict[str, Any] | None:
+    """evaluations/step-N.json, type-checked (None when absent); RunError (one line) when malformed."""
+    try:
+        return read_json_object(path, what="evaluation", error=RunError, schema=EVALUATION_SCHEMA,
+                                fix="delete it and evaluate that step again")
+    except FileNotFoundError:
+        return None
 
 
 class RunDir:
@@ -106,11 +160,74 @@ class RunDir:
         except ConfigError as e:
             raise RunError(f"run config {self.config_path} is invalid ({e}); restore it or start a new --run-dir") from None
 
+    def train_path(self, override: str | os.PathLike | None = None) -> str:
+        """The run's training set (`override` if given: it moved since fit), needed for its class split."""
+        path = override or self.read()["data"]["train"]["path"]
+        if not Path(path, "manifest.json").is_file():
+            raise DataError(f"the run's training set {path} is not there; pass --train DIR (needed for its class split)")
+        return str(path)
+
     def append_metrics(self, record: dict[str, Any]) -> None:
+        """Append one record (a line) to metrics.jsonl and flush it."""
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())  # a record is on disk before the checkpoint that follows it
+
+    # ---- the evaluation store -----------------------------------------------------------------------------
+    def record_evaluation(self, evaluation: Evaluation) -> None:
+        """THE writer of evaluations: one line of metrics.jsonl; for "evaluate" / "watch" also the derived
+        evaluations/step-N.json."""
+        self.append_metrics(evaluation.to_record())
+        if evaluation.source != "fit":
+            self._write_step_view(evaluation.step)
+
+    def evaluations(self, step: int | None = None) -> list[Evaluation]:
+        """Every evaluation of the run (at `step` only, if given), in the order they were made."""
+        where = f"metrics file {self.metrics_path}"
+        found = [Evaluation.from_record(r, where) for r in self.read_metrics()
+                 if r.get("kind") == "eval" and (step is None or r["step"] == step)]
+        seen = {(e.step, e.set, e.source) for e in found}
+        return [e for e in self._legacy_evaluations(step) if (e.step, e.set, e.source) not in seen] + found
+
+    def final_evaluations(self, step: int, set_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """{set name: metrics} of the evaluations at `step` of the named sets: the latest curve record (fit /
+        watch) of a set, else its latest "evaluate" record; sets never evaluated at `step` are absent."""
+        wanted, curve, other = set(set_names), {}, {}
+        for e in self.evaluations(step):
+            if e.set in wanted:
+                (curve if e.source in CURVE_SOURCES else other)[e.set] = e.metrics
+        return {**other, **curve}
+
+    def _legacy_evaluations(self, step: int | None) -> Iterator[Evaluation]:
+        """The entries of evaluations/step-N.json (all steps, or `step`)."""
+        if step is not None:
+            paths = [self.evaluations_dir / f"step-{step}.json"]
+        elif self.evaluations_dir.is_dir():
+            paths = sorted(self.evaluations_dir.glob("step-*.json"),
+                           key=lambda p: (len(p.name), p.name))  # numeric order of the steps
+        else:
+            paths = []
+        for path in paths:
+            view = read_evaluation(path)
+            for s in view["sets"] if view else []:
+                yield Evaluation(view["step"], s["set"], s["seq_type"], s.get("source") or view.get("source")
+                                 or "evaluate", s["metrics"], s.get("max_seqs"))
+
+    def _write_step_view(self, step: int) -> None:
+        """evaluations/step-N.json from the store: the latest "evaluate" / "watch" evaluation of each set."""
+        latest: dict[str, Evaluation] = {}
+        for e in self.evaluations(step):
+            if e.source != "fit":
+                latest.pop(e.set, None)
+                latest[e.set] = e  # re-inserted: the sets in the order of their latest evaluation
+        sets = [{"set": e.set, "seq_type": e.seq_type, "metrics": e.metrics, "source": e.source,
+                 "max_seqs": e.max_seqs} for e in latest.values()]
+        newest = sets[-1] if sets else {}
+        record = {"step": step, "time": time.time(), "source": newest.get("source"),
+                  "max_seqs": newest.get("max_seqs"), "sets": sets}
+        self.evaluations_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.evaluations_dir / f"step-{step}.json", record, allow_nan=True)  # read_evaluation refuses NaN
 
     def read_metrics(self) -> Iterator[dict[str, Any]]:
         """The records of metrics.jsonl; a line cut by a hard kill is skipped, a line that is JSON but not a
@@ -121,8 +238,10 @@ class RunDir:
                                       fix="delete or repair that line", allow_nan=True)
 
     def truncate_metrics_after(self, step: int) -> None:
-        """On resume, drop records logged after the checkpoint we restart from (they will be redone)."""
+        """On resume, drop fit's records logged after the checkpoint we restart from (they will be redone);
+        the evaluations of `trainer evaluate` (and --watch) are kept."""
         if not self.metrics_path.is_file():
             return
-        kept = [r for r in self.read_metrics() if r.get("step", 0) <= step or r.get("source") == "watch"]
+        kept = [r for r in self.read_metrics()
+                if r.get("step", 0) <= step or r.get("source") in ("watch", "evaluate")]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))

@@ -21,7 +21,10 @@ import bisect
 import enum
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # trainer.config imports ScheduleKind from here
+    from trainer.config import TrainingConfig
 
 
 class ScheduleKind(str, enum.Enum):
@@ -53,7 +56,7 @@ class StepSchedule:
     total: int
 
     @classmethod
-    def of(cls, t: Any, what: str) -> "StepSchedule":
+    def of(cls, t: TrainingConfig, what: str) -> "StepSchedule":
         """The schedule of `what` ("eval" or "checkpoint") in a `TrainingConfig`."""
         return cls(ScheduleKind(getattr(t, f"{what}_schedule")), getattr(t, f"{what}_every"),
                    tuple(getattr(t, f"{what}_steps")), getattr(t, f"{what}_per_decade"), t.steps)
@@ -87,7 +90,7 @@ class StepSchedule:
         return list(self.points)
 
 
-def check(t: Any) -> str | None:
+def check(t: TrainingConfig) -> str | None:
     """A one-line problem with the schedule options of a TrainingConfig, or None."""
     for what in ("eval", "checkpoint"):
         kind, steps, per = (getattr(t, f"{what}_schedule"), getattr(t, f"{what}_steps"),

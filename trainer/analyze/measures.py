@@ -243,9 +243,11 @@ def analyze_run(run_dir: Any, eval_dir: Any, *, train_dir: Any = None, steps: st
                 batch_size: int = 128, omniglot_dir: Any = None, cache_dir: Any = "data/cache",
                 echo: Callable[[str], None] = print, plot: bool = True) -> list[dict[str, Any]]:
     from trainer.runtime.distributed import make_topology
+    from trainer.data import open_sets
     from trainer.evaluate import set_name
-    from trainer.evaluate_cli import _train_path
-    from trainer.session import make_session, restore
+    from trainer.images import device_table
+    from trainer.state import restore
+    from trainer.step import StepContext
 
     run = RunDir(run_dir)
     cfg = run.train_config()
@@ -259,14 +261,13 @@ def analyze_run(run_dir: Any, eval_dir: Any, *, train_dir: Any = None, steps: st
     ablate = set(_parse_steps(ablate_steps, todo, "--ablate-steps"))
     modes = ABLATIONS if ablation == "both" else (ablation,)
     topo = make_topology(1)
-    session = make_session(cfg, _train_path(run, train_dir), [eval_dir], topo, omniglot_dir=omniglot_dir,
-                           cache_dir=cache_dir)
-    shard_set = session.evals[0]
-    passes = Passes(shard_set.config, session.ctx.label_sets, cfg.model)
+    train, (shard_set,) = open_sets(run.train_path(train_dir), [eval_dir])
+    table = device_table(train, cfg.training.image_size, topo, omniglot_dir, cache_dir)
+    passes = Passes(shard_set.config, StepContext.create(cfg, train.config).label_sets, cfg.model)
     records = []
     for step in todo:
-        state = restore(run.path, step, cfg, session.train.num_labels, topo)
-        rec = analyze_checkpoint(passes, session.table, state.model, state.bn_state, shard_set, max_seqs=max_seqs,
+        state = restore(run.path, step, cfg, train.num_labels, topo)
+        rec = analyze_checkpoint(passes, table, state.model, state.bn_state, shard_set, max_seqs=max_seqs,
                                  batch_size=batch_size, ablations=modes if step in ablate else ())
         rec = {"step": step, "set": set_name(shard_set), "seq_type": shard_set.config.seq_type.value, **rec}
         records.append(rec)

@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 
 from seqgen.atomic import atomic_write  # noqa: E402
 from trainer.analyze.measures import read_analysis  # noqa: E402
-from trainer.plots import ICL_SET, IWL_SET, _band, _series  # noqa: E402
+from trainer.metrics import HEADLINES, column_of, metric_key_of  # noqa: E402
+from trainer.plots import band, series  # noqa: E402
 from trainer.run import RunDir, RunError  # noqa: E402
 
 
@@ -31,7 +32,7 @@ def plot_analysis(run_dir: str | os.PathLike) -> list[Path]:
     if not records:
         raise RunError(f"{run.path} has no analysis.jsonl yet; run `trainer analyze {run.path} --eval SET`")
     run.plots_dir.mkdir(parents=True, exist_ok=True)
-    _, evals = _series(run)
+    _, evals = series(run)
     out = []
     for measure, title in (("induction", "induction score (query -> labels of its class, minus uniform)"),
                            ("prev_token", "previous-token score (label -> its exemplar, minus uniform)")):
@@ -66,11 +67,10 @@ def _plot_measure(run: RunDir, records, evals, measure: str, title: str) -> Path
     ax.set_title(f"{title} — {run.path.name}", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
+    headline_types = {t.value for t in HEADLINES}
     for (name, seq_type), pts in sorted(evals.items()):
-        if seq_type == ICL_SET:
-            _band(ax2, pts, "accuracy_closed", f"ICL, {name}", lw=2)
-        elif seq_type == IWL_SET:
-            _band(ax2, pts, "accuracy_query", f"IWL, {name}", lw=2)
+        if seq_type in headline_types:  # ICL / IWL, as trainer.metrics defines them
+            band(ax2, pts, metric_key_of(seq_type), f"{column_of(seq_type).upper()}, {name}", lw=2)
     acc = sorted((r["step"], r["accuracy_closed"]) for r in records)
     ax2.plot(*zip(*acc), color="k", ls="--", lw=1, label="accuracy_closed on the analysis set")
     ax2.set_xlabel("training step")

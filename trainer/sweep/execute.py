@@ -142,7 +142,7 @@ def execute(plan: Plan, *, command: str, results: Path | None = None, omniglot_d
 def _in_process(units: list[list[RunPlan]], results: Path, stop: GracefulInterrupt, omniglot_dir: Any,
                 cache_dir: Any, progress: bool | None, echo: Callable[[str], None], report: Callable[[], Any]):
     from trainer.runtime.distributed import make_topology
-    from trainer.evaluate_cli import evaluate_run
+    from trainer.evaluate import evaluate_run
     from trainer.fit import fit
     from trainer.group import fit_group
 

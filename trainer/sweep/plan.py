@@ -18,7 +18,6 @@ from seqgen.config import BuildConfig, ConfigError, flatten
 from seqgen.files import canonical_sha256
 from trainer.checkpoint import latest_step
 from seqgen.shards import ShardError, read_manifest
-from trainer.evaluate import read_evaluation
 from trainer.run import RunDir, RunError
 from trainer.sweep.spec import BOOKKEEPING, DEFAULT_SHARDS_DIR, RunSpec, Sweep, SweepError
 
@@ -84,26 +83,9 @@ def set_action(cfg: BuildConfig, folder: Path) -> SetAction:
     return SetAction.RESUME if folder.is_dir() and any(folder.iterdir()) else SetAction.BUILD
 
 
-def final_records(run_dir: Path, step: int, set_names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """{set name: metrics} of the evaluations at `step` found in metrics.jsonl (the latest record of a set
-    wins), else in evaluations/step-N.json (`trainer evaluate`)."""
-    run = RunDir(run_dir)
-    wanted = set(set_names)
-    found: dict[str, dict[str, Any]] = {}
-    for r in run.read_metrics():
-        if isinstance(r, dict) and r.get("kind") == "eval" and r.get("step") == step and r.get("set") in wanted \
-                and isinstance(r.get("metrics"), dict):
-            found[r["set"]] = r["metrics"]
-    evaluation = read_evaluation(run.evaluations_dir / f"step-{step}.json")  # validated; None when absent
-    for s in evaluation["sets"] if evaluation else []:
-        if s["set"] in wanted and s["set"] not in found:
-            found[s["set"]] = s["metrics"]
-    return found
-
-
 def final_results(run_dir: Path, step: int, set_names: Sequence[str]) -> dict[str, dict[str, Any]] | None:
     """{set name: metrics} of the evaluations at `step` on every named set; None when one is missing."""
-    found = final_records(run_dir, step, set_names)
+    found = RunDir(run_dir).final_evaluations(step, set_names)
     return found if all(n in found for n in set_names) else None
 
 

@@ -36,9 +36,9 @@ from typing import Any
 
 from seqgen.atomic import atomic_write, atomic_write_json, atomic_write_text
 from trainer.metrics import column_of, icl_ceiling, label_of, metric_key_of
-from trainer.run import RunDir
+from trainer.run import CURVE_SOURCES, RunDir
 from trainer.sweep.checks import CheckResult, Verdict, evaluate_checks
-from trainer.sweep.plan import final_records, set_folder
+from trainer.sweep.plan import set_folder
 from trainer.sweep.spec import RunSpec, Sweep
 
 PROVENANCE_FILE = "provenance.json"
@@ -126,7 +126,7 @@ def collect(sweep: Sweep, results: Path, shards_dir: Path) -> list[Row]:
         run = RunDir(Path(results) / "runs" / spec.name)
         names = {set_folder(shards_dir, cfg).name: cfg.seq_type for cfg in spec.evals}
         latest = _last_step(run) if run.path.is_dir() else None
-        final = final_records(run.path, latest, list(names)) if latest is not None else {}
+        final = run.final_evaluations(latest, list(names)) if latest is not None else {}
         values: dict[str, dict[str, Any] | None] = {}
         curves: dict[str, list[tuple[int, float]]] = {}
         for set_name, seq_type in names.items():
@@ -135,13 +135,12 @@ def collect(sweep: Sweep, results: Path, shards_dir: Path) -> list[Row]:
             values[column] = got if isinstance(got, dict) and isinstance(got.get("mean"), (int, float)) else None
             curves[column] = []
         by_step: dict[tuple[str, int], float] = {}
-        for r in run.read_metrics():
-            if isinstance(r, dict) and r.get("kind") == "eval" and r.get("set") in names \
-                    and isinstance(r.get("step"), int) and isinstance(r.get("metrics"), dict):
-                seq_type = names[r["set"]]
-                m = r["metrics"].get(metric_key_of(seq_type))
+        for e in run.evaluations() if run.path.is_dir() else []:
+            if e.source in CURVE_SOURCES and e.set in names:
+                seq_type = names[e.set]
+                m = e.metrics.get(metric_key_of(seq_type))
                 if isinstance(m, dict) and isinstance(m.get("mean"), (int, float)):
-                    by_step[(column_of(seq_type), r["step"])] = float(m["mean"])
+                    by_step[(column_of(seq_type), e.step)] = float(m["mean"])
         for (column, step), mean in sorted(by_step.items(), key=lambda kv: kv[0][1]):
             curves[column].append((step, mean))
         if latest is None:

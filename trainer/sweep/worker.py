@@ -60,7 +60,7 @@ def _train(order: dict, stop) -> int:
     first = runs[0]
     if first["action"] == "evaluate":
         from trainer.runtime.distributed import make_topology
-        from trainer.evaluate_cli import evaluate_run
+        from trainer.evaluate import evaluate_run
 
         res = evaluate_run(first["run_dir"], first["evals"], step=first["step"], train_dir=first["train"],
                            max_seqs=cfgs[0].training.eval_seqs, batch_size=cfgs[0].training.eval_batch_size,

@@ -1,0 +1,79 @@
+"""trainer.run's evaluation store: metrics.jsonl is the one record of every evaluation, evaluations/step-N.json
+is derived from it, and run directories written before (`trainer evaluate` results in evaluations/ only)
+still read, with the run's own curve (fit / watch) taking precedence over one-off evaluations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainer.run import Evaluation, RunDir, RunError, read_evaluation
+
+
+def _summary(mean: float, n: int = 10) -> dict:
+    return {"accuracy_closed": {"mean": mean, "ci95": [mean - 0.1, mean + 0.1], "n": n}}
+
+
+def _old_run(tmp_path):
+    """A run directory as the code before the store wrote it: fit's and --watch's evaluations in metrics.jsonl,
+    `trainer evaluate`'s in evaluations/step-N.json only (--watch's in both)."""
+    lines = [
+        {"step": 5, "kind": "train", "window": 5, "metrics": {"loss": 1.0}},
+        {"step": 10, "kind": "eval", "source": "fit", "set": "icl", "seq_type": "fewshot_holdout",
+         "metrics": _summary(0.7, 64)},
+        {"step": 10, "kind": "eval", "source": "watch", "set": "other", "seq_type": "bursty",
+         "metrics": _summary(0.2)},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "evaluations").mkdir()
+    view = {"step": 10, "time": 1.0, "max_seqs": 16, "source": "evaluate", "sets": [
+        {"set": "icl", "seq_type": "fewshot_holdout", "metrics": _summary(0.1), "max_seqs": 16, "source": "evaluate"},
+        {"set": "iwl", "seq_type": "no_support_zipfian", "metrics": _summary(0.3), "max_seqs": 16,
+         "source": "evaluate"},
+        {"set": "other", "seq_type": "bursty", "metrics": _summary(0.2), "max_seqs": None, "source": "watch"}]}
+    (tmp_path / "evaluations" / "step-10.json").write_text(json.dumps(view))
+    return RunDir(tmp_path)
+
+
+def test_an_old_run_directory_reads_through_the_store(tmp_path):
+    run = _old_run(tmp_path)
+    got = sorted((e.set, e.source, e.metrics["accuracy_closed"]["mean"]) for e in run.evaluations())
+    # the --watch evaluation is in both files and counted once; `trainer evaluate`'s come from evaluations/
+    assert got == [("icl", "evaluate", 0.1), ("icl", "fit", 0.7), ("iwl", "evaluate", 0.3), ("other", "watch", 0.2)]
+    final = run.final_evaluations(10, ["icl", "iwl", "missing"])
+    assert final == {"icl": _summary(0.7, 64), "iwl": _summary(0.3)}  # fit's own wins; evaluate fills in
+    assert run.evaluations(step=5) == [] and run.final_evaluations(5, ["icl"]) == {}
+
+
+def test_evaluate_records_once_and_derives_the_step_file(tmp_path):
+    run = _old_run(tmp_path)
+    run.record_evaluation(Evaluation(10, "iwl", "no_support_zipfian", "evaluate", _summary(0.35), 32))
+    records = [r for r in run.read_metrics() if r.get("kind") == "eval"]
+    assert records[-1] == {"step": 10, "kind": "eval", "source": "evaluate", "set": "iwl",
+                           "seq_type": "no_support_zipfian", "metrics": _summary(0.35), "max_seqs": 32}
+    view = {s["set"]: s for s in read_evaluation(tmp_path / "evaluations" / "step-10.json")["sets"]}
+    # derived from the store: the older entries (legacy, --watch) are kept, iwl is the new one
+    assert set(view) == {"icl", "iwl", "other"} and view["iwl"]["metrics"] == _summary(0.35)
+    assert view["iwl"]["max_seqs"] == 32 and view["icl"]["metrics"] == _summary(0.1)
+    assert [e.metrics for e in run.evaluations(10) if e.set == "iwl"] == [_summary(0.35)]
+    assert run.final_evaluations(10, ["iwl"]) == {"iwl": _summary(0.35)}
+    # fit's records are not in the derived file
+    run.record_evaluation(Evaluation(20, "icl", "fewshot_holdout", "fit", _summary(0.8)))
+    assert not (tmp_path / "evaluations" / "step-20.json").exists()
+    assert "max_seqs" not in list(run.read_metrics())[-1]
+
+
+def test_a_resume_keeps_evaluate_and_watch_records_after_its_step(tmp_path):
+    run = RunDir(tmp_path)
+    for step, source in [(10, "fit"), (20, "fit"), (20, "watch"), (20, "evaluate")]:
+        run.record_evaluation(Evaluation(step, "icl", "fewshot_holdout", source, _summary(0.5)))
+    run.truncate_metrics_after(10)
+    assert [(e.step, e.source) for e in run.evaluations()] == [(10, "fit"), (20, "watch"), (20, "evaluate")]
+
+
+def test_an_eval_record_of_the_wrong_shape_is_one_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "kind": "eval", "set": "icl"}) + "\n")
+    with pytest.raises(RunError, match="seq_type") as e:
+        RunDir(tmp_path).evaluations()
+    assert "\n" not in str(e.value) and "metrics.jsonl" in str(e.value)
