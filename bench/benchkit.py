@@ -1,7 +1,7 @@
 """Helpers shared by the trainer benchmarks: FLOPs from XLA's cost analysis.
 
 XLA's cost analysis counts the body of a loop once, so FLOPs must be counted on programs whose transformer
-blocks are unrolled (`ModelConfig.unroll_layers`, the default), not run by `lax.scan`.
+blocks are unrolled (`trainer.models.kernels.layer_loop()`, the default "unroll"), not run by `lax.scan`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ The loss is the original's default: cross-entropy of the query prediction only.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import equinox as eqx
@@ -21,6 +20,7 @@ import jax.random as jr
 import optax
 
 from trainer.models import ModelConfig, SeqModel, forward, make_model, targets
+from trainer.models.kernels import use_layer_loop
 
 from benchkit import cost_flops
 
@@ -47,13 +47,14 @@ def main() -> None:
     ap.add_argument("--num-classes", type=int, default=1623)
     ap.add_argument("--seq-model", default="transformer", choices=[m.value for m in SeqModel])
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--scan", action="store_true", help="run the transformer blocks with lax.scan (unroll_layers off)")
+    ap.add_argument("--scan", action="store_true", help="run the transformer blocks with lax.scan (layer loop 'scan')")
     args = ap.parse_args()
     run(args)
 
 
 def run(args: argparse.Namespace) -> None:
-    cfg = ModelConfig(num_layers=args.layers, seq_model=SeqModel(args.seq_model), unroll_layers=not args.scan)
+    cfg = ModelConfig(num_layers=args.layers, seq_model=SeqModel(args.seq_model))
+    loop = "scan" if args.scan else "unroll"  # the layer loop switch is read when the functions are traced
     model, state = make_model(cfg, args.num_classes, key=jr.PRNGKey(0), image_size=args.image_size)
     k1, k2, k3 = jr.split(jr.PRNGKey(1), 3)
     examples = jr.uniform(k1, (args.batch, args.seq_len, args.image_size, args.image_size, 1))
@@ -82,26 +83,21 @@ def run(args: argparse.Namespace) -> None:
 
     grad_args = (params, state, examples, labels, k3)
     t0 = time.perf_counter()
-    compiled = grad_fn.lower(*grad_args).compile()
+    with use_layer_loop(loop):
+        compiled = grad_fn.lower(*grad_args).compile()
     t_compile = time.perf_counter() - t0
-    # XLA counts a loop body once: with --scan, count FLOPs on the same model with unrolled blocks
+    # XLA counts a loop body once: with --scan, count FLOPs on the same function traced with unrolled blocks
     if args.scan:
-        unrolled, unrolled_state = make_model(dataclasses.replace(cfg, unroll_layers=True), args.num_classes,
-                                              key=jr.PRNGKey(0), image_size=args.image_size)
-        unrolled_params, unrolled_static = eqx.partition(unrolled, eqx.is_array)
-
-        def unrolled_loss(p, st, ex, lab, key):
-            return loss_fn(eqx.combine(p, unrolled_static), st, ex, lab, key)
-
-        flops = cost_flops(jax.jit(jax.value_and_grad(unrolled_loss, has_aux=True))
-                           .lower(unrolled_params, unrolled_state, *grad_args[2:]).compile())
+        with use_layer_loop("unroll"):
+            flops = cost_flops(jax.jit(jax.value_and_grad(pure_loss, has_aux=True)).lower(*grad_args).compile())
     else:
         flops = cost_flops(compiled)
     t_grad = _time(compiled, grad_args, args.steps)
 
     step_args = (params, state, opt_state, examples, labels, k3)
     t0 = time.perf_counter()
-    compiled_step = train_step.lower(*step_args).compile()
+    with use_layer_loop(loop):
+        compiled_step = train_step.lower(*step_args).compile()
     t_compile_step = time.perf_counter() - t0
     t_step = _time(compiled_step, step_args, args.steps)
 

@@ -39,6 +39,7 @@ from trainer.data import BatchStream, open_shard_set  # noqa: E402
 from trainer.images import GRAY_LUT, resize_matrix  # noqa: E402
 from trainer.models import ModelConfig  # noqa: E402
 from trainer.images import device_table  # noqa: E402
+from trainer.models.kernels import layer_loop  # noqa: E402
 from trainer.runtime.distributed import make_topology, replicate  # noqa: E402
 from trainer.state import init_state  # noqa: E402
 from trainer.step import StepContext, make_train_step  # noqa: E402
@@ -54,7 +55,7 @@ def finished_images(table, batch, set_cfg):
 
 def _flops_per_step(ctx, table, state, batches) -> float:
     """FLOPs of ONE step: XLA's cost analysis counts a loop body once, so count a 1-step dispatch (the model's
-    transformer blocks are unrolled: `unroll_layers`, checked in main)."""
+    transformer blocks are unrolled: the layer loop, checked in main)."""
     step = make_train_step(ctx)
     return cost_flops(step.lower(table, state, jax.tree_util.tree_map(lambda x: x[:1], batches)).compile())
 
@@ -88,7 +89,7 @@ def main() -> None:
         shards = open_shard_set(set_dir)
         cfg = TrainConfig(model=ModelConfig(num_layers=args.layers),
                           training=TrainingConfig(batch_size=args.batch, image_size=args.image_size)).validate()
-        assert cfg.model.unroll_layers, "FLOPs are counted on unrolled transformer blocks"
+        assert layer_loop() == "unroll", "FLOPs are counted on unrolled transformer blocks: unset EMERGENT_ICL_LAYERS"
         topo = make_topology(1)
         table = device_table(shards, args.image_size, topo, args.omniglot, args.cache_dir)
         images_u8 = np.asarray(load_image_table(args.omniglot, args.cache_dir, progress=False).images)

@@ -412,14 +412,18 @@ def to_plain(obj: Any) -> Any:
 
 
 def from_plain(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass `cls` from nested dicts, converting enums; unknown keys are errors."""
+    """Build dataclass `cls` from nested dicts, converting enums; unknown keys are errors, except the
+    options of earlier versions that `cls.RETIRED` names (dropped: old stored configs still load)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a table, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = _type_hints(cls)
+    retired = getattr(cls, "RETIRED", {})  # options of earlier versions, dropped on reading ({name: why})
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
+        if name in retired:
+            continue
         if name not in fields:
             valid = ", ".join(sorted(fields))
             raise ConfigError(f"unknown option '{where}{key}'; valid options here: {valid}")

@@ -18,7 +18,7 @@ from tests.trainkit import symbolic_set, tiny_config
 from trainer.analyze.measures import ANALYSIS_FILE, analyze_run, head_mask, read_analysis, score_sums, summarize_scores
 from trainer.cli import main
 from trainer.fit import fit
-from trainer.models.layers import gelu
+from trainer.models.kernels import gelu
 from trainer.models.transformer import Transformer
 
 

@@ -1,12 +1,14 @@
 """Tests of trainer.models: shapes, token order, causality, BatchNorm semantics, parameter count, keys.
 
 Tiny configs (2 layers, 16-28 px images) keep this file fast; the full-size parameter count is computed
-with `eqx.filter_eval_shape` (no arrays allocated).
+with `eqx.filter_eval_shape` (no arrays allocated). The hand-written kernels are tested against their
+references in tests/test_kernels.py.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import equinox as eqx
@@ -29,9 +31,11 @@ from trainer.models import (
     positional_encodings,
     targets,
 )
-from trainer.models.layers import gelu, layer_norm, truncated_normal
-from trainer.models.transformer import Transformer, causal_attention
-from trainer.models.resnet import batch_norm_train, conv_same, max_pool_3x3_s2, relu_max_pool_3x3_s2
+from trainer.config import TrainConfig
+from trainer.models.kernels import use_layer_loop
+from trainer.models.layers import truncated_normal
+from trainer.models.transformer import Transformer
+from trainer.run import RunDir
 
 NUM_CLASSES = 11
 
@@ -260,27 +264,6 @@ def test_batchnorm_training_output_matches_equinox():
     np.testing.assert_allclose(ours, jnp.moveaxis(theirs, 1, -1), rtol=1e-4, atol=1e-4)
 
 
-def test_batchnorm_gradient_matches_autodiff_of_the_formula():
-    x = jr.normal(jr.PRNGKey(0), (6, 5, 5, 4)) * jnp.array([1.0, 2.0, 0.5, 3.0]) + jnp.array([0.5, -1.0, 2.0, 0.0])
-    scale, offset = jr.normal(jr.PRNGKey(1), (4,)), jr.normal(jr.PRNGKey(2), (4,))
-
-    def reference(x, scale, offset):  # hk.BatchNorm's training arithmetic, differentiated by JAX
-        mean = jnp.mean(x, axis=(0, 1, 2))
-        var = jnp.mean(jnp.square(x), axis=(0, 1, 2)) - jnp.square(mean)
-        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + offset, mean, var
-
-    ours_out = batch_norm_train(x, scale, offset, 1e-5)
-    for a, b in zip(ours_out, reference(x, scale, offset)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    # cotangents for all three outputs (the model stops gradients at mean and var, the function does not)
-    cts = (jr.normal(jr.PRNGKey(3), x.shape), jr.normal(jr.PRNGKey(4), (4,)), jr.normal(jr.PRNGKey(5), (4,)))
-    ours = jax.vjp(lambda *a: batch_norm_train(*a, 1e-5), x, scale, offset)[1](cts)
-    _grads_close(ours, jax.vjp(reference, x, scale, offset)[1](cts), rtol=2e-5)
-    only_y = (cts[0], jnp.zeros(4), jnp.zeros(4))
-    ours = jax.vjp(lambda *a: batch_norm_train(*a, 1e-5), x, scale, offset)[1](only_y)
-    _grads_close(ours, jax.vjp(reference, x, scale, offset)[1](only_y), rtol=2e-5)
-
-
 def test_model_state_updates_in_training_only():
     cfg = tiny()
     model, state = make_model(cfg, NUM_CLASSES, key=jr.PRNGKey(0))
@@ -296,121 +279,18 @@ def test_model_state_updates_in_training_only():
 # ---------------------------------------------------------------- ResNet details
 
 
-@pytest.mark.parametrize("h,w", [(1, 1), (2, 3), (7, 7), (14, 14), (27, 27), (53, 53)])
-def test_max_pool_matches_reduce_window(h, w):
-    x = jr.normal(jr.PRNGKey(h * 100 + w), (h, w, 3))
-    ref = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (3, 3, 1), (2, 2, 1), "SAME")
-    np.testing.assert_array_equal(max_pool_3x3_s2(x), ref)
-
-
-@pytest.mark.parametrize("shape,k,stride", [((3, 28, 28, 1), 7, 2), ((4, 7, 7, 4), 3, 1), ((2, 7, 7, 8), 3, 2),
-                                             ((2, 4, 4, 8), 3, 2), ((1, 5, 6, 3), 3, 2), ((2, 9, 9, 2), 7, 2)])
-def test_conv_gradients_match_autodiff(shape, k, stride):
-    x = jr.normal(jr.PRNGKey(0), shape)
-    w = jr.normal(jr.PRNGKey(1), (k, k, shape[-1], 5))
-
-    def conv(x, w):
-        return jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-    ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(conv_same(x, w, stride))), (0, 1))(x, w)
-    ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w))), (0, 1))(x, w)
-    np.testing.assert_allclose(conv_same(x, w, stride), conv(x, w), rtol=0, atol=0)
-    # Under differentiation the forward is a patches matmul: the same sums in another order.
-    trained = jax.vjp(lambda x, w: conv_same(x, w, stride), x, w)[0]
-    np.testing.assert_allclose(trained, conv(x, w), rtol=1e-5, atol=1e-5)
-    for a, b in zip(ours, ref):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
-
-
 def _grads_close(ours, ref, rtol=1e-5):
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.abs(b).max()))
 
 
-def test_layer_norm_matches_autodiff_of_the_formula():
-    x = jr.normal(jr.PRNGKey(0), (4, 5, 16)) * 3 + 1
-    scale, offset = jr.normal(jr.PRNGKey(1), (16,)), jr.normal(jr.PRNGKey(2), (16,))
-
-    def reference(x, scale, offset):  # hk.LayerNorm's arithmetic, differentiated by JAX
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        return (x - mean) * jax.lax.rsqrt(jnp.var(x, axis=-1, keepdims=True) + 1e-5) * scale + offset
-
-    np.testing.assert_allclose(layer_norm(x, scale, offset, 1e-5), reference(x, scale, offset), rtol=1e-6, atol=1e-6)
-    g = jr.normal(jr.PRNGKey(3), x.shape)
-    ours = jax.vjp(lambda *a: layer_norm(*a, 1e-5), x, scale, offset)[1](g)
-    _grads_close(ours, jax.vjp(reference, x, scale, offset)[1](g))
-    # under vmap (as the model calls it), parameter cotangents are summed over the batch
-    batched = jax.vjp(lambda x, s, o: jax.vmap(lambda r: layer_norm(r, s, o, 1e-5))(x), x, scale, offset)[1](g)
-    _grads_close(batched, jax.vjp(reference, x, scale, offset)[1](g))
-
-
-def test_unrolled_and_scanned_layers_agree():
-    """`unroll_layers` changes how the identical blocks run, not what they compute (dropout keys included)."""
-    kw = dict(key=jr.PRNGKey(0), dropout_prob=0.2)
-    unrolled, scanned = Transformer(16, 7, 3, 2, unroll=True, **kw), Transformer(16, 7, 3, 2, unroll=False, **kw)
-    x = jr.normal(jr.PRNGKey(1), (5, 16))
-    key = jr.PRNGKey(2)
-    np.testing.assert_allclose(unrolled(x, key=key), scanned(x, key=key), rtol=1e-5, atol=1e-6)
-    plain = eqx.nn.inference_mode(unrolled)(x, key=None)
-    np.testing.assert_allclose(plain, eqx.nn.inference_mode(scanned)(x, key=None), rtol=1e-5, atol=1e-6)
-    assert not np.allclose(unrolled(x, key=key), plain, atol=1e-3)  # dropout acts
-
-    def grads(m):
-        return eqx.filter_grad(lambda m, x: jnp.sum(jnp.sin(m(x, key=jr.PRNGKey(3)))))(m, x)
-
-    _grads_close(eqx.filter(grads(unrolled), eqx.is_array), eqx.filter(grads(scanned), eqx.is_array))
-
-
-def test_gelu_matches_jax_and_its_autodiff():
-    x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 4001), jr.normal(jr.PRNGKey(0), (999,)) * 3])
-    np.testing.assert_array_equal(gelu(x), jax.nn.gelu(x))  # the forward IS jax.nn.gelu (tanh approximation)
-    g = jr.normal(jr.PRNGKey(1), x.shape)
-    _grads_close(jax.vjp(gelu, x)[1](g), jax.vjp(jax.nn.gelu, x)[1](g))
-    # the exact derivative, in float64 arithmetic (NumPy): checks the formula, not only agreement with autodiff
-    xd = np.asarray(x, np.float64)
-    c = math.sqrt(2 / math.pi)
-    t = np.tanh(c * (xd + 0.044715 * xd**3))
-    d = 0.5 * (1 + t) + 0.5 * xd * (1 - t**2) * c * (1 + 3 * 0.044715 * xd**2)
-    np.testing.assert_allclose(jax.grad(lambda z: gelu(z).sum())(x), d, rtol=1e-5, atol=1e-5)  # float32 tanh saturates
-
-
-def test_attention_matches_autodiff_and_library():
-    q, k, v = (jr.normal(jr.PRNGKey(i), (7, 3, 4)) for i in range(3))
-
-    def reference(q, k, v):  # jax's own causal attention, differentiated by JAX
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-
-    np.testing.assert_allclose(causal_attention(q, k, v), reference(q, k, v), rtol=1e-5, atol=1e-6)
-    g = jr.normal(jr.PRNGKey(5), q.shape)
-    _grads_close(jax.vjp(causal_attention, q, k, v)[1](g), jax.vjp(reference, q, k, v)[1](g))
-    g = jr.normal(jr.PRNGKey(6), (2, *q.shape))  # batched, as in the model
-    ours = jax.vjp(jax.vmap(causal_attention), *(jnp.stack([a, a * 0.5]) for a in (q, k, v)))[1](g)
-    ref = jax.vjp(jax.vmap(reference), *(jnp.stack([a, a * 0.5]) for a in (q, k, v)))[1](g)
-    _grads_close(ours, ref)
-
-
-@pytest.mark.parametrize("tq", [1, 3])
-def test_attention_of_the_last_queries_only(tq):
-    """q holding only the last tq tokens' queries gives those rows of the full causal attention."""
-    q, k, v = (jr.normal(jr.PRNGKey(i), (7, 3, 4)) for i in range(3))
-    full = causal_attention(q, k, v)
-    np.testing.assert_allclose(causal_attention(q[-tq:], k, v), full[-tq:], rtol=1e-5, atol=1e-6)
-    g = jr.normal(jr.PRNGKey(5), (tq, 3, 4))
-    ours = jax.vjp(lambda q, k, v: causal_attention(q[-tq:], k, v), q, k, v)[1](g)
-    ref = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)[-tq:], q, k, v)[1](g)
-    _grads_close(ours, ref)
-
-
-@pytest.mark.parametrize("unroll", [True, False])
+@pytest.mark.parametrize("loop", ["unroll", "scan"])
 @pytest.mark.parametrize("layers", [1, 3])
-def test_query_only_transformer_is_the_last_row(unroll, layers):
+def test_query_only_transformer_is_the_last_row(loop, layers):
     """query_only runs the last block for the query token alone: same logits and gradients as the full
-    output's last row."""
-    tr = eqx.nn.inference_mode(Transformer(16, 7, layers, 2, unroll=unroll, key=jr.PRNGKey(0)))
+    output's last row (with either layer loop, `kernels.use_layer_loop`)."""
+    tr = eqx.nn.inference_mode(Transformer(16, 7, layers, 2, key=jr.PRNGKey(0)))
     x = jr.normal(jr.PRNGKey(1), (5, 16))
-    query = tr(x, key=None, query_only=True)
-    assert query.shape == (1, 7)
-    np.testing.assert_allclose(query, tr(x, key=None)[-1:], rtol=1e-5, atol=1e-6)
 
     def grads(query_only):
         def f(m, x):
@@ -418,18 +298,11 @@ def test_query_only_transformer_is_the_last_row(unroll, layers):
             return jnp.sum(jnp.sin(out[-1]))
         return eqx.filter_grad(f)(tr, x)
 
-    _grads_close(eqx.filter(grads(True), eqx.is_array), eqx.filter(grads(False), eqx.is_array))
-
-
-@pytest.mark.parametrize("h,w", [(2, 3), (7, 7), (14, 14), (27, 27)])
-def test_relu_max_pool_gradient_matches_autodiff(h, w):
-    # Integer-valued inputs: ties inside windows and exact zeros exercise the tie-splitting rules.
-    x = jnp.round(jr.normal(jr.PRNGKey(h + w), (h, w, 3)) * 2)
-    g = jr.normal(jr.PRNGKey(7), max_pool_3x3_s2(x).shape)
-    ours = jax.vjp(relu_max_pool_3x3_s2, x)[1](g)[0]
-    ref = jax.vjp(lambda v: max_pool_3x3_s2(jax.nn.relu(v)), x)[1](g)[0]
-    np.testing.assert_array_equal(relu_max_pool_3x3_s2(x), max_pool_3x3_s2(jax.nn.relu(x)))
-    np.testing.assert_array_equal(ours, ref)
+    with use_layer_loop(loop):
+        query = tr(x, key=None, query_only=True)
+        assert query.shape == (1, 7)
+        np.testing.assert_allclose(query, tr(x, key=None)[-1:], rtol=1e-5, atol=1e-6)
+        _grads_close(eqx.filter(grads(True), eqx.is_array), eqx.filter(grads(False), eqx.is_array))
 
 
 def test_resnet_structure_and_init():
@@ -559,3 +432,23 @@ def test_config_roundtrip_and_string_enums():
     assert cfg.seq_model is SeqModel.LSTM and cfg.resnet_blocks == (1, 1, 1, 1)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     assert math.isclose(ModelConfig().positional_max_time, 30.0)
+
+
+def test_configs_stored_with_the_retired_unroll_layers_still_load(tmp_path):
+    """`unroll_layers` was a model option until it became the layer-loop speed switch: configs stored with it
+    (run directories' config.json, checkpoint metadata, sweep plans) load, without it; a misspelt option is
+    still an error."""
+    stored = TrainConfig().to_dict()
+    assert "unroll_layers" not in stored["model"]
+    for value in (True, False):
+        stored["model"]["unroll_layers"] = value
+        assert TrainConfig.from_dict(stored) == TrainConfig()
+    assert ModelConfig.from_dict({"unroll_layers": True, "emb_dim": 32}) == ModelConfig(emb_dim=32)
+    with pytest.raises(ConfigError, match="unknown option 'model.unroll_layer'"):
+        ModelConfig.from_dict({"unroll_layer": True})
+    run = RunDir(tmp_path / "run")
+    run.create(TrainConfig(), {"train": {"path": "train", "fingerprint": "0"}, "eval": []})
+    record = json.loads(run.config_path.read_text())
+    record["trainer"]["model"]["unroll_layers"] = True  # as every run directory written before
+    run.config_path.write_text(json.dumps(record))
+    assert run.train_config() == TrainConfig()

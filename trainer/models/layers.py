@@ -1,4 +1,6 @@
-"""Small building blocks shared by the model's modules: the original's initialisers, a dense layer, dropout.
+"""The Haiku building blocks the original's modules use, in Equinox: initialisers, `Dense` (`hk.Linear`),
+`Conv2d` (`hk.Conv2D`), `BatchNorm` (`hk.BatchNorm`), `LayerNorm` (`hk.LayerNorm`) and `dropout`. Their
+arithmetic lives in `trainer.models.kernels` (hand-written kernels beside plain-JAX references).
 
 Initialisers follow Haiku (which the original uses) exactly:
 
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from trainer.models.kernels import custom_kernels
+from trainer.models import kernels
 
 # Standard deviation of a unit normal truncated to [-2, 2] (scipy.stats.truncnorm.std(-2, 2)).
 _TRUNCNORM_STD = 0.87962566103423978
@@ -72,8 +74,80 @@ def dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
     return jnp.where(jr.bernoulli(key, keep, x.shape), x / keep, 0.0)
 
 
-def layer_norm_params(dim: int) -> tuple[Array, Array]:
-    return jnp.ones((dim,), jnp.float32), jnp.zeros((dim,), jnp.float32)
+class Conv2d(eqx.Module):
+    """`hk.Conv2D(with_bias=False, padding="SAME")` on channels-last images `[N, H, W, C]`; weights HWIO."""
+
+    weight: Float[Array, "kh kw cin cout"]
+    stride: int = eqx.field(static=True)
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, *, key: PRNGKeyArray):
+        self.weight = truncated_normal(key, (kernel, kernel, cin, cout), haiku_default_std(kernel * kernel * cin))
+        self.stride = stride
+
+    def __call__(self, x: Float[Array, "n h w cin"]) -> Float[Array, "n h2 w2 cout"]:
+        return kernels.conv2d(x, self.weight, self.stride)
+
+
+class BatchNorm(eqx.Module):
+    """`hk.BatchNorm(create_scale=True, create_offset=True, decay_rate, eps)` on channels-last inputs.
+
+    In training it normalises with the statistics of ALL inputs of the batch (every axis but the channels),
+    with the biased variance E[x^2] - E[x]^2, and updates a zero-debiased exponential moving average
+    (hidden state starting at zero; the average after n updates is hidden / (1 - decay^n)); at inference
+    it normalises with that average. This is NOT `eqx.nn.BatchNorm(mode="batch")`, which debiases the same
+    way but starts the variance's hidden state at ONE (so its running variance is off by decay^n /
+    (1 - decay^n) for the first ~50 steps) and is channels-first (it would need transposes around every call).
+    """
+
+    scale: Float[Array, " c"]
+    offset: Float[Array, " c"]
+    stats: eqx.nn.StateIndex  # (counter int32[], hidden_mean f32[c], hidden_var f32[c])
+    inference: bool
+    decay: float = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        decay: float = 0.9,
+        eps: float = 1e-5,
+        zero_scale: bool = False,
+        inference: bool = False,
+    ):
+        init = jnp.zeros if zero_scale else jnp.ones
+        self.scale = init((channels,), jnp.float32)
+        self.offset = jnp.zeros((channels,), jnp.float32)
+        zeros = jnp.zeros((channels,), jnp.float32)
+        self.stats = eqx.nn.StateIndex((jnp.array(0, jnp.int32), zeros, zeros))
+        self.inference = inference
+        self.decay = decay
+        self.eps = eps
+
+    def running_stats(self, state: eqx.nn.State) -> tuple[Array, Array]:
+        """The debiased moving averages (mean, var) used at inference (0 and 1 before any update)."""
+        counter, hidden_mean, hidden_var = state.get(self.stats)
+        debias = 1.0 - jnp.power(jnp.float32(self.decay), counter.astype(jnp.float32))
+        seen = counter > 0
+        mean = jnp.where(seen, hidden_mean / jnp.where(seen, debias, 1.0), 0.0)
+        var = jnp.where(seen, hidden_var / jnp.where(seen, debias, 1.0), 1.0)
+        return mean, var
+
+    def __call__(self, x: Float[Array, "n ... c"], state: eqx.nn.State) -> tuple[Array, eqx.nn.State]:
+        """Normalise `x` (all axes but the last are the batch); in training, update the moving averages."""
+        if self.inference:
+            mean, var = self.running_stats(state)
+            inv = self.scale * jax.lax.rsqrt(var + self.eps)
+            return (x - mean) * inv + self.offset, state
+        y, mean, var = kernels.batch_norm(x, self.scale, self.offset, self.eps)
+        counter, hidden_mean, hidden_var = state.get(self.stats)
+        d = self.decay
+        new = (
+            counter + 1,
+            hidden_mean * d + jax.lax.stop_gradient(mean) * (1.0 - d),
+            hidden_var * d + jax.lax.stop_gradient(var) * (1.0 - d),
+        )
+        return y, state.set(self.stats, new)
 
 
 class LayerNorm(eqx.Module):
@@ -84,80 +158,9 @@ class LayerNorm(eqx.Module):
     eps: float = eqx.field(static=True, default=1e-5)
 
     def __init__(self, dim: int, eps: float = 1e-5):
-        self.scale, self.offset = layer_norm_params(dim)
+        self.scale = jnp.ones((dim,), jnp.float32)
+        self.offset = jnp.zeros((dim,), jnp.float32)
         self.eps = eps
 
     def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
-        if not custom_kernels():
-            normed, _ = _layer_norm_parts(x, self.eps)  # autodiff of the formula (the "xla" kernel path)
-            return normed * self.scale + self.offset
-        return layer_norm(x, self.scale, self.offset, self.eps)
-
-
-def _layer_norm_parts(x: Array, eps: float) -> tuple[Array, Array]:
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    centred = x - mean
-    inv = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)  # jnp.var's arithmetic
-    return centred * inv, inv
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x: Array, scale: Array, offset: Array, eps: float) -> Array:
-    """(x - mean) / sqrt(var + eps) * scale + offset over the last axis, with a hand-written backward pass.
-
-    The backward is the textbook one (two reductions over the feature axis, one elementwise pass); autodiff
-    of mean and variance emits several more small operations, which dominate on a CPU at these sizes.
-    """
-    normed, _ = _layer_norm_parts(x, eps)
-    return normed * scale + offset
-
-
-def _layer_norm_fwd(x, scale, offset, eps):
-    normed, inv = _layer_norm_parts(x, eps)
-    return normed * scale + offset, (normed, inv, scale)
-
-
-def _layer_norm_bwd(eps, res, g):
-    normed, inv, scale = res
-    lead = tuple(range(g.ndim - 1))
-    g_normed = g * scale
-    g_x = inv * (g_normed - jnp.mean(g_normed, axis=-1, keepdims=True)
-                 - normed * jnp.mean(g_normed * normed, axis=-1, keepdims=True))
-    return g_x, jnp.sum(g * normed, axis=lead), jnp.sum(g, axis=lead)
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
-_GELU_C = math.sqrt(2.0 / math.pi)
-
-
-def gelu_op(x: Array) -> Array:
-    """`gelu` on the "custom" kernel path, `jax.nn.gelu` with autodiff on the "xla" path (kernels.py)."""
-    return gelu(x) if custom_kernels() else jax.nn.gelu(x)
-
-
-@jax.custom_vjp
-def gelu(x: Array) -> Array:
-    """`jax.nn.gelu(x)` (the tanh approximation, as the original) with a backward pass that keeps only `x`.
-
-    The derivative is recomputed from `x` in one elementwise pass; autodiff keeps several intermediate
-    [tokens, 4 * dim] arrays per layer for the backward pass (which `lax.scan` over the layers would also
-    stack and slice).
-    """
-    return jax.nn.gelu(x)
-
-
-def _gelu_fwd(x):
-    return jax.nn.gelu(x), x
-
-
-def _gelu_bwd(x, g):
-    # d/dx 0.5 x (1 + tanh(u)), u = c (x + 0.044715 x^3):  0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)
-    x2 = x * x
-    t = jnp.tanh(jnp.float32(_GELU_C) * (x + jnp.float32(0.044715) * x2 * x))
-    d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * jnp.float32(_GELU_C) * (1.0 + jnp.float32(3 * 0.044715) * x2)
-    return (g * d,)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
+        return kernels.layer_norm(x, self.scale, self.offset, self.eps)

@@ -1,9 +1,9 @@
 """The full model (embedder + sequence model) and its batched forward pass (the original's `_forward_fn`).
 
-`Model.__call__` handles ONE sequence. `forward` encodes the examples of the whole batch at once (the
-ResNet runs on the flat batch of B*L images, so BatchNorm uses the statistics of all of them, as the
-original's `hk.BatchApply`), then vmaps `Model.sequence_logits` over the sequences; it switches training /
-inference with `eqx.nn.inference_mode`.
+`Model.sequence_logits` handles ONE sequence of encoded examples. `forward` encodes the examples of the
+whole batch at once (the ResNet runs on the flat batch of B*L images, so BatchNorm uses the statistics of
+all of them, as the original's `hk.BatchApply`), then vmaps `Model.sequence_logits` over the sequences; it
+switches training / inference with `eqx.nn.inference_mode`.
 
 Outputs are the original's: logits for every token, `[B, 2L-1, num_classes]` with interleaved labels
 (`x0, y0, ..., x_query`) or `[B, L, num_classes]` with `concatenate_labels`; `targets` gives the label
@@ -55,7 +55,6 @@ class Model(eqx.Module):
                 dropout_prob=cfg.dropout_prob,
                 self_att_init_scale=cfg.self_att_init_scale,
                 dense_init_scale=cfg.dense_init_scale,
-                unroll=cfg.unroll_layers,
                 key=k_seq,
             )
         else:
@@ -68,21 +67,6 @@ class Model(eqx.Module):
                 dense_init_scale=cfg.dense_init_scale,
                 key=k_seq,
             )
-
-    def __call__(
-        self,
-        examples: Array,
-        labels: Int[Array, " l"],
-        state: eqx.nn.State,
-        *,
-        key: PRNGKeyArray | None,
-        pos_key: PRNGKeyArray | None,
-        query_only: bool = False,
-    ) -> tuple[Float[Array, "t c"], eqx.nn.State]:
-        """One sequence: examples `[L, H, W, 1]` float or `[L]` int, labels `[L]` -> logits `[T, C]`
-        (`[1, C]`, the query's, with `query_only`). BatchNorm sees this sequence's L images."""
-        h_example, state = self.embedder.encode_examples(examples, state)
-        return self.sequence_logits(h_example, labels, key=key, pos_key=pos_key, query_only=query_only), state
 
     def sequence_logits(
         self,

@@ -12,11 +12,10 @@ tanh approximation, `jax.nn.gelu`'s default, as the original). Every dense layer
 acts at training only; the original's attention-weight dropout is 0 and is not offered.
 
 Implementation choices (same arithmetic as the original): q, k and v come from one fused [D, 3D] matrix
-(three independently initialised [D, D] blocks side by side); attention is `causal_attention` (the
-arithmetic of `jax.nn.dot_product_attention(is_causal=True)`, faster on CPU); the identical blocks are
-stacked (built with `eqx.filter_vmap`) and run either as an unrolled Python loop (`unroll`, the default: on
-a 2-core CPU about 5 ms/step faster at 12 layers, because the scan stacks and slices every layer's saved
-activations) or with `jax.lax.scan`, which compiles one block instead of twelve.
+(three independently initialised [D, D] blocks side by side); attention, LayerNorm and GELU are
+`kernels.causal_attention`, `kernels.layer_norm`, `kernels.gelu`; the identical blocks are stacked (built
+with `eqx.filter_vmap`) and run as an unrolled Python loop or as one `jax.lax.scan` body, by the speed
+switch `kernels.layer_loop()` (the same function either way).
 With `query_only` (the loss and metrics read only the query's logits) the last block computes the query
 token's output alone: its keys and values still come from every token, nothing else of it is used.
 
@@ -36,57 +35,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from trainer.models.kernels import custom_kernels
-from trainer.models.layers import Dense, LayerNorm, dropout, gelu_op, truncated_normal, variance_scaling_std
-
-
-def _attention(q: Array, k: Array, v: Array) -> tuple[Array, Array]:
-    t_q, _, head_dim = q.shape
-    t_k = k.shape[0]
-    scores = jnp.einsum("thk,shk->hts", q, k) * jnp.float32(1.0 / head_dim**0.5)
-    causal = jnp.tril(jnp.ones((t_q, t_k), bool), k=t_k - t_q)  # the queries are the last t_q tokens
-    weights = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(jnp.float32).min), axis=-1)
-    return jnp.einsum("hts,shk->thk", weights, v), weights
-
-
-@jax.custom_vjp
-def causal_attention(q: Float[Array, "tq h k"], k: Float[Array, "t h k"], v: Float[Array, "t h k"]) -> Array:
-    """Softmax(q k^T / sqrt(head_dim)) v with a causal mask, per head: `jax.nn.dot_product_attention(q, k, v,
-    is_causal=True)` up to float32 round-off. `q` may hold only the last `tq` of the `t` tokens' queries
-    (the transformer's last block, when only the query token's output is needed).
-
-    Written as two einsums over [heads, t, t] scores: on CPU these lower to two batched matmuls each way,
-    where the library function adds layout transposes and a costlier backward pass (~30% slower here).
-    The backward pass is written out (the softmax Jacobian applied directly: four einsums and one
-    reduction), which saves autodiff's extra passes over the [heads, t, t] arrays.
-    """
-    return _attention(q, k, v)[0]
-
-
-def _attention_fwd(q, k, v):
-    out, weights = _attention(q, k, v)
-    return out, (q, k, v, weights)
-
-
-def _attention_bwd(res, g):
-    q, k, v, weights = res
-    scale = jnp.float32(1.0 / q.shape[-1] ** 0.5)
-    g_v = jnp.einsum("hts,thk->shk", weights, g)
-    g_weights = jnp.einsum("thk,shk->hts", g, v)
-    # softmax: g_scores = w * (g_w - sum_s g_w * w); masked entries have w = 0 and get nothing
-    g_scores = weights * (g_weights - jnp.sum(g_weights * weights, axis=-1, keepdims=True)) * scale
-    return jnp.einsum("hts,shk->thk", g_scores, k), jnp.einsum("hts,thk->shk", g_scores, q), g_v
-
-
-causal_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def attention_xla(q: Float[Array, "tq h k"], k: Float[Array, "t h k"], v: Float[Array, "t h k"]) -> Array:
-    """`causal_attention` on the "xla" kernel path (trainer/models/kernels.py): the library's
-    `jax.nn.dot_product_attention` with autodiff (XLA's fused attention where the platform has one)."""
-    t_q, t_k = q.shape[0], k.shape[0]
-    causal = jnp.tril(jnp.ones((t_q, t_k), bool), k=t_k - t_q)  # the queries are the last t_q tokens
-    return jax.nn.dot_product_attention(q, k, v, mask=causal[None])
+from trainer.models import kernels
+from trainer.models.layers import Dense, LayerNorm, dropout, truncated_normal, variance_scaling_std
 
 
 class TransformerBlock(eqx.Module):
@@ -141,17 +91,17 @@ class TransformerBlock(eqx.Module):
         if last_only:
             q, x = q[-1:], x[-1:]
         if collect or head_ablation is not None:  # analysis only: the same forward arithmetic, inspectable
-            heads, weights = _attention(q, k, v)
+            heads, weights = kernels.attention_with_weights(q, k, v)
             if head_ablation is not None:
                 keep, replace = head_ablation
                 keep = keep[None, :, None]
                 heads = heads * keep + (1.0 - keep) * replace[t - heads.shape[0]:]
         else:
-            heads, weights = (causal_attention if custom_kernels() else attention_xla)(q, k, v), None
+            heads, weights = kernels.causal_attention(q, k, v), None
         att = heads.reshape(x.shape[0], d)
         x = x + dropout(self.attn_out(att), rate, k_att)
 
-        h = gelu_op(self.mlp_in(self.ln_mlp(x)))
+        h = kernels.gelu(self.mlp_in(self.ln_mlp(x)))
         out = x + dropout(self.mlp_out(h), rate, k_mlp)
         return (out, weights, heads) if collect else out
 
@@ -163,7 +113,6 @@ class Transformer(eqx.Module):
     final_ln: LayerNorm
     head: Dense
     num_layers: int = eqx.field(static=True)
-    unroll: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -176,7 +125,6 @@ class Transformer(eqx.Module):
         dropout_prob: float = 0.0,
         self_att_init_scale: float = 1.0,
         dense_init_scale: float = 1.0,
-        unroll: bool = True,
         key: PRNGKeyArray,
     ):
         k_blocks, k_head = jr.split(key)
@@ -196,7 +144,6 @@ class Transformer(eqx.Module):
         self.final_ln = LayerNorm(dim)
         self.head = Dense(dim, num_classes, std=variance_scaling_std(dim, dense_init_scale), key=k_head)
         self.num_layers = num_layers
-        self.unroll = unroll
 
     def __call__(self, x: Float[Array, "t d"], *, key: PRNGKeyArray | None,
                  query_only: bool = False, collect: bool = False,
@@ -220,7 +167,7 @@ class Transformer(eqx.Module):
         # With query_only the last block computes the query token's output alone (its keys and values
         # still come from every token): the other tokens' outputs of the last block reach nothing.
         full = self.num_layers - 1 if query_only else self.num_layers
-        if self.unroll:
+        if kernels.layer_loop() == "unroll":
             for i in range(full):
                 x, _ = layer(x, select(i))
         elif full > 0:
