@@ -9,7 +9,7 @@ row) and times, as medians over `--repeats` runs in this process:
 - `ranges`: `seqgen.shards.range_problems` over the whole shard (what the reader does per block);
 - `read`: reading the shard's four datasets into int32 arrays (the reader's own work, the baseline).
 An epoch of that shard is rows / batch size training steps; its compute time uses `--ms-per-step` (default:
-the paper model at 28 px on this 2-core CPU, README "Speed"; a GPU is faster, so pass its figure there).
+the paper model at 28 px on this 2-core CPU, docs/speed.md; a GPU is faster, so pass its figure there).
 """
 
 from __future__ import annotations

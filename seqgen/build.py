@@ -96,7 +96,7 @@ def ensure_omniglot(omniglot_dir: Any, *, progress: bool = True) -> Path:
 
 # ---- pixels ---------------------------------------------------------------------------------
 def image_coordinates(cfg: BuildConfig, example: np.ndarray, exemplar: np.ndarray):
-    """(character, drawing, transform) of dataset class ids, as README "Shard format" defines them."""
+    """(character, drawing, transform) of dataset class ids, as docs/shard-format.md defines them."""
     ids = example.astype(np.int64)
     if cfg.dataset.augment:
         transform, base = ids % N_AUGMENTATIONS, ids // N_AUGMENTATIONS

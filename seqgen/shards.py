@@ -1,4 +1,4 @@
-"""The on-disk shard format (README "Shard format (version 1)"): HDF5 shards, sidecars, the manifest.
+"""The on-disk shard format (docs/shard-format.md): HDF5 shards, sidecars, the manifest.
 
 A shard set is one directory. While it is being built it holds `build.json` (the identity of the build:
 everything the manifest will say except the shard list), one `shard-NNNNN.h5` per `shard_size`
@@ -71,7 +71,7 @@ def storage_dtypes(cfg: BuildConfig) -> dict[str, np.dtype]:
     }
 
 
-# The dtypes the format allows for each dataset (README "Shard format"); `storage_dtypes` picks one of them.
+# The dtypes the format allows for each dataset (docs/shard-format.md); `storage_dtypes` picks one of them.
 FORMAT_DTYPES: dict[str, tuple[np.dtype, ...]] = {
     "example": (np.dtype(np.int16), np.dtype(np.int32)),
     "exemplar": (np.dtype(np.uint8),),

@@ -1,4 +1,4 @@
-"""Test helper: write a small shard set exactly in the README's "Shard format (version 1)", without seqgen."""
+"""Test helper: write a small shard set exactly in docs/shard-format.md's format (version 1), without seqgen."""
 
 from __future__ import annotations
 

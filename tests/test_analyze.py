@@ -16,6 +16,8 @@ from click.testing import CliRunner
 from seqgen.config import SeqType
 from tests.trainkit import symbolic_set, tiny_config
 from trainer.analyze.measures import ANALYSIS_FILE, analyze_run, head_mask, read_analysis, score_sums, summarize_scores
+from trainer.analyze.plots import plot_analysis
+from trainer.run import RunError
 from trainer.cli import main
 from trainer.fit import fit
 from trainer.models.kernels import gelu
@@ -123,18 +125,19 @@ def test_analyze_run_writes_records_and_plots(run):
     run_dir, _, icl, iwl = run
     lines = []
     recs = analyze_run(run_dir, icl, max_seqs=80, batch_size=32, ablate_steps="last", echo=lines.append)
-    assert [r["step"] for r in recs] == [10, 20] and len(lines) == 2 + 3  # a line per step, three plots
+    assert [r["step"] for r in recs] == [10, 20] and len(lines) == 2  # a line per step
     last = recs[-1]
     assert last["n"] == 80 and last["induction_n"] == 80  # few-shot: the query's class is always in context
     assert np.asarray(last["induction"]).shape == (2, 2) and np.asarray(last["prev_token"]).shape == (2, 2)
     assert "ablation" not in recs[0] and set(last["ablation"]) == {"zero", "mean"}
     grid = np.asarray(last["ablation"]["zero"]["accuracy_closed"])
     assert grid.shape == (2, 2) and ((grid >= 0) & (grid <= 1)).all()
+    assert [p.name for p in plot_analysis(run_dir)] == ["induction.png", "prev_token.png", "ablation.png"]
     for name in ("induction", "prev_token", "ablation"):
         assert (run_dir / "plots" / f"{name}.png").stat().st_size > 1000
     # again on the same set: lines replaced, not duplicated; another set is kept beside it
-    analyze_run(run_dir, icl, steps="20", ablate_steps="none", max_seqs=40, echo=lambda s: None, plot=False)
-    analyze_run(run_dir, iwl, steps="20", ablate_steps="none", max_seqs=40, echo=lambda s: None, plot=False)
+    analyze_run(run_dir, icl, steps="20", ablate_steps="none", max_seqs=40, echo=lambda s: None)
+    analyze_run(run_dir, iwl, steps="20", ablate_steps="none", max_seqs=40, echo=lambda s: None)
     stored = read_analysis(run_dir)
     keys = [(r["set"], r["step"]) for r in stored]
     assert len(keys) == len(set(keys)) == 3
@@ -160,3 +163,15 @@ def test_analyze_cli_errors_are_one_line(run, tmp_path):
                                    "--ablate-steps", "10", "--ablation", "zero", "--max-seqs", "32"])
     assert ok.exit_code == 0, ok.output
     assert "step 10: accuracy_closed" in ok.output
+
+
+def test_read_analysis_checks_what_it_reads(tmp_path):
+    """A line cut by a hard kill is skipped; a line that is not an analysis record is a one-line RunError."""
+    good = {"step": 10, "set": "s", "seq_type": "fewshot_holdout", "n": 8, "accuracy_closed": 0.5,
+            "accuracy_query": 0.25, "num_layers": 2, "num_heads": 2}
+    path = tmp_path / "analysis.jsonl"
+    path.write_text(json.dumps(good) + "\n" + '{"step": 20, "set"')
+    assert read_analysis(tmp_path) == [good]
+    path.write_text(json.dumps({**good, "step": "ten"}) + "\n")
+    with pytest.raises(RunError, match="analysis records"):
+        read_analysis(tmp_path)

@@ -232,7 +232,7 @@ def test_real_omniglot_every_type_and_materialize(tmp_path: Path, omniglot_table
         np.testing.assert_array_equal(px, pixels_of(images, cfg, ex, exm))
         if not extra:  # plain: pixel = images[class, drawing] without any transform
             np.testing.assert_array_equal(px, images[ex, exm])
-        else:  # check one transformed entry against the README's definition directly
+        else:  # check one transformed entry against docs/shard-format.md's definition directly
             i = int(ex[0, 0])
             t, base = i % 8, i // 8
             img = images[base // 20, base % 20]

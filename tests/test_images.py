@@ -24,7 +24,7 @@ def tables():
 
 
 def ref_example(ex: int, exm: int, d: DatasetConfig, size: int) -> np.ndarray:
-    """The slow obvious version: README id mapping, np.fliplr / np.rot90 per image, then TF resize."""
+    """The slow obvious version: the id mapping of docs/shard-format.md, np.fliplr / np.rot90 per image, then TF resize."""
     t, base = (ex % 8, ex // 8) if d.augment else (0, ex)
     char, draw = (base // 20, base % 20) if d.exemplars is Exemplars.SEPARATED else (base, exm)
     img = GRAY_LUT[TABLE[char, draw]].astype(np.float64)

@@ -51,8 +51,8 @@ class TrainingConfig:
     seed: int = documented(0, "Root seed of model init and dropout.")
     w_interim_predictions: float = documented(0.0, "Loss weight of the interim predictions (0: the query only).")
     image_size: int = documented(105, "Image side in pixels (28: the original's `downsample` option).")
-    # Each jitted call has a fixed cost (XLA's scratch memory is mapped and page-faulted afresh; README,
-    # Speed), which 10 steps per call amortise.
+    # Each jitted call has a fixed cost (XLA's scratch memory is mapped and page-faulted afresh; docs/speed.md),
+    # which 10 steps per call amortise.
     steps_per_dispatch: int = documented(10, "Steps per jitted call (lax.scan): the same arithmetic up to float "
                                          "round-off, less overhead.")
     log_every: int = documented(100, "Steps between training-loss log lines.")

@@ -1,6 +1,6 @@
 """Shard sets on the host: open and validate a seqgen shard set, stream its batches, iterate it for evaluation.
 
-A shard set (README.md, "Shard format (version 1)") is a directory of `shard-NNNNN.h5` files plus a
+A shard set (docs/shard-format.md) is a directory of `shard-NNNNN.h5` files plus a
 `manifest.json` written last; `open_shard_set` refuses a directory without it (an unfinished build),
 checks (with seqgen's own manifest reader) the format version and the manifest's field types, that the
 class split is the one its config produces, that every shard is there with the advertised rows, shapes,
@@ -92,7 +92,7 @@ class ShardSet:
         """Check the shard file's sha256 against the manifest, once per process (DataError when it differs).
 
         Hashing reads the file once: 38-42 ms for a default 14 MB shard of 262,144 bursty sequences, about
-        1e-4 of an epoch of training on it (`bench/shard_check_bench.py`; README "Reading a shard set")."""
+        1e-4 of an epoch of training on it (`bench/shard_check_bench.py`; docs/shard-format.md)."""
         with self._verify_lock:
             if info.file in self.verified:
                 return

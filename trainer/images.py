@@ -145,7 +145,7 @@ def rare_mask(cfg: BuildConfig) -> np.ndarray:
 
 
 def _image_index(example: jax.Array, exemplar: jax.Array, cfg: BuildConfig) -> tuple[jax.Array, jax.Array]:
-    """(table image index = character * 20 + drawing, transform t) of each dataset class id (README mapping)."""
+    """(table image index = character * 20 + drawing, transform t) of each dataset class id (docs/shard-format.md)."""
     d = cfg.dataset
     if d.augment:
         t, base = example % N_AUGMENTATIONS, example // N_AUGMENTATIONS

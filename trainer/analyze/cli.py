@@ -30,7 +30,10 @@ def analyze_command(run_dir, eval_dir, train_dir, steps, ablate_steps, ablation,
     """Induction / previous-token scores per layer and head for every checkpoint of RUN_DIR, and head
     ablations: RUN_DIR/analysis.jsonl and RUN_DIR/plots/{induction,prev_token,ablation}.png."""
     from trainer.analyze.measures import analyze_run
+    from trainer.analyze.plots import plot_analysis
 
     analyze_run(run_dir, eval_dir, train_dir=train_dir, steps=steps, ablate_steps=ablate_steps, ablation=ablation,
                 max_seqs=max_seqs, batch_size=batch_size, omniglot_dir=omniglot_dir, cache_dir=cache_dir,
                 echo=click.echo)
+    for path in plot_analysis(run_dir):
+        click.echo(str(path))

@@ -38,6 +38,7 @@ import numpy as np
 
 from seqgen.atomic import atomic_write_text
 from seqgen.config import BuildConfig
+from seqgen.files import read_jsonl_objects
 from trainer import checkpoint
 from trainer.data import eval_batches
 from trainer.images import make_examples
@@ -225,23 +226,24 @@ def _write_records(run: RunDir, records: list[dict[str, Any]]) -> Path:
     return path
 
 
+ANALYSIS_SCHEMA = {"step": int, "set": str, "seq_type": str, "n": int, "accuracy_closed": float,
+                   "accuracy_query": float, "num_layers": int, "num_heads": int}
+
+
 def read_analysis(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of RUN_DIR/analysis.jsonl (checked: a line cut by a hard kill is skipped, one that is not
+    an analysis record is a one-line RunError); [] when there is none yet."""
     path = Path(run_dir) / ANALYSIS_FILE
     if not path.is_file():
         return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return list(read_jsonl_objects(path, what="analysis records", error=RunError, schema=ANALYSIS_SCHEMA,
+                                   fix="delete it and rerun `trainer analyze`"))
 
 
 def analyze_run(run_dir: Any, eval_dir: Any, *, train_dir: Any = None, steps: str | None = None,
                 ablate_steps: str | None = "last", ablation: str = "both", max_seqs: int = 512,
                 batch_size: int = 128, omniglot_dir: Any = None, cache_dir: Any = "data/cache",
-                echo: Callable[[str], None] = print, plot: bool = True) -> list[dict[str, Any]]:
+                echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     from trainer.runtime.distributed import make_topology
     from trainer.data import open_sets
     from trainer.evaluate import set_name
@@ -276,11 +278,6 @@ def analyze_run(run_dir: Any, eval_dir: Any, *, train_dir: Any = None, steps: st
         echo(f"step {step}: accuracy_closed {rec['accuracy_closed']:.3f}"
              + (f", top induction head L{best[0]}H{best[1]} {best[2]:+.3f}" if best else "")
              + (f", ablations {', '.join(modes)}" if step in ablate else ""))
-    if plot:
-        from trainer.analyze.plots import plot_analysis
-
-        for p in plot_analysis(run.path):
-            echo(str(p))
     return records
 
 

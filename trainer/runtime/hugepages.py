@@ -4,7 +4,7 @@ XLA's CPU runtime allocates its scratch memory (about 160 MB for the paper model
 call, and glibc serves such large blocks with a fresh `mmap`, so each call page-faults them in again 4 KiB at
 a time. With the tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc marks those mappings
 `MADV_HUGEPAGE`, so the kernel backs them with 2 MiB pages where it can: about 5x fewer page faults and a
-faster step on the CPU (README, Speed). Numerics are untouched: only where the bytes live changes.
+faster step on the CPU (docs/speed.md). Numerics are untouched: only where the bytes live changes.
 
 glibc reads tunables once, at process start, so `trainer` re-executes itself once with the tunable added to
 `GLIBC_TUNABLES` (same interpreter, same arguments, same process id), before JAX is imported. Nothing happens

@@ -11,7 +11,7 @@ seed (seed s with seed s), or with a number. The verdict:
 - PENDING: a run that the check needs has no final evaluation yet (nothing is concluded).
 
 A sweep without a seed dimension has one "seed", so its checks PASS or FAIL. The thresholds are the
-claim's: choose them from the paper before the runs, never after (README, "How claims are checked").
+claim's: choose them from the paper before the runs, never after (docs/results.md, "How a claim is checked").
 """
 
 from __future__ import annotations
