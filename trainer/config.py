@@ -13,13 +13,19 @@ default).
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
 from seqgen.cliopts import ConfigOption, ConfigOptions
 from seqgen.config import ConfigError, check_finite, documented, from_plain, to_plain
 from trainer.models.config import ModelConfig
-from trainer.schedule import ScheduleKind
+
+
+class ScheduleKind(str, enum.Enum):
+    EVERY = "every"
+    LOG = "log"
+    LIST = "list"
 
 
 @dataclass(frozen=True)
@@ -111,9 +117,8 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
-        from trainer.schedule import check as check_schedules
 
-        problem = check_schedules(t)
+        problem = schedule_problem(t)
         if problem:
             raise ConfigError(problem)
         if self.model.concatenate_labels and t.w_interim_predictions:
@@ -159,3 +164,19 @@ def with_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
             node = node[p]
         node[leaf] = to_plain(value)
     return TrainConfig.from_dict(data)
+
+
+def schedule_problem(t: TrainingConfig) -> str | None:
+    """A one-line problem with the schedule options of a TrainingConfig, or None."""
+    for what in ("eval", "checkpoint"):
+        kind, steps, per = (getattr(t, f"{what}_schedule"), getattr(t, f"{what}_steps"),
+                            getattr(t, f"{what}_per_decade"))
+        if per < 1:
+            return f"{what}_per_decade must be >= 1, got {per}"
+        if kind is ScheduleKind.LIST and not steps:
+            return f"{what}_schedule = \"list\" needs {what}_steps = [...] (the steps to {what} at)"
+        if any(isinstance(s, bool) or s < 1 for s in steps):
+            return f"{what}_steps must be positive step numbers, got {list(steps)}"
+        if steps and kind is not ScheduleKind.LIST:
+            return f"{what}_steps is given but {what}_schedule is {kind.value!r}; set {what}_schedule = \"list\""
+    return None

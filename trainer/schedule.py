@@ -18,19 +18,10 @@ points, so a scheduled step is never skipped.
 from __future__ import annotations
 
 import bisect
-import enum
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # trainer.config imports ScheduleKind from here
-    from trainer.config import TrainingConfig
-
-
-class ScheduleKind(str, enum.Enum):
-    EVERY = "every"
-    LOG = "log"
-    LIST = "list"
+from trainer.config import ScheduleKind, TrainingConfig  # the kinds and their checks live with the config
 
 
 @functools.lru_cache(maxsize=64)
@@ -90,20 +81,4 @@ class StepSchedule:
         return list(self.points)
 
 
-def check(t: TrainingConfig) -> str | None:
-    """A one-line problem with the schedule options of a TrainingConfig, or None."""
-    for what in ("eval", "checkpoint"):
-        kind, steps, per = (getattr(t, f"{what}_schedule"), getattr(t, f"{what}_steps"),
-                            getattr(t, f"{what}_per_decade"))
-        if per < 1:
-            return f"{what}_per_decade must be >= 1, got {per}"
-        if kind is ScheduleKind.LIST and not steps:
-            return f"{what}_schedule = \"list\" needs {what}_steps = [...] (the steps to {what} at)"
-        if any(isinstance(s, bool) or s < 1 for s in steps):
-            return f"{what}_steps must be positive step numbers, got {list(steps)}"
-        if steps and kind is not ScheduleKind.LIST:
-            return f"{what}_steps is given but {what}_schedule is {kind.value!r}; set {what}_schedule = \"list\""
-    return None
-
-
-__all__ = ["ScheduleKind", "StepSchedule", "check", "log_steps"]
+__all__ = ["ScheduleKind", "StepSchedule", "log_steps"]
