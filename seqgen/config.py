@@ -431,6 +431,25 @@ def from_plain(cls: type, data: Any, where: str = "") -> Any:
     return cls(**kwargs)
 
 
+def refuse_retired(cls: type, data: Any, where: str = "") -> None:
+    """Raise ConfigError when a user-written table (a TOML file, not a stored config) sets an option that
+    `RETIRED` names in `cls` or in one of its nested config classes: such a file would silently lose it."""
+    import typing
+
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return
+    retired = getattr(cls, "RETIRED", {})
+    hints = _type_hints(cls)
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name in retired:
+            raise ConfigError(f"option '{where}{key}' was retired ({retired[name]}); delete it from the file")
+        tp = hints.get(name)
+        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        if isinstance(value, dict) and dataclasses.is_dataclass(args[0]):
+            refuse_retired(args[0], value, f"{where}{key}.")
+
+
 def _type_hints(cls: type) -> dict[str, Any]:
     import typing
 

@@ -452,3 +452,13 @@ def test_configs_stored_with_the_retired_unroll_layers_still_load(tmp_path):
     record["trainer"]["model"]["unroll_layers"] = True  # as every run directory written before
     run.config_path.write_text(json.dumps(record))
     assert run.train_config() == TrainConfig()
+
+
+def test_a_config_file_that_sets_the_retired_unroll_layers_is_refused():
+    """A user's TOML that still sets `unroll_layers` would silently lose it: refused in one line, naming
+    where the option went; a stored config with it still loads (above)."""
+    from trainer.config import train_config_from_toml
+
+    with pytest.raises(ConfigError, match=r"'trainer.model.unroll_layers' was retired \(.*EMERGENT_ICL_LAYERS"):
+        train_config_from_toml({"trainer": {"model": {"unroll_layers": False}}})
+    assert train_config_from_toml({"trainer": {"model": {"emb_dim": 32}}}).model.emb_dim == 32

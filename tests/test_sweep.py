@@ -264,6 +264,8 @@ def test_eval_config_keeps_what_the_type_reads(tmp_path):
     (lambda s: s.replace("eval_seqs = 48", 'eval_seqs = 48\neval_types = ["fewshot_nowhere"]'), "eval_types"),
     (lambda s: s.replace("x = 1.0", "x = true"), "'x' must be a number or a string"),
     (lambda s: s + "\n[extra]\na = 1\n", "unknown key 'extra'"),
+    (lambda s: s.replace("max_lr = 1e-3", "max_lr = 1e-3\n[runs.trainer.model]\nunroll_layers = true"),
+     "'trainer.model.unroll_layers' was retired"),
 ])
 def test_validation_errors_are_one_line(tmp_path, edit, needle):
     path = _write(tmp_path, edit(SWEEP))

@@ -141,6 +141,11 @@ def test_seeds_expand_runs_and_share_eval_sets(tmp_path):
     (lambda s: s.replace('claim = "accuracies are at least -1"\n', ""), "'claim' is required"),
     (lambda s: s + '\n[[checks]]\nclaim = "x"\nmetric = "icl"\nrun = "p0"\ncompare = "near"\nthan = 0.5\n',
      "compare = near needs 'tolerance'"),
+    (lambda s: s.replace("than = -1.0\n\n", 'than = "p1"\n\n', 1), "a run compared with itself on one metric"),
+    (lambda s: s.replace("than = -1.0\n\n", 'than = -1.0\nthan_metric = "iwl"\n\n', 1),
+     "'than_metric' needs 'than' to name a run"),
+    (lambda s: s.replace("than = -1.0\n\n", 'than = "p0"\nthan_metric = "induction"\n\n', 1),
+     "than_metric 'induction' is not measured"),
 ])
 def test_seed_and_check_errors_are_one_line(tmp_path, edit, needle):
     path = _write(tmp_path, edit(SWEEP))
@@ -225,6 +230,76 @@ def test_report_and_checks_rebuild_from_the_results_folder_alone(seeded, tmp_pat
         'compare = "greater"\nthan = 2.0', 'compare = "less"\nthan = 2.0'))
     ok = CliRunner().invoke(main, ["sweep", str(passing), "--results", str(results), "--report-only", "--check"])
     assert ok.exit_code == 0 and "2 PASS" in ok.output, ok.output
+
+
+ANALYSIS_CHECKS = """
+[[checks]]
+claim = "ablating one head lowers ICL"
+metric = "ablated_icl_min"
+run = "p1"
+compare = "less"
+than = "p1"
+than_metric = "analysis_icl"
+margin = 0.2
+
+[[checks]]
+claim = "an induction head forms with bursty data only"
+metric = "induction_max"
+run = "p1"
+compare = "greater"
+than = "p0"
+"""
+
+
+def _analysis_record(run_dir: Path, step: int, icl: float, ablated: list[list[float]] | None,
+                     induction: list[list[float]]) -> dict:
+    """An analysis.jsonl line as `trainer analyze` writes it, on the run's fewshot_holdout eval set."""
+    evals = json.loads((run_dir / "config.json").read_text())["data"]["eval"]
+    name = Path(next(e["path"] for e in evals if e["seq_type"] == "fewshot_holdout")).name
+    rec = {"step": step, "set": name, "seq_type": "fewshot_holdout", "n": 48, "accuracy_closed": icl,
+           "accuracy_query": 0.1, "num_layers": 1, "num_heads": 2, "induction": induction,
+           "prev_token": [[0.0, 0.1]]}
+    if ablated is not None:
+        rec["ablation"] = {"zero": {"accuracy_closed": ablated, "accuracy_query": ablated}}
+    return rec
+
+
+def _write_analysis(run_dir: Path, records: list[dict]) -> None:
+    (run_dir / "analysis.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_checks_read_the_analysis_of_the_final_checkpoint(seeded, tmp_path):
+    """Check metrics from analysis.jsonl (trainer analyze): PENDING without an analysis of the final step
+    (an earlier step does not count); `than_metric` compares two metrics of one run, seed by seed."""
+    results = tmp_path / "results"
+    shutil.copytree(seeded["results"], results)
+    path = _write(tmp_path / "cfg", SWEEP + ANALYSIS_CHECKS)
+    runs = results / "runs"
+
+    def report():
+        return CliRunner().invoke(main, ["sweep", str(path), "--results", str(results), "--report-only", "--check"])
+
+    res = report()
+    assert res.exit_code == 1 and "2 PENDING" in res.output and "trainer analyze" in res.output, res.output
+    for seed, (icl, low) in {3: (0.9, 0.5), 4: (0.8, 0.55)}.items():
+        run = runs / "p1" / f"seed-{seed}"
+        _write_analysis(run, [_analysis_record(run, 3, icl, [[low, icl]], [[0.1, 0.2]]),  # not the final step
+                              _analysis_record(run, 6, icl, [[icl, low]], [[0.6, 0.3]])])
+        p0 = runs / "p0" / f"seed-{seed}"
+        _write_analysis(p0, [_analysis_record(p0, 3, 0.5, None, [[0.0, 0.05]])])
+    res = report()
+    assert "PASS         ablating one head lowers ICL" in res.output, res.output
+    assert "ablated_icl_min(p1) < analysis_icl(p1) in every seed, by >= 0.2 on the mean" in res.output
+    assert "3: 0.500 vs 0.900; 4: 0.550 vs 0.800" in res.output
+    assert "PENDING      an induction head forms" in res.output  # p0 is analysed at step 3 only
+    for seed in (3, 4):
+        p0 = runs / "p0" / f"seed-{seed}"
+        _write_analysis(p0, [_analysis_record(p0, 6, 0.5, None, [[0.0, 0.05 * seed]])])
+    res = report()
+    assert "PASS         an induction head forms" in res.output and "3: 0.600 vs 0.150; 4: 0.600 vs 0.200" in res.output
+    (runs / "p0" / "seed-3" / "analysis.jsonl").write_text('{"step": 6}\n')
+    bad = report()
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "analysis.jsonl" in bad.output, bad.output
 
 
 def test_checks_are_pending_until_runs_are_evaluated(tmp_path):

@@ -8,7 +8,10 @@ seed (seed s with seed s), or with a number. The verdict:
   but the mean difference falls short of `margin`; INCONCLUSIVE when the seeds disagree.
 - `near`: a seed holds when |value - other| <= `tolerance`. PASS when every seed holds, FAIL when none
   does, INCONCLUSIVE otherwise.
-- PENDING: a run that the check needs has no final evaluation yet (nothing is concluded).
+- PENDING: a run that the check needs has no final evaluation yet (nothing is concluded), or, for a metric
+  read from analysis.jsonl, no analysis of its final checkpoint.
+
+`than_metric` puts another metric on the right-hand side (e.g. ICL with a head ablated < ICL, of one run).
 
 A sweep without a seed dimension has one "seed", so its checks PASS or FAIL. The thresholds are the
 claim's: choose them from the paper before the runs, never after (docs/results.md, "How a claim is checked").
@@ -21,6 +24,7 @@ import enum
 import statistics
 from typing import Sequence
 
+from trainer.analyze.measures import ANALYSIS_COLUMNS
 from trainer.sweep.spec import CheckSpec, Compare
 
 
@@ -44,18 +48,23 @@ def _fmt(v: float) -> str:
     return f"{v:.3f}"
 
 
-def evaluate_check(spec: CheckSpec, finals: dict[str, dict[int | None, float]], seeds: Sequence[int | None]) -> CheckResult:
-    """`finals[setting][seed]` = final value of `spec.metric` (absent when not evaluated yet)."""
+def evaluate_check(spec: CheckSpec, finals: dict[str, dict[int | None, float]], seeds: Sequence[int | None],
+                   other_finals: dict[str, dict[int | None, float]] | None = None) -> CheckResult:
+    """`finals[setting][seed]` = final value of `spec.metric` (absent when not evaluated yet); `other_finals`
+    the same of `spec.than_metric` (default: `finals`)."""
     left_all = finals.get(spec.run, {})
     missing = [s for s in seeds if s not in left_all]
     if isinstance(spec.than, str):
-        right_all = finals.get(spec.than, {})
+        right_all = (finals if other_finals is None else other_finals).get(spec.than, {})
         missing += [s for s in seeds if s not in right_all and s not in missing]
     else:
         right_all = {s: spec.than for s in seeds}
     if missing:
         names = ", ".join("-" if s is None else str(s) for s in missing)
-        return CheckResult(spec, Verdict.PENDING, {}, {}, f"no final evaluation yet for seed(s) {names}")
+        what = "final evaluation"
+        if {spec.metric, spec.other_metric} & set(ANALYSIS_COLUMNS):
+            what += " or analysis of the final checkpoint (trainer analyze RUN_DIR --eval SET)"
+        return CheckResult(spec, Verdict.PENDING, {}, {}, f"no {what} yet for seed(s) {names}")
     left = {s: left_all[s] for s in seeds}
     right = {s: right_all[s] for s in seeds}
     diffs = [left[s] - right[s] for s in seeds]
@@ -82,5 +91,6 @@ def evaluate_check(spec: CheckSpec, finals: dict[str, dict[int | None, float]], 
 
 
 def evaluate_checks(checks: Sequence[CheckSpec], finals: dict[str, dict[int | None, float]],
-                    seeds: Sequence[int | None]) -> list[CheckResult]:
-    return [evaluate_check(c, finals, seeds) for c in checks]
+                    seeds: Sequence[int | None],
+                    other_finals: dict[str, dict[int | None, float]] | None = None) -> list[CheckResult]:
+    return [evaluate_check(c, finals, seeds, other_finals) for c in checks]

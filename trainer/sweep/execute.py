@@ -9,7 +9,7 @@ trained 0.72x, so on the CPU `jobs` = the cores and `group` = 1. On an accelerat
 `group` = 8 (a batch-32 model leaves a GPU mostly idle; not yet measured here).
 
 After each run the report is rewritten (`trainer.sweep.report`): into `<out>` itself, or into a separate
-results folder that also receives a copy of each run's `config.json`, `metrics.jsonl` and `evaluations/`
+results folder that also receives a copy of each run's `config.json`, `metrics.jsonl` (and `analysis.jsonl`) and `evaluations/`
 (never checkpoints), so that the report can be rebuilt from that folder alone. `provenance.json` there
 in each run's folder records the commit of the code, the hardware and the wall time of each segment.
 """
@@ -32,7 +32,8 @@ from trainer.sweep.plan import Plan, RunAction, RunPlan, SetAction
 from trainer.sweep.report import record_provenance, write_report
 from trainer.sweep.spec import SweepError
 
-PUBLISHED = ("config.json", "metrics.jsonl")  # + evaluations/step-N.json; provenance.json is written there
+# + evaluations/step-N.json; analysis.jsonl where `trainer analyze` wrote one; provenance.json is written there
+PUBLISHED = ("config.json", "metrics.jsonl", "analysis.jsonl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,8 @@ def _write_plan(plan: Plan, folder: Path) -> None:
 
 
 def publish(run_dir: Path, results: Path, name: str) -> None:
-    """Copy what a report is built from (config.json, metrics.jsonl, evaluations/*.json; no checkpoints)."""
+    """Copy what a report is built from (config.json, metrics.jsonl, analysis.jsonl, evaluations/*.json; no
+    checkpoints)."""
     target = results / "runs" / name
     if target.resolve() == run_dir.resolve():
         return

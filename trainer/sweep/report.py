@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from seqgen.atomic import atomic_write, atomic_write_json, atomic_write_text
+from seqgen.config import SeqType
+from trainer.analyze.measures import analysis_values, read_analysis
 from trainer.metrics import column_of, icl_ceiling, label_of, metric_key_of
 from trainer.run import CURVE_SOURCES, RunDir
 from trainer.sweep.checks import CheckResult, Verdict, evaluate_checks
@@ -134,6 +136,9 @@ def collect(sweep: Sweep, results: Path, shards_dir: Path) -> list[Row]:
             got = final.get(set_name, {}).get(key)
             values[column] = got if isinstance(got, dict) and isinstance(got.get("mean"), (int, float)) else None
             curves[column] = []
+            if seq_type is SeqType.FEWSHOT_HOLDOUT and run.path.is_dir():  # what checks may read from analysis
+                for c, v in analysis_values(read_analysis(run.path), spec.steps, set_name).items():
+                    values[c] = {"mean": v}
         by_step: dict[tuple[str, int], float] = {}
         for e in run.evaluations() if run.path.is_dir() else []:
             if e.source in CURVE_SOURCES and e.set in names:
@@ -173,7 +178,7 @@ def run_checks(sweep: Sweep, rows: list[Row]) -> list[CheckResult]:
     seeds: list[int | None] = list(sweep.seeds) if sweep.seeds is not None else [None]
     results = []
     for check in sweep.checks:
-        results += evaluate_checks([check], finals(rows, check.metric), seeds)
+        results += evaluate_checks([check], finals(rows, check.metric), seeds, finals(rows, check.other_metric))
     return results
 
 

@@ -37,6 +37,13 @@ that `seqgen build --config` and `trainer fit --config` read) and lists the runs
     than = "p0"                         # required: another run's name, or a number (e.g. 0.5 = chance)
     margin = 0.1                        # greater / less: the mean difference must be >= margin (default 0)
     tolerance = 0.05                    # near: |difference| <= tolerance in a seed (required for near)
+    than_metric = "icl"                 # optional: the other side's metric (default: metric); with it,
+                                        # `than` may name the same run (e.g. ablated ICL < ICL of one run)
+
+Check metrics are the columns of the evaluation types, plus, with a `fewshot_holdout` evaluation, the
+columns that `trainer analyze` writes to a run's analysis.jsonl (`trainer.analyze.measures.ANALYSIS_COLUMNS`:
+analysis_icl, ablated_icl_min, mean_ablated_icl_min, induction_max, prev_token_max), read at the run's
+final step; a check stays PENDING until that analysis is there.
 
 Seeds: with `seeds = [s0, s1, ...]` each run becomes one run per seed, named `<name>/seed-<s>` and trained
 into `<out>/runs/<name>/seed-<s>`: seed s is both the trainer's seed (`training.seed`) and the training
@@ -75,9 +82,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from seqgen.config import BuildConfig, ConfigError, SeqType, SequenceConfig, load_toml
+from seqgen.config import BuildConfig, ConfigError, SeqType, SequenceConfig, load_toml, refuse_retired
 from seqgen.errors import UserError
 from trainer.config import TrainConfig
+from trainer.analyze.measures import ANALYSIS_COLUMNS
 from trainer.metrics import column_of
 
 DEFAULT_EVAL_TYPES = (SeqType.FEWSHOT_HOLDOUT, SeqType.NO_SUPPORT_ZIPFIAN)
@@ -86,7 +94,7 @@ DEFAULT_SHARDS_DIR = Path("data/shards/sweeps")
 _SWEEP_KEYS = {"name", "figure", "claim", "base", "x", "x_scale", "train_seqs", "eval_seqs", "eval_types",
                "eval_seed", "seeds", "deviations"}
 _RUN_KEYS = {"name", "x", "base", "seqgen", "trainer"}
-_CHECK_KEYS = {"claim", "metric", "run", "compare", "than", "margin", "tolerance"}
+_CHECK_KEYS = {"claim", "metric", "run", "compare", "than", "margin", "tolerance", "than_metric"}
 # Options that do not change what a run learns: a finished or partial run is still this run if they differ
 # (a resumed run keeps its stored values; the final evaluation uses the sweep's eval_seqs).
 BOOKKEEPING = {"training.steps", "training.eval_seqs", "training.eval_every", "training.eval_batch_size",
@@ -138,9 +146,14 @@ class CheckSpec:
     than: str | float
     margin: float = 0.0
     tolerance: float | None = None
+    than_metric: str | None = None  # the other side's metric when it is not `metric`
+
+    @property
+    def other_metric(self) -> str:
+        return self.than_metric or self.metric
 
     def describe(self) -> str:
-        other = f"{self.than:g}" if isinstance(self.than, float) else f"{self.metric}({self.than})"
+        other = f"{self.than:g}" if isinstance(self.than, float) else f"{self.other_metric}({self.than})"
         left = f"{self.metric}({self.run})"
         if self.compare is Compare.NEAR:
             return f"{left} within {self.tolerance:g} of {other} in every seed"
@@ -299,6 +312,7 @@ def _run_spec(name: str, x: float | str, bases: tuple[Path, ...], merged: dict[s
         trainer = _merge(trainer, {"training": {"seed": seed}})
     try:
         train = BuildConfig.from_dict(seq)
+        refuse_retired(TrainConfig, trainer, "trainer.")
         tcfg = TrainConfig.from_dict(trainer).validate()
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
@@ -337,9 +351,11 @@ def _checks(entries: Any, settings: tuple[str, ...], columns: set[str]) -> tuple
         claim, metric, run = entry["claim"], entry["metric"], entry["run"]
         if not isinstance(claim, str) or not claim:
             raise ConfigError(f"{where}: 'claim' must be a non-empty string")
-        if metric not in columns:
-            raise ConfigError(f"{where}: metric {metric!r} is not measured by this sweep; "
-                              f"one of: {', '.join(sorted(columns))}")
+        than_metric = entry.get("than_metric")
+        for key, value in (("metric", metric), ("than_metric", than_metric)):
+            if value is not None and value not in columns:
+                raise ConfigError(f"{where}: {key} {value!r} is not measured by this sweep; "
+                                  f"one of: {', '.join(sorted(columns))}")
         if run not in settings:
             raise ConfigError(f"{where}: run {run!r} is not in this sweep; runs: {', '.join(settings)}")
         try:
@@ -352,10 +368,13 @@ def _checks(entries: Any, settings: tuple[str, ...], columns: set[str]) -> tuple
             if than not in settings:
                 raise ConfigError(f"{where}: than {than!r} is neither a run of this sweep nor a number; "
                                   f"runs: {', '.join(settings)}")
-            if than == run:
-                raise ConfigError(f"{where}: a run compared with itself; name another run in 'than'")
+            if than == run and than_metric in (None, metric):
+                raise ConfigError(f"{where}: a run compared with itself on one metric; name another run in "
+                                  "'than', or another metric in 'than_metric'")
         else:
             than = _number(than, where, "than")
+            if than_metric is not None:
+                raise ConfigError(f"{where}: 'than_metric' needs 'than' to name a run, not a number")
         margin = _number(entry.get("margin", 0.0), where, "margin", 0.0)
         tolerance = None
         if compare is Compare.NEAR:
@@ -366,7 +385,7 @@ def _checks(entries: Any, settings: tuple[str, ...], columns: set[str]) -> tuple
             tolerance = _number(entry["tolerance"], where, "tolerance", 0.0)
         elif "tolerance" in entry:
             raise ConfigError(f"{where}: 'tolerance' is for compare = near; greater / less use 'margin'")
-        out.append(CheckSpec(claim, metric, run, compare, than, margin, tolerance))
+        out.append(CheckSpec(claim, metric, run, compare, than, margin, tolerance, than_metric))
     return tuple(out)
 
 
@@ -429,7 +448,10 @@ def _load(path: Path, data: dict[str, Any]) -> Sweep:
         settings.append(setting)
         for seed in seeds or (None,):
             runs.append(_run_spec(setting, x, bases, merged, seed, resolved, eval_types))
-    checks = _checks(data.get("checks"), tuple(settings), {column_of(t) for t in eval_types})
+    columns = {column_of(t) for t in eval_types}
+    if SeqType.FEWSHOT_HOLDOUT in eval_types:
+        columns |= set(ANALYSIS_COLUMNS)
+    checks = _checks(data.get("checks"), tuple(settings), columns)
     return Sweep(path, name, sw.get("figure", ""), sw.get("claim", ""), x_label, x_scale,
                  resolved["train_seqs"], resolved["eval_seqs"], eval_types, resolved["eval_seed"], seeds,
                  tuple(settings), tuple(runs), checks, tuple(deviations))
