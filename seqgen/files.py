@@ -68,19 +68,19 @@ def read_text(path: Path, *, what: str, fix: str, error: type[Exception]) -> str
         raise error(f"{what} {path} is unreadable (not UTF-8 text: binary or corrupt); {fix}") from None
 
 
-def read_json(path: Path, *, what: str, fix: str, error: type[Exception]) -> Any:
+def read_json(path: Path, *, what: str, fix: str, error: type[Exception], allow_nan: bool = False) -> Any:
     text = read_text(path, what=what, fix=fix, error=error)
     try:
-        return loads_strict(text)
+        return json.loads(text) if allow_nan else loads_strict(text)
     except ValueError as e:
         msg = " ".join(str(e).split())
         raise error(f"{what} {path} is unreadable (not valid JSON: {msg}); {fix}") from None
 
 
 def read_json_object(path: Path, *, what: str, fix: str, error: type[Exception],
-                     schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A JSON object from `path`, checked against `schema` when given."""
-    data = read_json(path, what=what, fix=fix, error=error)
+                     schema: dict[str, Any] | None = None, allow_nan: bool = False) -> dict[str, Any]:
+    """A JSON object from `path`, checked against `schema` when given (`allow_nan`: as read_jsonl_objects)."""
+    data = read_json(path, what=what, fix=fix, error=error, allow_nan=allow_nan)
     if not isinstance(data, dict):
         raise error(f"{what} {path} holds a JSON {_kind(data)}, expected an object; {fix}")
     if schema is not None:

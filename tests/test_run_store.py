@@ -77,3 +77,15 @@ def test_an_eval_record_of_the_wrong_shape_is_one_line(tmp_path):
     with pytest.raises(RunError, match="seq_type") as e:
         RunDir(tmp_path).evaluations()
     assert "\n" not in str(e.value) and "metrics.jsonl" in str(e.value)
+
+
+def test_a_diverged_evaluation_is_stored_and_read_back(tmp_path):
+    """A diverged model evaluates to NaN loss: the store and its derived step file keep the NaN (as the
+    training records do), and the run stays readable."""
+    run = RunDir(tmp_path)
+    nan = {"loss": {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": 8}, **_summary(0.5, 8)}
+    run.record_evaluation(Evaluation(4, "icl", "fewshot_holdout", "evaluate", nan, 8))
+    (got,) = run.evaluations(4)
+    assert got.metrics["loss"]["mean"] != got.metrics["loss"]["mean"] and got.metrics["accuracy_closed"]["mean"] == 0.5
+    view = read_evaluation(tmp_path / "evaluations" / "step-4.json")
+    assert view["sets"][0]["metrics"]["accuracy_closed"]["mean"] == 0.5

@@ -110,7 +110,7 @@ def read_evaluation(path: Path) -> dict[str, Any] | None:
     """evaluations/step-N.json, type-checked (None when absent); RunError (one line) when malformed."""
     try:
         return read_json_object(path, what="evaluation", error=RunError, schema=EVALUATION_SCHEMA,
-                                fix="delete it and evaluate that step again")
+                                fix="delete it and evaluate that step again", allow_nan=True)  # a diverged loss
     except FileNotFoundError:
         return None
 
@@ -227,7 +227,7 @@ class RunDir:
         record = {"step": step, "time": time.time(), "source": newest.get("source"),
                   "max_seqs": newest.get("max_seqs"), "sets": sets}
         self.evaluations_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.evaluations_dir / f"step-{step}.json", record, allow_nan=True)  # read_evaluation refuses NaN
+        atomic_write_json(self.evaluations_dir / f"step-{step}.json", record, allow_nan=True)  # a diverged loss
 
     def read_metrics(self) -> Iterator[dict[str, Any]]:
         """The records of metrics.jsonl; a line cut by a hard kill is skipped, a line that is JSON but not a
