@@ -1,5 +1,5 @@
 """Summarise trainer analyze output: per analysed step, the top induction and previous-token heads, and the
-head whose ablation costs the most ICL.   python summarize.py RUN_DIR... (each holding analysis.jsonl)"""
+head whose ablation costs the most ICL.   python results/heads-burstiness/summarize.py results/burstiness/runs/p_bursty-{0.9,0}/seed-* (run folders holding analysis.jsonl)"""
 import json, sys
 import numpy as np
 for run in sys.argv[1:]:
