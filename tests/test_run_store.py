@@ -89,3 +89,31 @@ def test_a_diverged_evaluation_is_stored_and_read_back(tmp_path):
     assert got.metrics["loss"]["mean"] != got.metrics["loss"]["mean"] and got.metrics["accuracy_closed"]["mean"] == 0.5
     view = read_evaluation(tmp_path / "evaluations" / "step-4.json")
     assert view["sets"][0]["metrics"]["accuracy_closed"]["mean"] == 0.5
+
+
+def test_an_evaluation_appended_while_a_resume_rewrites_the_store_is_kept(tmp_path, monkeypatch):
+    """fit --resume rewrites metrics.jsonl (dropping its own records after the checkpoint) while a
+    `trainer evaluate --watch` may append to it: the append waits for the rewrite instead of being lost."""
+    import threading
+    import time
+
+    run = _old_run(tmp_path)
+    read = RunDir.read_metrics
+    reading = threading.Event()
+
+    def slow_read(self):
+        records = list(read(self))
+        reading.set()
+        time.sleep(0.5)  # the rewrite has read the file and not yet replaced it
+        yield from records
+
+    monkeypatch.setattr(RunDir, "read_metrics", slow_read)
+    rewrite = threading.Thread(target=run.truncate_metrics_after, args=(5,))
+    rewrite.start()
+    assert reading.wait(10)
+    RunDir(tmp_path).append_metrics({"step": 10, "kind": "eval", "source": "watch", "set": "late",
+                                     "seq_type": "bursty", "metrics": _summary(0.4)})
+    rewrite.join()
+    monkeypatch.undo()
+    sets = [(e.set, e.source) for e in run.evaluations()]
+    assert ("late", "watch") in sets and ("icl", "fit") not in sets  # the append kept; fit's step-10 dropped

@@ -22,6 +22,7 @@ step; an "evaluate" record (any --max-seqs) counts where the curve has none, the
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -49,6 +50,7 @@ EVAL_RECORD_SCHEMA = {"step": int, "kind": str, "set": str, "seq_type": str, "so
 EVALUATION_SCHEMA = {"step": int, "sets": [{"set": str, "seq_type": str, "metrics": dict,
                                             "source": Optional(str), "max_seqs": Optional(int)}]}
 CURVE_SOURCES = ("fit", "watch")  # evaluations at the run's own eval size, every scheduled step
+METRICS_LOCK = ".metrics.lock"  # flocked by every writer of metrics.jsonl (RunDir._metrics_writer)
 
 
 class RunError(UserError):
@@ -167,9 +169,21 @@ class RunDir:
             raise DataError(f"the run's training set {path} is not there; pass --train DIR (needed for its class split)")
         return str(path)
 
+    @contextlib.contextmanager
+    def _metrics_writer(self) -> Iterator[None]:
+        """Serialises the writers of metrics.jsonl across processes: fit appends and, on --resume, rewrites
+        it, while `trainer evaluate [--watch]` may append to it; without this, an evaluation appended between
+        the rewrite's read and its replace would be lost. A short blocking flock on METRICS_LOCK."""
+        with open(self.path / METRICS_LOCK, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one record (a line) to metrics.jsonl and flush it."""
-        with self.metrics_path.open("a") as f:
+        with self._metrics_writer(), self.metrics_path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())  # a record is on disk before the checkpoint that follows it
@@ -242,6 +256,7 @@ class RunDir:
         the evaluations of `trainer evaluate` (and --watch) are kept."""
         if not self.metrics_path.is_file():
             return
-        kept = [r for r in self.read_metrics()
-                if r.get("step", 0) <= step or r.get("source") in ("watch", "evaluate")]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        with self._metrics_writer():
+            kept = [r for r in self.read_metrics()
+                    if r.get("step", 0) <= step or r.get("source") in ("watch", "evaluate")]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
