@@ -443,7 +443,7 @@ def refuse_retired(cls: type, data: Any, where: str = "") -> None:
     for key, value in data.items():
         name = key.replace("-", "_")
         if name in retired:
-            raise ConfigError(f"option '{where}{key}' was retired ({retired[name]}); delete it from the file")
+            raise ConfigError(f"option '{where}{key}' was retired ({retired[name]}); delete it")
         tp = hints.get(name)
         args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
         if isinstance(value, dict) and dataclasses.is_dataclass(args[0]):

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from seqgen.config import SeqType
 from tests.trainkit import symbolic_set, tiny_config
-from trainer.analyze.measures import ANALYSIS_FILE, analyze_run, head_mask, read_analysis, score_sums, summarize_scores
+from trainer.analyze.measures import analyze_run, head_mask, score_sums, summarize_scores
+from trainer.analyze.records import ANALYSIS_FILE, read_analysis
 from trainer.analyze.plots import plot_analysis
 from trainer.run import RunError
 from trainer.cli import main

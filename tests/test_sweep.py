@@ -277,6 +277,13 @@ def test_validation_errors_are_one_line(tmp_path, edit, needle):
         load_sweep(path)
 
 
+def test_a_base_config_that_sets_a_retired_option_is_named(tmp_path):
+    path = _write(tmp_path, base=BASE.replace("num_heads = 2", "num_heads = 2\nunroll_layers = true"))
+    res = CliRunner().invoke(main, ["sweep", str(path), "--dry-run", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+    assert "base config" in res.output and "base.toml" in res.output and "unroll_layers' was retired" in res.output
+
+
 def test_unknown_only_name_and_foreign_run_dir(tmp_path):
     path = _write(tmp_path / "cfg")
     runner = CliRunner()

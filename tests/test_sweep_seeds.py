@@ -297,9 +297,16 @@ def test_checks_read_the_analysis_of_the_final_checkpoint(seeded, tmp_path):
         _write_analysis(p0, [_analysis_record(p0, 6, 0.5, None, [[0.0, 0.05 * seed]])])
     res = report()
     assert "PASS         an induction head forms" in res.output and "3: 0.600 vs 0.150; 4: 0.600 vs 0.200" in res.output
-    (runs / "p0" / "seed-3" / "analysis.jsonl").write_text('{"step": 6}\n')
+    p0 = runs / "p0" / "seed-3"
+    _write_analysis(p0, [_analysis_record(p0, 6, 0.5, None, [[0.0]])])  # a grid of the wrong shape
+    bad = report()
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "not a 1 x 2 grid" in bad.output, bad.output
+    (p0 / "analysis.jsonl").write_text('{"step": 6}\n')
     bad = report()
     assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "analysis.jsonl" in bad.output, bad.output
+    plain = _write(tmp_path / "plain", SWEEP)  # no check reads the analysis: its files are not read
+    res = CliRunner().invoke(main, ["sweep", str(plain), "--results", str(results), "--report-only", "--check"])
+    assert res.exit_code == 1 and "1 PASS, 1 FAIL" in res.output, res.output
 
 
 def test_checks_are_pending_until_runs_are_evaluated(tmp_path):

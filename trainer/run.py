@@ -17,6 +17,8 @@ such evaluation. Run directories written before metrics.jsonl held "evaluate" re
 evaluations/ only: `evaluations` still reads them from there (`_legacy_evaluations`).
 Precedence (`final_evaluations`): the run's own curve (fit / watch records, at the run's eval size) wins at a
 step; an "evaluate" record (any --max-seqs) counts where the curve has none, the latest of each set.
+Writers of metrics.jsonl (appends, and the rewrite of `fit --resume`) hold a short flock on `.metrics.lock`
+in the run directory, so that an evaluation appended by another process during a rewrite is kept.
 """
 
 from __future__ import annotations
@@ -174,12 +176,12 @@ class RunDir:
         """Serialises the writers of metrics.jsonl across processes: fit appends and, on --resume, rewrites
         it, while `trainer evaluate [--watch]` may append to it; without this, an evaluation appended between
         the rewrite's read and its replace would be lost. A short blocking flock on METRICS_LOCK."""
-        with open(self.path / METRICS_LOCK, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        fd = os.open(self.path / METRICS_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one record (a line) to metrics.jsonl and flush it."""

@@ -38,16 +38,15 @@ import numpy as np
 
 from seqgen.atomic import atomic_write_text
 from seqgen.config import BuildConfig
-from seqgen.files import read_jsonl_objects
 from trainer import checkpoint
 from trainer.data import eval_batches
 from trainer.images import make_examples
 from trainer.metrics import per_sequence_metrics
 from trainer.models import targets
 from trainer.models.config import SeqModel
+from trainer.analyze.records import ANALYSIS_FILE
 from trainer.run import RunDir, RunError
 
-ANALYSIS_FILE = "analysis.jsonl"
 ABLATIONS = ("zero", "mean")
 
 
@@ -226,48 +225,6 @@ def _write_records(run: RunDir, records: list[dict[str, Any]]) -> Path:
     return path
 
 
-ANALYSIS_SCHEMA = {"step": int, "set": str, "seq_type": str, "n": int, "accuracy_closed": float,
-                   "accuracy_query": float, "num_layers": int, "num_heads": int}
-
-
-def read_analysis(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of RUN_DIR/analysis.jsonl (checked: a line cut by a hard kill is skipped, one that is not
-    an analysis record is a one-line RunError); [] when there is none yet."""
-    path = Path(run_dir) / ANALYSIS_FILE
-    if not path.is_file():
-        return []
-    return list(read_jsonl_objects(path, what="analysis records", error=RunError, schema=ANALYSIS_SCHEMA,
-                                   fix="delete it and rerun `trainer analyze`"))
-
-
-# What a sweep's checks may read from a run's analysis.jsonl (trainer.sweep.spec: `metric` / `than_metric`),
-# at the run's final step, on the run's fewshot_holdout evaluation set. {column: meaning}
-ANALYSIS_COLUMNS = {
-    "analysis_icl": "ICL (accuracy_closed) on the analysed fewshot_holdout sequences, no head ablated",
-    "ablated_icl_min": "the lowest ICL over single-head zero ablations (the head that carries most of it)",
-    "mean_ablated_icl_min": "the lowest ICL over single-head mean ablations",
-    "induction_max": "the highest induction score over all heads",
-    "prev_token_max": "the highest previous-token score over all heads",
-}
-
-
-def analysis_values(records: Sequence[dict[str, Any]], step: int, set_name: str) -> dict[str, float]:
-    """The ANALYSIS_COLUMNS that the record of (`step`, `set_name`) holds (none of them without that record;
-    the ablation columns only where that step was analysed with that ablation)."""
-    record = next((r for r in records if r.get("step") == step and r.get("set") == set_name), None)
-    if record is None:
-        return {}
-    out = {"analysis_icl": float(record["accuracy_closed"])}
-    for mode, column in (("zero", "ablated_icl_min"), ("mean", "mean_ablated_icl_min")):
-        grid = (record.get("ablation") or {}).get(mode, {}).get("accuracy_closed")
-        if grid:
-            out[column] = float(np.min(np.asarray(grid, float)))
-    for key, column in (("induction", "induction_max"), ("prev_token", "prev_token_max")):
-        if record.get(key):
-            out[column] = float(np.max(np.asarray(record[key], float)))
-    return out
-
-
 def analyze_run(run_dir: Any, eval_dir: Any, *, train_dir: Any = None, steps: str | None = None,
                 ablate_steps: str | None = "last", ablation: str = "both", max_seqs: int = 512,
                 batch_size: int = 128, omniglot_dir: Any = None, cache_dir: Any = "data/cache",
@@ -317,5 +274,5 @@ def _best_head(grid: Any) -> tuple[int, int, float] | None:
     return int(layer), int(head), float(a[layer, head])
 
 
-__all__ = ["ANALYSIS_COLUMNS", "ANALYSIS_FILE", "Passes", "analysis_values", "analyze_checkpoint", "analyze_run", "head_mask", "read_analysis",
-           "score_sums", "summarize_scores", "tokens_of"]
+__all__ = ["Passes", "analyze_checkpoint", "analyze_run", "head_mask", "score_sums", "summarize_scores",
+           "tokens_of"]

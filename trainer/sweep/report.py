@@ -36,7 +36,7 @@ from typing import Any
 
 from seqgen.atomic import atomic_write, atomic_write_json, atomic_write_text
 from seqgen.config import SeqType
-from trainer.analyze.measures import analysis_values, read_analysis
+from trainer.analyze.records import ANALYSIS_COLUMNS, ANALYSIS_FILE, analysis_values, read_analysis
 from trainer.metrics import column_of, icl_ceiling, label_of, metric_key_of
 from trainer.run import CURVE_SOURCES, RunDir
 from trainer.sweep.checks import CheckResult, Verdict, evaluate_checks
@@ -123,6 +123,7 @@ def _last_step(run: RunDir) -> int | None:
 
 def collect(sweep: Sweep, results: Path, shards_dir: Path) -> list[Row]:
     provenance = read_provenance(results)
+    needs_analysis = any({c.metric, c.other_metric} & set(ANALYSIS_COLUMNS) for c in sweep.checks)
     rows = []
     for spec in sweep.runs:
         run = RunDir(Path(results) / "runs" / spec.name)
@@ -136,8 +137,9 @@ def collect(sweep: Sweep, results: Path, shards_dir: Path) -> list[Row]:
             got = final.get(set_name, {}).get(key)
             values[column] = got if isinstance(got, dict) and isinstance(got.get("mean"), (int, float)) else None
             curves[column] = []
-            if seq_type is SeqType.FEWSHOT_HOLDOUT and run.path.is_dir():  # what checks may read from analysis
-                for c, v in analysis_values(read_analysis(run.path), spec.steps, set_name).items():
+            if seq_type is SeqType.FEWSHOT_HOLDOUT and latest is not None and needs_analysis:
+                records = read_analysis(run.path)  # what checks may read: the analysis of the final step
+                for c, v in analysis_values(records, latest, set_name, str(run.path / ANALYSIS_FILE)).items():
                     values[c] = {"mean": v}
         by_step: dict[tuple[str, int], float] = {}
         for e in run.evaluations() if run.path.is_dir() else []:

@@ -41,7 +41,7 @@ that `seqgen build --config` and `trainer fit --config` read) and lists the runs
                                         # `than` may name the same run (e.g. ablated ICL < ICL of one run)
 
 Check metrics are the columns of the evaluation types, plus, with a `fewshot_holdout` evaluation, the
-columns that `trainer analyze` writes to a run's analysis.jsonl (`trainer.analyze.measures.ANALYSIS_COLUMNS`:
+columns that `trainer analyze` writes to a run's analysis.jsonl (`trainer.analyze.records.ANALYSIS_COLUMNS`:
 analysis_icl, ablated_icl_min, mean_ablated_icl_min, induction_max, prev_token_max), read at the run's
 final step; a check stays PENDING until that analysis is there.
 
@@ -85,7 +85,7 @@ from typing import Any
 from seqgen.config import BuildConfig, ConfigError, SeqType, SequenceConfig, load_toml, refuse_retired
 from seqgen.errors import UserError
 from trainer.config import TrainConfig
-from trainer.analyze.measures import ANALYSIS_COLUMNS
+from trainer.analyze.records import ANALYSIS_COLUMNS
 from trainer.metrics import column_of
 
 DEFAULT_EVAL_TYPES = (SeqType.FEWSHOT_HOLDOUT, SeqType.NO_SUPPORT_ZIPFIAN)
@@ -279,7 +279,12 @@ def _setting_tables(entry: dict[str, Any], i: int, data: dict[str, Any], folder:
         bases = sweep_bases
     merged: dict[str, Any] = {}
     for b in bases:
-        merged = _merge(merged, {k: load_toml(b).get(k, {}) for k in ("seqgen", "trainer")})
+        base = load_toml(b)
+        try:
+            refuse_retired(TrainConfig, base.get("trainer", {}), "trainer.")
+        except ConfigError as e:
+            raise ConfigError(f"base config {b}: {e}") from None
+        merged = _merge(merged, {k: base.get(k, {}) for k in ("seqgen", "trainer")})
     for layer in (data, entry):
         for k in ("seqgen", "trainer"):
             if k in layer and not isinstance(layer[k], dict):
@@ -295,6 +300,11 @@ def _setting_tables(entry: dict[str, Any], i: int, data: dict[str, Any], folder:
             if k == "trainer" and seeded and isinstance(table, dict) \
                     and isinstance(table.get("training"), dict) and "seed" in table["training"]:
                 raise ConfigError(f"{where}: trainer.training.seed is set by [sweep] seeds; remove it")
+            if k == "trainer" and isinstance(table, dict):
+                try:
+                    refuse_retired(TrainConfig, table, "trainer.")
+                except ConfigError as e:
+                    raise ConfigError(f"{where if layer is entry else '[trainer]'}: {e}") from None
             merged = _merge(merged, {k: layer.get(k, {})})
     return name, x, bases, merged
 
@@ -312,7 +322,6 @@ def _run_spec(name: str, x: float | str, bases: tuple[Path, ...], merged: dict[s
         trainer = _merge(trainer, {"training": {"seed": seed}})
     try:
         train = BuildConfig.from_dict(seq)
-        refuse_retired(TrainConfig, trainer, "trainer.")
         tcfg = TrainConfig.from_dict(trainer).validate()
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
@@ -353,7 +362,7 @@ def _checks(entries: Any, settings: tuple[str, ...], columns: set[str]) -> tuple
             raise ConfigError(f"{where}: 'claim' must be a non-empty string")
         than_metric = entry.get("than_metric")
         for key, value in (("metric", metric), ("than_metric", than_metric)):
-            if value is not None and value not in columns:
+            if value is not None and (not isinstance(value, str) or value not in columns):
                 raise ConfigError(f"{where}: {key} {value!r} is not measured by this sweep; "
                                   f"one of: {', '.join(sorted(columns))}")
         if run not in settings:
