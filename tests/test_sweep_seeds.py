@@ -146,6 +146,7 @@ def test_seeds_expand_runs_and_share_eval_sets(tmp_path):
      "'than_metric' needs 'than' to name a run"),
     (lambda s: s.replace("than = -1.0\n\n", 'than = "p0"\nthan_metric = "induction"\n\n', 1),
      "than_metric 'induction' is not measured"),
+    (lambda s: s.replace('metric = "icl"', 'metric = ["icl"]'), "metric ['icl'] is not measured"),
 ])
 def test_seed_and_check_errors_are_one_line(tmp_path, edit, needle):
     path = _write(tmp_path, edit(SWEEP))
