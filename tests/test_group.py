@@ -173,11 +173,11 @@ def test_batchnorm_statistics_stay_per_run_under_vmap():
         return jnp.mean(logits ** 2), state
 
     grad = eqx.filter_value_and_grad(loss, has_aux=True)
-    alone = [grad(m, s, x) for (m, s), x in zip(pairs, images)]
+    alone = [eqx.filter_jit(grad)(m, s, x) for (m, s), x in zip(pairs, images)]  # jitted: eager is minutes
     pairs = [make_model(cfg, 7, key=jr.PRNGKey(i), image_size=16) for i in range(2)]  # fresh (unused) states
     models = stack_states([m for m, _ in pairs])
     states = stack_states([s for _, s in pairs])
-    batched = eqx.filter_vmap(grad)(models, states, jnp.stack(images))
+    batched = eqx.filter_jit(eqx.filter_vmap(grad))(models, states, jnp.stack(images))
     for i, ((value, state), grads) in enumerate(alone):
         (b_value, b_state), b_grads = unstack_state(batched, i)
         np.testing.assert_allclose(b_value, value, rtol=1e-5)
