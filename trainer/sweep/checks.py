@@ -24,7 +24,6 @@ import enum
 import statistics
 from typing import Sequence
 
-from trainer.analyze.records import ANALYSIS_COLUMNS
 from trainer.sweep.spec import CheckSpec, Compare
 
 
@@ -62,7 +61,7 @@ def evaluate_check(spec: CheckSpec, finals: dict[str, dict[int | None, float]], 
     if missing:
         names = ", ".join("-" if s is None else str(s) for s in missing)
         what = "final evaluation"
-        if {spec.metric, spec.other_metric} & set(ANALYSIS_COLUMNS):
+        if spec.reads_analysis:
             what += (" or analysis of the final checkpoint (`trainer analyze RUN_DIR --eval SET --ablate-steps last`,"
                      " then `trainer sweep FILE` to publish it to the results folder)")
         return CheckResult(spec, Verdict.PENDING, {}, {}, f"no {what} yet for seed(s) {names}")

@@ -36,7 +36,7 @@ from typing import Any
 
 from seqgen.atomic import atomic_write, atomic_write_json, atomic_write_text
 from seqgen.config import SeqType
-from trainer.analyze.records import ANALYSIS_COLUMNS, ANALYSIS_FILE, analysis_values, read_analysis
+from trainer.analyze.records import ANALYSIS_FILE, analysis_values, read_analysis
 from trainer.metrics import column_of, icl_ceiling, label_of, metric_key_of
 from trainer.run import CURVE_SOURCES, RunDir
 from trainer.sweep.checks import CheckResult, Verdict, evaluate_checks
@@ -123,7 +123,7 @@ def _last_step(run: RunDir) -> int | None:
 
 def collect(sweep: Sweep, results: Path, shards_dir: Path) -> list[Row]:
     provenance = read_provenance(results)
-    needs_analysis = any({c.metric, c.other_metric} & set(ANALYSIS_COLUMNS) for c in sweep.checks)
+    needs_analysis = any(c.reads_analysis for c in sweep.checks)
     rows = []
     for spec in sweep.runs:
         run = RunDir(Path(results) / "runs" / spec.name)

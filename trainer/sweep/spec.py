@@ -152,6 +152,11 @@ class CheckSpec:
     def other_metric(self) -> str:
         return self.than_metric or self.metric
 
+    @property
+    def reads_analysis(self) -> bool:
+        """Whether a side of the check is read from analysis.jsonl (`trainer analyze`)."""
+        return bool({self.metric, self.other_metric} & set(ANALYSIS_COLUMNS))
+
     def describe(self) -> str:
         other = f"{self.than:g}" if isinstance(self.than, float) else f"{self.other_metric}({self.than})"
         left = f"{self.metric}({self.run})"
