@@ -314,3 +314,21 @@ def test_paper_sweep_files_load_and_plan(path, tmp_path):
     assert sweep.eval_seqs >= 2000
     plan = make_plan(sweep, out=tmp_path / "o", shards_dir=tmp_path / "s")
     assert len(plan.runs) == len(sweep.runs) and not os.listdir(tmp_path)
+
+
+def test_published_run_without_checkpoints_is_skipped_not_retrained(sweep_story, tmp_path):
+    """A results folder (config.json + metrics.jsonl, no checkpoints) copied back counts as finished; asked
+    for evaluation sets it has not seen, it is refused in one line (nothing to evaluate), not retrained."""
+    out = tmp_path / "out"
+    shutil.copytree(sweep_story["out"] / "runs", out / "runs")
+    for ckpts in (out / "runs").glob("*/checkpoints"):
+        shutil.rmtree(ckpts)
+    args = ["--out", str(out), "--shards-dir", str(sweep_story["shards"]), "--no-progress"]
+    res = CliRunner().invoke(main, ["sweep", str(sweep_story["path"]), *args])
+    assert res.exit_code == 0, res.output
+    assert "2 already finished" in res.output and "train:" not in res.output
+    assert not any((out / "runs").glob("*/checkpoints"))
+    path = _write(tmp_path / "cfg", SWEEP.replace("eval_seqs = 48", "eval_seqs = 40\neval_seed = 2"))
+    res = CliRunner().invoke(main, ["sweep", str(path), *args, "--dry-run"])
+    assert res.exit_code != 0 and "has no checkpoints to evaluate on" in res.output
+    assert "Traceback" not in res.output

@@ -3,8 +3,9 @@
 Shard sets live in a shared folder (default `data/shards/sweeps/`), one per config, named
 `<seq_type>-<sha256 of the BuildConfig, 12 hex>`, so sets are reused across runs, seeds and sweeps. Runs
 train into `<out>/runs/<run name>` (default out: `runs/sweeps/<sweep name>`); a run is skipped when its
-final checkpoint and final evaluations are there, resumed from its latest checkpoint when partial, and
-evaluated (not retrained) when finished but not yet scored on (some of) the current evaluation sets.
+final evaluations are there (with its final checkpoint, or with no checkpoints at all: a published results
+folder copied back), resumed from its latest checkpoint when partial, and evaluated (not retrained) when
+finished but not yet scored on (some of) the current evaluation sets.
 """
 
 from __future__ import annotations
@@ -107,11 +108,21 @@ def run_action(spec: RunSpec, run_dir: Path, train_dir: Path, eval_dirs: Sequenc
         what = f"trainer options ({diff})" if diff else f"a training set ({old_train}) of other seqgen options"
         raise SweepError(f"{run_dir} was trained with {what} than run '{spec.name}' of this sweep; "
                          "delete it or choose another --out")
+    names = [p.name for p in eval_dirs]
     if latest is None:
-        return RunAction.TRAIN, 0  # started but stopped before its first checkpoint: start afresh
+        # A finished run without its checkpoints (a published results folder, copied back) is done when its
+        # metrics hold the final evaluation on every set; otherwise it stopped before its first checkpoint.
+        found = run.final_evaluations(spec.steps, names)
+        if len(found) == len(names):
+            return RunAction.SKIP, spec.steps
+        if any(r.get("kind") == "train" and r.get("step") == spec.steps for r in run.read_metrics()):
+            missing = ", ".join(n for n in names if n not in found)
+            raise SweepError(f"{run_dir} is finished but has no checkpoints to evaluate on {missing}; "
+                             "copy it with its checkpoints, or delete it to retrain")
+        return RunAction.TRAIN, 0
     if latest < spec.steps:
         return RunAction.RESUME, latest
-    if final_results(run_dir, latest, [p.name for p in eval_dirs]) is None:
+    if final_results(run_dir, latest, names) is None:
         return RunAction.EVALUATE, latest
     return RunAction.SKIP, latest
 
