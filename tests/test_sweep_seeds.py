@@ -112,6 +112,18 @@ def test_pending_until_every_seed_is_evaluated_and_single_seed_sweeps():
     assert one.verdict is Verdict.PASS and one.left == {None: 0.9}
 
 
+
+@pytest.mark.parametrize("metric, than_metric, mode", [
+    ("ablated_icl_min", None, "zero"), ("mean_ablated_icl_min", None, "mean"),
+    ("ablated_icl_min", "mean_ablated_icl_min", "both"), ("induction_max", None, None),
+])
+def test_pending_analysis_names_the_ablation_it_needs(metric, than_metric, mode):
+    spec = CheckSpec("c", metric, "a", Compare.LESS, "b", than_metric=than_metric)
+    res = evaluate_check(spec, {"a": {0: 0.6}, "b": {}}, [0])
+    assert res.verdict is Verdict.PENDING and "trainer analyze RUN_DIR" in res.detail
+    assert ("--ablation" not in res.detail) if mode is None else (f"--ablation {mode}`" in res.detail)
+
+
 # ---- sweep files with seeds and checks --------------------------------------------------------------
 def test_seeds_expand_runs_and_share_eval_sets(tmp_path):
     sweep = load_sweep(_write(tmp_path))

@@ -43,6 +43,8 @@ ANALYSIS_COLUMNS = {
     "induction_max": "the highest induction score over all heads",
     "prev_token_max": "the highest previous-token score over all heads",
 }
+# The `trainer analyze --ablation` mode each ablation column needs (the default, both, writes either).
+ABLATION_OF_COLUMN = {"ablated_icl_min": "zero", "mean_ablated_icl_min": "mean"}
 
 
 def analysis_values(records: Sequence[dict[str, Any]], step: int, set_name: str,

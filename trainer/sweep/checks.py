@@ -24,6 +24,7 @@ import enum
 import statistics
 from typing import Sequence
 
+from trainer.analyze.records import ABLATION_OF_COLUMN
 from trainer.sweep.spec import CheckSpec, Compare
 
 
@@ -62,8 +63,10 @@ def evaluate_check(spec: CheckSpec, finals: dict[str, dict[int | None, float]], 
         names = ", ".join("-" if s is None else str(s) for s in missing)
         what = "final evaluation"
         if spec.reads_analysis:
-            what += (" or analysis of the final checkpoint (`trainer analyze RUN_DIR --eval SET --ablate-steps last`,"
-                     " then `trainer sweep FILE` to publish it to the results folder)")
+            modes = sorted({ABLATION_OF_COLUMN[m] for m in (spec.metric, spec.other_metric) if m in ABLATION_OF_COLUMN})
+            ablation = f" --ablation {modes[0] if len(modes) == 1 else 'both'}" if modes else ""
+            what += (" or analysis of the final checkpoint (`trainer analyze RUN_DIR --eval SET --ablate-steps last"
+                     f"{ablation}`, then `trainer sweep FILE` to publish it to the results folder)")
         return CheckResult(spec, Verdict.PENDING, {}, {}, f"no {what} yet for seed(s) {names}")
     left = {s: left_all[s] for s in seeds}
     right = {s: right_all[s] for s in seeds}
