@@ -332,3 +332,30 @@ def test_published_run_without_checkpoints_is_skipped_not_retrained(sweep_story,
     res = CliRunner().invoke(main, ["sweep", str(path), *args, "--dry-run"])
     assert res.exit_code != 0 and "has no checkpoints to evaluate on" in res.output
     assert "Traceback" not in res.output
+
+
+def test_fresh_clone_continues_from_the_published_results(sweep_story, tmp_path):
+    """No run directories (a fresh clone), a results folder that holds finished runs (no checkpoints): they
+    are skipped, the report is rebuilt from them; a published run of other trainer options is refused."""
+    results = tmp_path / "results"
+    shutil.copytree(sweep_story["out"] / "runs", results / "runs", ignore=shutil.ignore_patterns("checkpoints"))
+    fresh = tmp_path / "fresh"
+    args = ["--out", str(fresh), "--results", str(results), "--shards-dir", str(sweep_story["shards"]),
+            "--no-progress"]
+    dry = CliRunner().invoke(main, ["sweep", str(sweep_story["path"]), *args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert dry.output.count("(published; no run directory)") == 2 and "run  train" not in dry.output
+    res = CliRunner().invoke(main, ["sweep", str(sweep_story["path"]), *args])
+    assert res.exit_code == 0, res.output
+    assert "2 already finished" in res.output and "train:" not in res.output
+    assert not (fresh / "runs").exists()
+    with (results / "results.csv").open() as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["done", "done"]
+    (results / "runs" / "p1" / "metrics.jsonl").unlink()  # p1 not finished there: it trains
+    dry = CliRunner().invoke(main, ["sweep", str(sweep_story["path"]), *args, "--dry-run"])
+    assert dry.exit_code == 0 and "run  train        " + str(fresh / "runs" / "p1") in dry.output, dry.output
+    other = _write(tmp_path / "cfg", SWEEP.replace(
+        'name = "p0"\nx = 0.0', 'name = "p0"\nx = 0.0\n[runs.trainer.optimizer]\nmax_lr = 5e-4'))
+    bad = CliRunner().invoke(main, ["sweep", str(other), *args, "--dry-run"])
+    assert bad.exit_code != 0 and "was trained with trainer options" in bad.output
+    assert "choose another --results" in bad.output and "Traceback" not in bad.output

@@ -109,7 +109,7 @@ def _sweep(sweep_file, out, results, shards_dir, omniglot_dir, cache_dir, worker
         for p in write_report(sweep, folder, command=command, shards_dir=shards):
             click.echo(str(p))
         return _print_checks(sweep, folder, shards) if check else 0
-    plan = make_plan(sweep, out=out if out else default_out(sweep), shards_dir=shards, only=only)
+    plan = make_plan(sweep, out=out if out else default_out(sweep), shards_dir=shards, only=only, results=folder)
     for line in describe_plan(plan):
         click.echo(line)
     if dry_run:

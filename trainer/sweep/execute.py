@@ -123,7 +123,7 @@ def execute(plan: Plan, *, command: str, results: Path | None = None, omniglot_d
     todo = [r for r in plan.runs if r.action is not RunAction.SKIP]
     skipped = [r.spec.name for r in plan.runs if r.action is RunAction.SKIP]
     for r in plan.runs:
-        if r.action is RunAction.SKIP:
+        if r.action is RunAction.SKIP and r.published is None:
             publish(r.run_dir, results, r.spec.name)
     report = lambda: write_report(plan.sweep, results, command=command, shards_dir=plan.shards_dir)  # noqa: E731
     stop = interrupt or GracefulInterrupt()

@@ -60,6 +60,7 @@ class RunPlan:
     eval_dirs: tuple[Path, ...]
     action: RunAction
     step: int  # latest checkpoint (0 when none)
+    published: Path | None = None  # where a finished run without a run directory was found (SKIP only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,25 +91,39 @@ def final_results(run_dir: Path, step: int, set_names: Sequence[str]) -> dict[st
     return found if all(n in found for n in set_names) else None
 
 
-def run_action(spec: RunSpec, run_dir: Path, train_dir: Path, eval_dirs: Sequence[Path]) -> tuple[RunAction, int]:
-    config = run_dir / "config.json"
-    latest = latest_step(run_dir)
-    if not config.is_file():
-        if latest is not None:
-            raise SweepError(f"{run_dir} holds checkpoints but no config.json; delete it or choose another --out")
-        return RunAction.TRAIN, 0
+def _run_of(spec: RunSpec, folder: Path, train_dir: Path, option: str) -> RunDir:
+    """The run in `folder`, when it is one of `spec` (the same trainer options and training set); else a
+    one-line SweepError that names the difference."""
+    config = folder / "config.json"
     try:
-        run = RunDir(run_dir)
+        run = RunDir(folder)
         old = run.train_config()
         old_train = Path(run.read()["data"]["train"]["path"]).name
     except (RunError, KeyError, TypeError, ConfigError):
-        raise SweepError(f"{config} is unreadable; delete {run_dir} or choose another --out") from None
+        raise SweepError(f"{config} is unreadable; delete {folder} or choose another {option}") from None
     diff = _difference(flatten(old.to_dict()), flatten(spec.trainer.to_dict()), ignore=BOOKKEEPING)
     if diff or old_train != train_dir.name:
         what = f"trainer options ({diff})" if diff else f"a training set ({old_train}) of other seqgen options"
-        raise SweepError(f"{run_dir} was trained with {what} than run '{spec.name}' of this sweep; "
-                         "delete it or choose another --out")
+        raise SweepError(f"{folder} was trained with {what} than run '{spec.name}' of this sweep; "
+                         f"delete it or choose another {option}")
+    return run
+
+
+def run_action(spec: RunSpec, run_dir: Path, train_dir: Path, eval_dirs: Sequence[Path],
+               published: Path | None = None) -> tuple[RunAction, int]:
+    """What to do with one run. `published`: its folder in a separate results folder (config.json, metrics.jsonl,
+    no checkpoints), which counts as the finished run when the run directory is absent (a fresh clone)."""
+    latest = latest_step(run_dir)
     names = [p.name for p in eval_dirs]
+    if not (run_dir / "config.json").is_file():
+        if latest is not None:
+            raise SweepError(f"{run_dir} holds checkpoints but no config.json; delete it or choose another --out")
+        if published is not None and (published / "config.json").is_file():
+            found = _run_of(spec, published, train_dir, "--results").final_evaluations(spec.steps, names)
+            if len(found) == len(names):
+                return RunAction.SKIP, spec.steps  # finished and published; its checkpoints were not kept
+        return RunAction.TRAIN, 0
+    run = _run_of(spec, run_dir, train_dir, "--out")
     if latest is None:
         # A finished run without its checkpoints (a published results folder, copied back) is done when its
         # metrics hold the final evaluation on every set; otherwise it stopped before its first checkpoint.
@@ -146,10 +161,12 @@ def selected(sweep: Sweep, only: Sequence[str]) -> list[RunSpec]:
 
 
 def make_plan(sweep: Sweep, *, out: str | Path | None = None, shards_dir: str | Path = DEFAULT_SHARDS_DIR,
-              only: Sequence[str] = ()) -> Plan:
-    """What a sweep would do now: which sets to build or reuse, which runs to train, resume or skip."""
+              only: Sequence[str] = (), results: str | Path | None = None) -> Plan:
+    """What a sweep would do now: which sets to build or reuse, which runs to train, resume or skip. A run
+    with no run directory in `out` that `results` (a separate results folder) holds finished is skipped."""
     specs = selected(sweep, only)
     out = Path(out) if out is not None else default_out(sweep)
+    separate = results is not None and Path(results).resolve() != out.resolve()
     shards_dir = Path(shards_dir)
     sets: dict[Path, SetPlan] = {}
     runs = []
@@ -161,8 +178,10 @@ def make_plan(sweep: Sweep, *, out: str | Path | None = None, shards_dir: str | 
                 sets[folder] = SetPlan(cfg, folder, set_action(cfg, folder))
             folders.append(folder)
         run_dir = out / "runs" / spec.name
-        action, step = run_action(spec, run_dir, folders[0], folders[1:])
-        runs.append(RunPlan(spec, run_dir, folders[0], tuple(folders[1:]), action, step))
+        published = Path(results) / "runs" / spec.name if separate else None
+        action, step = run_action(spec, run_dir, folders[0], folders[1:], published)
+        found = published if action is RunAction.SKIP and not (run_dir / "config.json").is_file() else None
+        runs.append(RunPlan(spec, run_dir, folders[0], tuple(folders[1:]), action, step, found))
     return Plan(sweep, out, shards_dir, tuple(sets.values()), tuple(runs))
 
 
@@ -174,5 +193,6 @@ def describe_plan(plan: Plan) -> list[str]:
         at = f" from step {r.step}" if r.action is RunAction.RESUME and r.step else ""
         passes = r.spec.steps * r.spec.trainer.training.batch_size / r.spec.train.num_seqs
         reuse = f", {passes:.1f} passes over its training set" if passes > 1 else ""
-        lines.append(f"  run  {r.action.value:<12} {r.run_dir}  (x = {r.spec.x}, {r.spec.steps} steps{at}{reuse})")
+        where = f"{r.published} (published; no run directory)" if r.published else r.run_dir
+        lines.append(f"  run  {r.action.value:<12} {where}  (x = {r.spec.x}, {r.spec.steps} steps{at}{reuse})")
     return lines
