@@ -402,6 +402,9 @@ def write_figure(sweep: Sweep, rows: list[Row], columns: list[str], path: Path) 
         ax.set_xticks(sorted(xpos.values()), ticks)
     elif sweep.x_scale == "log" and all(x > 0 for x in xpos.values()):
         ax.set_xscale("log")
+        xs = sorted(set(xpos.values()))
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])  # the settings' values, not only the powers of 10
+        ax.minorticks_off()
     ax.set_xlabel(sweep.x_label)
     ax.set_ylabel("accuracy" + (" (mean over seeds; band: min-max; dots: seeds)" if seeded else ""))
     ax.set_ylim(-0.02, 1.02)
