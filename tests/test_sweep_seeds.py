@@ -112,7 +112,6 @@ def test_pending_until_every_seed_is_evaluated_and_single_seed_sweeps():
     assert one.verdict is Verdict.PASS and one.left == {None: 0.9}
 
 
-
 @pytest.mark.parametrize("metric, than_metric, mode", [
     ("ablated_icl_min", None, "zero"), ("mean_ablated_icl_min", None, "mean"),
     ("ablated_icl_min", "mean_ablated_icl_min", "both"), ("induction_max", None, None),

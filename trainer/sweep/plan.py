@@ -119,8 +119,8 @@ def run_action(spec: RunSpec, run_dir: Path, train_dir: Path, eval_dirs: Sequenc
         if latest is not None:
             raise SweepError(f"{run_dir} holds checkpoints but no config.json; delete it or choose another --out")
         if published is not None and (published / "config.json").is_file():
-            found = _run_of(spec, published, train_dir, "--results").final_evaluations(spec.steps, names)
-            if len(found) == len(names):
+            _run_of(spec, published, train_dir, "--results")
+            if final_results(published, spec.steps, names) is not None:
                 return RunAction.SKIP, spec.steps  # finished and published; its checkpoints were not kept
         return RunAction.TRAIN, 0
     run = _run_of(spec, run_dir, train_dir, "--out")
