@@ -7,6 +7,10 @@ import csv
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +26,7 @@ from trainer.sweep import (
 from trainer.sweep.execute import execute
 from trainer.sweep.execute import cpu_groups
 
-from tests.test_sweep import BASE, _write as _write_files
+from tests.test_sweep import BASE, REPO, _write as _write_files
 
 SWEEP = """
 # a seeded test sweep
@@ -424,3 +428,63 @@ def test_vectorized_groups_in_a_sweep_match_runs_trained_alone(seeded, tmp_path)
             assert float(mine[name][f"{c}_mean"]) == pytest.approx(float(theirs[name][f"{c}_mean"]), abs=0.03)
         seg = json.loads((results / "runs" / name / "provenance.json").read_text())["segments"][0]
         assert seg["group"] == 2
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not Path("/proc/self/stat").exists(),
+                    reason="--jobs 2 needs two CPU cores, and the test reads /proc")
+def test_sigterm_to_a_jobs_sweep_stops_its_workers_with_their_progress_saved(seeded, tmp_path):
+    """A real SIGTERM (as `kill` / `pkill` send) to `trainer sweep --jobs 2`: the sweep forwards the stop to
+    both worker processes, which save and exit; the sweep exits 130 and no worker outlives it."""
+    long = BASE.replace("steps = 6", "steps = 100000").replace("checkpoint_every = 3", "checkpoint_every = 50000")
+    path = _write(tmp_path / "cfg", base=long)
+    out = tmp_path / "out"
+    logs = [out / "logs" / "p0" / f"seed-{s}.log" for s in (3, 4)]
+    cmd = [sys.executable, "-m", "trainer.cli", "sweep", str(path), "--out", str(out), "--results",
+           str(tmp_path / "results"), "--shards-dir", str(seeded["shards"]), "--only", "p0", "--jobs", "2",
+           "--no-progress"]
+    parent = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and parent.poll() is None and not all(
+                (out / "runs" / "p0" / f"seed-{s}" / "metrics.jsonl").is_file() for s in (3, 4)):
+            time.sleep(0.2)  # both workers are training (each has logged a step)
+        workers = _children(parent.pid)
+        assert len(workers) == 2 and parent.poll() is None, [p.read_text() for p in logs if p.is_file()]
+        parent.send_signal(signal.SIGTERM)
+        output, _ = parent.communicate(timeout=120)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.2)
+        assert not [w for w in workers if _alive(w)], output
+        assert parent.returncode == 130, output
+        assert sum(line.startswith("stopped: p0/seed-") for line in output.splitlines()) == 2, output
+        for s in (3, 4):
+            assert latest_step(out / "runs" / "p0" / f"seed-{s}") > 0  # the stop saved a checkpoint
+    finally:
+        parent.kill()
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
