@@ -24,6 +24,7 @@ from seqgen.build import build, finalize
 from seqgen.cli import main as seqgen_main
 from seqgen.config import SeqType
 from seqgen.lock import FolderLock, LockError
+from tests.procs import children, cmdline, kill_all, still_alive_after
 from tests.trainkit import DATASET, SPLIT, symbolic_set
 from trainer.data import BatchStream, DataError, eval_batches, open_shard_set
 
@@ -269,25 +270,6 @@ def test_seqgen_build_on_a_really_full_disk_is_one_line(pristine, tiny_tmpfs, wo
     assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_workers_do_not_outlive_a_killed_parent(pristine, tmp_path):
     cfg = open_shard_set(pristine).config
@@ -299,28 +281,14 @@ def test_workers_do_not_outlive_a_killed_parent(pristine, tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not list((tmp_path / "s").glob("shard-*.json")):
             time.sleep(0.2)  # wait until the workers are really building
-        workers = [k for k in _children(parent.pid) if "seqgen" in _cmdline(k) or "multiprocessing" in _cmdline(k)]
-        assert len(workers) >= 2, _children(parent.pid)
+        workers = [k for k in children(parent.pid) if "seqgen" in cmdline(k) or "multiprocessing" in cmdline(k)]
+        assert len(workers) >= 2, children(parent.pid)
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(_alive(w) for w in workers):
-            time.sleep(0.2)
-        assert not any(_alive(w) for w in workers)
+        assert not still_alive_after(workers, 20)
     finally:
         parent.kill()
-        for w in workers:
-            try:
-                os.kill(w, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+        kill_all(workers)
 
 
 # ---- one writer per shard folder -----------------------------------------------------------------------------

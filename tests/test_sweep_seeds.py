@@ -26,6 +26,7 @@ from trainer.sweep import (
 from trainer.sweep.execute import execute
 from trainer.sweep.execute import cpu_groups
 
+from tests.procs import children, kill_all, still_alive_after
 from tests.test_sweep import BASE, REPO, _write as _write_files
 
 SWEEP = """
@@ -430,25 +431,6 @@ def test_vectorized_groups_in_a_sweep_match_runs_trained_alone(seeded, tmp_path)
         assert seg["group"] == 2
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not Path("/proc/self/stat").exists(),
                     reason="--jobs 2 needs two CPU cores, and the test reads /proc")
 def test_sigterm_to_a_jobs_sweep_stops_its_workers_with_their_progress_saved(seeded, tmp_path):
@@ -469,22 +451,15 @@ def test_sigterm_to_a_jobs_sweep_stops_its_workers_with_their_progress_saved(see
         while time.monotonic() < deadline and parent.poll() is None and not all(
                 (out / "runs" / "p0" / f"seed-{s}" / "metrics.jsonl").is_file() for s in (3, 4)):
             time.sleep(0.2)  # both workers are training (each has logged a step)
-        workers = _children(parent.pid)
+        workers = children(parent.pid)
         assert len(workers) == 2 and parent.poll() is None, [p.read_text() for p in logs if p.is_file()]
         parent.send_signal(signal.SIGTERM)
         output, _ = parent.communicate(timeout=120)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(_alive(w) for w in workers):
-            time.sleep(0.2)
-        assert not [w for w in workers if _alive(w)], output
+        assert not still_alive_after(workers, 20), output
         assert parent.returncode == 130, output
         assert sum(line.startswith("stopped: p0/seed-") for line in output.splitlines()) == 2, output
         for s in (3, 4):
             assert latest_step(out / "runs" / "p0" / f"seed-{s}") > 0  # the stop saved a checkpoint
     finally:
         parent.kill()
-        for w in workers:
-            try:
-                os.kill(w, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(workers)
