@@ -25,6 +25,7 @@ from trainer.sweep import (
 )
 from trainer.sweep.execute import execute
 from trainer.sweep.execute import cpu_groups
+from trainer.sweep.report import cpu_model
 
 from tests.procs import children, kill_all, still_alive_after
 from tests.test_sweep import BASE, REPO, _write as _write_files
@@ -204,6 +205,21 @@ def test_seeded_sweep_writes_runs_per_seed_and_a_results_folder(seeded):
     assert all(float(r["wall_s"]) > 0 for r in rows.values())
     prov = {n: json.loads((results / "runs" / n / "provenance.json").read_text()) for n in rows}
     assert all(p["segments"][0]["commit"] and p["segments"][0]["wall_s"] > 0 for p in prov.values())
+    import jax
+    for p in prov.values():  # which CPU and which library versions each segment ran on
+        assert cpu_model() in p["segments"][0]["hardware"]
+        assert p["segments"][0]["versions"]["jax"] == jax.__version__
+
+
+def test_cpu_model_names_the_model_and_widest_simd_extension():
+    intel = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu sse4_2 avx avx2 avx512f\n" \
+            "processor\t: 1\nmodel name\t: Other\n"
+    assert cpu_model(intel) == "Intel(R) Xeon(R) Processor, avx512f"
+    amd = "model name\t: AMD EPYC 7B13\nflags\t\t: fpu sse4_2 avx avx2\n"
+    assert cpu_model(amd) == "AMD EPYC 7B13, avx2"
+    arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm\nCPU implementer\t: 0x41\n"
+    assert cpu_model(arm).endswith(", asimd") and cpu_model(arm) != ", asimd"
+    assert cpu_model("") and ", " not in cpu_model("")  # unreadable: the platform's name, no extension
 
 
 def test_summary_is_the_mean_and_spread_over_seeds(seeded):

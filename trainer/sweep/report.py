@@ -38,7 +38,7 @@ from seqgen.atomic import atomic_write, atomic_write_json, atomic_write_text
 from seqgen.config import SeqType
 from trainer.analyze.records import ANALYSIS_FILE, analysis_values, read_analysis
 from trainer.metrics import column_of, icl_ceiling, label_of, metric_key_of
-from trainer.run import CURVE_SOURCES, RunDir
+from trainer.run import CURVE_SOURCES, RunDir, versions
 from trainer.sweep.checks import CheckResult, Verdict, evaluate_checks
 from trainer.sweep.plan import set_folder
 from trainer.sweep.spec import RunSpec, Sweep
@@ -61,12 +61,35 @@ class Row:
 
 
 # ---- provenance -------------------------------------------------------------------------------------
+SIMD_FLAGS = ("avx512f", "avx2", "avx", "sse4_2", "asimd")  # widest first: XLA's CPU code depends on it
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and its widest SIMD extension, from /proc/cpuinfo (e.g. 'Intel(R) Xeon(R)
+    Processor, avx512f'), or `platform.processor()` / `platform.machine()` where that cannot be read.
+    Two CPUs of one architecture can round floats differently, so a run records which one it ran on."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set((fields.get("flags") or fields.get("features") or "").split())
+    simd = next((f for f in SIMD_FLAGS if f in flags), None)
+    return f"{model}, {simd}" if simd else model
+
+
 def hardware() -> str:
-    """`platform.processor()` / `jax.devices()` (and the device kind) of this machine."""
+    """The machine (architecture, CPU model) / `jax.devices()` (and the device kind)."""
     import jax
 
     devices = jax.devices()
-    return f"{platform.processor() or platform.machine()} / {devices} ({devices[0].device_kind})"
+    return f"{platform.machine()} {cpu_model()} / {devices} ({devices[0].device_kind})"
 
 
 def code_commit() -> str:
@@ -109,7 +132,8 @@ def record_provenance(results: Path, run_name: str, action: str, wall_s: float, 
     data = _read_json(path)
     entry = data if isinstance(data, dict) and isinstance(data.get("segments"), list) else {"segments": []}
     entry["segments"].append({"action": action, "wall_s": round(wall_s, 1), "commit": code_commit(),
-                              "hardware": hardware(), "jobs": jobs, "cpus": cpus, "group": group,
+                              "hardware": hardware(), "versions": versions(), "jobs": jobs, "cpus": cpus,
+                              "group": group,
                               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     atomic_write_json(path, entry)
 
