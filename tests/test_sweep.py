@@ -351,7 +351,17 @@ def test_fresh_clone_continues_from_the_published_results(sweep_story, tmp_path)
     assert not (fresh / "runs").exists()
     with (results / "results.csv").open() as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["done", "done"]
+    empty = ["--out", str(fresh), "--results", str(results), "--shards-dir", str(tmp_path / "no-sets"),
+             "--no-progress"]  # skipped runs read no shard set: none is planned, built or needed
+    res = CliRunner().invoke(main, ["sweep", str(sweep_story["path"]), *empty])
+    assert res.exit_code == 0 and "  set  " not in res.output and "build:" not in res.output, res.output
+    assert not (tmp_path / "no-sets").exists() and "2 already finished" in res.output
     (results / "runs" / "p1" / "metrics.jsonl").unlink()  # p1 not finished there: it trains
+    dry = CliRunner().invoke(main, ["sweep", str(sweep_story["path"]), *empty, "--dry-run"])
+    p1 = json.loads((results / "runs" / "p1" / "config.json").read_text())["data"]
+    wanted = {Path(p1["train"]["path"]).name} | {Path(e["path"]).name for e in p1["eval"]}
+    planned = {Path(line.split()[2]).name for line in dry.output.splitlines() if line.startswith("  set  ")}
+    assert dry.exit_code == 0 and planned == wanted, dry.output  # p1's sets only, not p0's training set
     dry = CliRunner().invoke(main, ["sweep", str(sweep_story["path"]), *args, "--dry-run"])
     assert dry.exit_code == 0 and "run  train        " + str(fresh / "runs" / "p1") in dry.output, dry.output
     other = _write(tmp_path / "cfg", SWEEP.replace(

@@ -5,7 +5,8 @@ Shard sets live in a shared folder (default `data/shards/sweeps/`), one per conf
 train into `<out>/runs/<run name>` (default out: `runs/sweeps/<sweep name>`); a run is skipped when its
 final evaluations are there (with its final checkpoint, or with no checkpoints at all: a published results
 folder copied back), resumed from its latest checkpoint when partial, and evaluated (not retrained) when
-finished but not yet scored on (some of) the current evaluation sets.
+finished but not yet scored on (some of) the current evaluation sets. Only the sets of runs that are not
+skipped are planned: a fresh clone whose results are all published builds nothing.
 """
 
 from __future__ import annotations
@@ -171,17 +172,17 @@ def make_plan(sweep: Sweep, *, out: str | Path | None = None, shards_dir: str | 
     sets: dict[Path, SetPlan] = {}
     runs = []
     for spec in specs:
-        folders = []
-        for cfg in (spec.train, *spec.evals):
-            folder = set_folder(shards_dir, cfg)
-            if folder not in sets:
-                sets[folder] = SetPlan(cfg, folder, set_action(cfg, folder))
-            folders.append(folder)
+        cfgs = (spec.train, *spec.evals)
+        folders = [set_folder(shards_dir, cfg) for cfg in cfgs]
         run_dir = out / "runs" / spec.name
         published = Path(results) / "runs" / spec.name if separate else None
         action, step = run_action(spec, run_dir, folders[0], folders[1:], published)
         found = published if action is RunAction.SKIP and not (run_dir / "config.json").is_file() else None
         runs.append(RunPlan(spec, run_dir, folders[0], tuple(folders[1:]), action, step, found))
+        if action is not RunAction.SKIP:  # a skipped run reads no set: its sets are neither built nor checked
+            for cfg, folder in zip(cfgs, folders):
+                if folder not in sets:
+                    sets[folder] = SetPlan(cfg, folder, set_action(cfg, folder))
     return Plan(sweep, out, shards_dir, tuple(sets.values()), tuple(runs))
 
 
