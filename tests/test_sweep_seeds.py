@@ -479,3 +479,30 @@ def test_sigterm_to_a_jobs_sweep_stops_its_workers_with_their_progress_saved(see
     finally:
         parent.kill()
         kill_all(workers)
+
+
+@pytest.mark.parametrize("figure, expected", [
+    ("burstiness", {0.95: "ICL ceiling"}),
+    ("num_classes", {0.95: "ICL ceiling 0.950 (10 holdout classes)", 0.99375: "ICL ceiling 0.994 (80 holdout classes)"}),
+])
+def test_every_icl_ceiling_of_a_sweep_is_drawn(figure, expected):
+    """A sweep whose settings have different holdout class counts (num_classes: 10 and 80) draws each ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from trainer.sweep.report import _reference_lines
+
+    sweep = load_sweep(Path(__file__).resolve().parents[1] / "configs" / "sweeps" / f"{figure}.toml")
+    for column in (None, "icl"):
+        fig, ax = plt.subplots()
+        _reference_lines(ax, sweep, column)
+        drawn = {round(line.get_ydata()[0], 5): line.get_label() for line in ax.get_lines()
+                 if line.get_label().startswith("ICL ceiling")}
+        plt.close(fig)
+        assert drawn == expected
+    fig, ax = plt.subplots()
+    _reference_lines(ax, sweep, "iwl")  # no ceiling on an IWL panel
+    assert not [line for line in ax.get_lines() if line.get_label().startswith("ICL ceiling")]
+    plt.close(fig)

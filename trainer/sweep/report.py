@@ -387,9 +387,14 @@ def _reference_lines(ax: Any, sweep: Sweep, column: str | None) -> None:
         ax.axhline(1.0 / next(iter(ways)), color="grey", ls=":", lw=1, label="chance (1/ways)")
     fs = [cfg for r in sweep.runs for cfg in r.evals if cfg.seq_type.value == "fewshot_holdout"]
     if fs and (column is None or column == "icl"):
-        ceilings = {icl_ceiling(c.sequence.ways, c.split.n_holdout_classes) for c in fs}
-        if len(ceilings) == 1:
-            ax.axhline(ceilings.pop(), color="tab:blue", ls="--", lw=0.8, alpha=0.6, label="ICL ceiling")
+        holdout: dict[float, set[int]] = {}  # ceiling -> the holdout class counts that give it
+        for c in fs:
+            holdout.setdefault(icl_ceiling(c.sequence.ways, c.split.n_holdout_classes), set()).add(
+                c.split.n_holdout_classes)
+        for i, (ceiling, counts) in enumerate(sorted(holdout.items())):  # one line each (num_classes: two)
+            label = "ICL ceiling" if len(holdout) == 1 else \
+                f"ICL ceiling {ceiling:.3f} ({', '.join(map(str, sorted(counts)))} holdout classes)"
+            ax.axhline(ceiling, color="tab:blue", ls=("--", "-.")[i % 2], lw=0.8, alpha=0.6, label=label)
 
 
 def write_figure(sweep: Sweep, rows: list[Row], columns: list[str], path: Path) -> Path:
