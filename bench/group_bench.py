@@ -81,20 +81,20 @@ def main() -> None:
             for name, fn in (("single", single), ("group", group)):
                 t0 = time.perf_counter()
                 if name == "single":
-                    state, m = fn(table, state, host(1))
+                    state, m = fn(table, state, host(1), np.int32(k))
                 else:
-                    states, m = fn(table, states, host(g))
+                    states, m = fn(table, states, host(g), np.int32(k))
                 jax.block_until_ready(m)
                 compile_s[name] = time.perf_counter() - t0
             times: dict[str, list[float]] = {"single": [], "group": []}
             for _ in range(calls):
                 b1, bg = host(1), host(g)
                 t0 = time.perf_counter()
-                state, m = single(table, state, b1)
+                state, m = single(table, state, b1, np.int32(k))
                 jax.block_until_ready(m)
                 times["single"].append((time.perf_counter() - t0) / k)
                 t0 = time.perf_counter()
-                states, m = group(table, states, bg)
+                states, m = group(table, states, bg, np.int32(k))
                 jax.block_until_ready(m)
                 times["group"].append((time.perf_counter() - t0) / k)
     one, grp = (float(np.median(times[n])) for n in ("single", "group"))

@@ -79,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
     states = fresh()
     with BatchStream(shards, cfgs[0].training.batch_size) as s:
         streams = [s] * (len(seeds) if vectorized else 1)
-        out = step(table, states[0], batches(streams))
+        out = step(table, states[0], batches(streams), np.int32(k))
         jax.block_until_ready(out)
     compile_s = time.perf_counter() - t0
     del out
@@ -94,7 +94,7 @@ def worker(args: argparse.Namespace) -> None:
         streams = [BatchStream(shards, cfgs[0].training.batch_size, start_step=args.steps * i) for i in members]
         try:
             for _ in range(args.steps // k):
-                state, m = step(table, state, batches(streams))
+                state, m = step(table, state, batches(streams), np.int32(k))
             jax.block_until_ready(m)
         finally:
             for s in streams:

@@ -57,7 +57,7 @@ def _flops_per_step(ctx, table, state, batches) -> float:
     """FLOPs of ONE step: XLA's cost analysis counts a loop body once, so count a 1-step dispatch (the model's
     transformer blocks are unrolled: the layer loop, checked in main)."""
     step = make_train_step(ctx)
-    return cost_flops(step.lower(table, state, jax.tree_util.tree_map(lambda x: x[:1], batches)).compile())
+    return cost_flops(step.lower(table, state, jax.tree_util.tree_map(lambda x: x[:1], batches), np.int32(1)).compile())
 
 
 def _host_images(images_u8: np.ndarray, batch: dict, size: int) -> np.ndarray:
@@ -111,14 +111,14 @@ def main() -> None:
             batches = next_batches()
             flops = _flops_per_step(ctx, table, state, batches)
             t0 = time.perf_counter()
-            state, m = step(table, state, batches)
+            state, m = step(table, state, batches, np.int32(k))
             jax.block_until_ready(m)
             compile_s = time.perf_counter() - t0
             data_time = 0.0
             per_call = []
             for _ in range(steps // k):
                 t0 = time.perf_counter()
-                state, m = step(table, state, next_batches())
+                state, m = step(table, state, next_batches(), np.int32(k))
                 jax.block_until_ready(m)
                 per_call.append((time.perf_counter() - t0) / k)
             ours = float(np.mean(per_call))
@@ -139,12 +139,12 @@ def main() -> None:
             b["images"] = _host_images(images_u8, b, args.image_size)
             return {n: jnp.asarray(v[None]) for n, v in b.items()}
 
-        bstate, m = base_step(table, bstate, host_batch(0))
+        bstate, m = base_step(table, bstate, host_batch(0), np.int32(1))
         float(m["loss"][0])
         base_steps = []
         for i in range(1, max(5, steps // 2) + 1):
             t0 = time.perf_counter()
-            bstate, m = base_step(table, bstate, host_batch(i))
+            bstate, m = base_step(table, bstate, host_batch(i), np.int32(1))
             float(m["loss"][0])
             base_steps.append(time.perf_counter() - t0)
         base = float(np.mean(base_steps))

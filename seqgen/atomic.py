@@ -9,8 +9,8 @@ write)` wraps any writer (`write(tmp)` fills the temporary file) in that; `atomi
 `<name>.<host>.<pid>.tmp` beside the target, so concurrent writers (ranged builds of one shard set on
 several machines) never share one, and a failed write removes its own.
 
-Appended logs (a run's metrics.jsonl) are not replaced but appended to, one flushed and fsynced line
-per record (`trainer.run.RunDir.append_metrics`); readers skip a last line cut by a crash.
+Appended logs (a run's metrics.jsonl) are not replaced but appended to, one record per line written
+whole and fsynced, a failed append cut back off, a line cut by a crash moved aside (`seqgen.jsonlog`).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def _progress_flag(quiet: bool) -> bool:
 @main.command("build")
 @BUILD_OPTIONS
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: data/shards/<type>).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with a [seqgen] table.")
+@click.option("--config", "config_file", type=click.Path(), help="TOML file with a [seqgen] table.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Shard-building processes.")
 @omniglot_option(OMNIGLOT_HELP)
 @cache_dir_option
@@ -119,7 +119,7 @@ def finalize_cmd(folder: str, workers: int, omniglot_dir: str | None, cache_dir:
 
 
 @main.command("verify")
-@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("folder", type=click.Path())
 @click.option("--sample", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Rows per shard checked for the structural invariants.")
 @one_line
@@ -143,7 +143,7 @@ def _disk_size(folder: Path) -> int:
 
 
 @main.command("info")
-@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("folder", type=click.Path())
 @one_line
 def info_cmd(folder: str) -> None:
     """Summarise a finished shard set."""

@@ -76,6 +76,12 @@ class SeqType(str, enum.Enum):
         return self.value.startswith("no_support")
 
     @property
+    def evaluation_only(self) -> bool:
+        """Sequences of the split's holdout classes (fewshot_holdout): they measure ICL on classes never
+        trained on, so a set of this type must never be trained on (`trainer.data.check_roles`)."""
+        return self is SeqType.FEWSHOT_HOLDOUT
+
+    @property
     def is_strategy(self) -> bool:
         """flip / copy_available: `ways` distinct trained classes x `fs_shots` + a query among them."""
         return self in (SeqType.FLIP, SeqType.COPY_AVAILABLE)
@@ -499,18 +505,36 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file; one-line ConfigError when missing or malformed."""
+    from seqgen.files import describe_path
+
     p = Path(path)
+    if (problem := describe_path(p, "file")) is not None:
+        raise ConfigError(f"config file {p} {problem}; {_toml_fix(p, problem)}")
     try:
         with p.open("rb") as f:
             return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}") from None
+    except FileNotFoundError:  # removed since it was described
+        raise ConfigError(f"config file {p} does not exist; pass an existing TOML file") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {p} is not UTF-8 text (TOML files must be); re-save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {p} is not valid TOML: {e}; fix that line") from None
     except OSError as e:
         raise ConfigError(f"config file {p} cannot be read ({e.strerror or e}); pass a readable TOML file") from None
+
+
+def _toml_fix(p: Path, problem: str) -> str:
+    """The fix for a --config path that is not a readable file (`load_toml`)."""
+    if problem.startswith("is a directory"):
+        inside = sorted(q.name for q in p.glob("*.toml"))
+        if inside:
+            return f"pass one of the TOML files in it ({', '.join(inside[:4])}{', ...' if len(inside) > 4 else ''})"
+        return "pass a TOML file, not a folder"
+    if "symbolic link" in problem:
+        return "point the link at a TOML file, or pass the file itself"
+    if problem.startswith("cannot be read"):
+        return "make it readable (chmod u+r) or pass a readable copy"
+    return "check the path, or pass an existing TOML file (e.g. one of configs/*.toml)"
 
 
 def build_config_from_toml(data: dict[str, Any]) -> BuildConfig:

@@ -29,7 +29,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class UserError(Exception):
-    """An expected failure whose message is one line naming the problem and the fix (module docstring)."""
+    """An expected failure whose message is one line naming the problem and the fix (module docstring).
+
+    `disk_full = True` on an instance: the problem was a full disk, and the fix is the command's own
+    (`Advice.disk_full`, appended by `error_line`): what to run again differs between commands."""
+
+    disk_full: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ class Advice:
 def error_line(exc: BaseException, advice: Advice) -> str | None:
     """The one-line message for an expected failure (whitespace folded); None for a bug."""
     if isinstance(exc, UserError):
-        msg = str(exc)
+        msg = f"{exc}; {advice.disk_full}" if exc.disk_full else str(exc)
     elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         where = f" writing {exc.filename}" if exc.filename else ""
         msg = f"disk full{where}; {advice.disk_full}"
@@ -56,6 +61,12 @@ def error_line(exc: BaseException, advice: Advice) -> str | None:
     else:
         return None
     return " ".join(msg.split()) or type(exc).__name__
+
+
+def notice(message: str) -> None:
+    """Print `notice: <message>` (one line) on stderr: something was done on the user's behalf (e.g. a cut
+    log line moved aside) that they should know about; not an error."""
+    print(f"notice: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:

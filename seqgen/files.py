@@ -13,9 +13,12 @@ Callers pass their own exception class, so each package keeps its error types (S
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,24 +93,107 @@ def read_json_object(path: Path, *, what: str, fix: str, error: type[Exception],
 
 def read_jsonl_objects(path: Path, *, what: str, fix: str, error: type[Exception],
                        schema: dict[str, Any] | None = None, allow_nan: bool = False) -> Iterator[dict[str, Any]]:
-    """The objects of a JSON-lines file. A line that does not parse (cut by a hard kill) is skipped; a line
-    that parses but is not a matching object is an error (the file was edited or is not ours).
+    """The objects of a JSON-lines file (an append-only log, `seqgen.jsonlog`). A last line without its
+    newline that does not parse (cut by a crash, or being appended by another process) is skipped; a line
+    that does not parse before that is a one-line `error` naming the line and a command that removes it
+    (never skipped: skipping lets a rewrite erase it); a line that parses but is not a matching object is an
+    `error` with `fix` (the file was edited or is not ours).
     `allow_nan`: accept NaN / Infinity values (a diverged training loss is logged as NaN)."""
+    from seqgen.jsonlog import remove_line_fix
+
     text = read_text(path, what=what, fix=fix, error=error)
-    for number, line in enumerate(text.splitlines(), 1):
+    lines = text.split("\n")  # not splitlines(): only \n ends a record, and line numbers match sed's
+    for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
             continue
         try:
             record = json.loads(line) if allow_nan else loads_strict(line)
         except ValueError:
-            continue
+            if number == len(lines):  # no newline after it: a cut last line (moved aside when opened to write)
+                continue
+            raise error(f"{what} {path} line {number} is not valid JSON (corrupt or edited); "
+                        f"{remove_line_fix(path, number)}, or repair it by hand") from None
         where = f"{what} {path} line {number}"
         if not isinstance(record, dict):
             raise error(f"{where} holds a JSON {_kind(record)}, expected an object; {fix}")
         if schema is not None:
             check_schema(record, schema, where=where, error=error, fix=fix)
         yield record
+
+
+# ---- paths, described as they are ------------------------------------------------------------------------
+def describe_path(path: str | os.PathLike, expect: str) -> str | None:
+    """What is wrong with `path` as a `expect` ("file" or "dir") that we are about to read, in words that can
+    follow the path in a message ("does not exist", "is a directory, not a file", "is a broken symbolic link
+    to X", "is a symbolic link loop", "cannot be read (permission denied)", ...); None when it is a readable
+    `expect`. Every place that opens a user-given path describes it with this (`check_path`)."""
+    path = Path(path)
+    try:
+        lst = os.lstat(path)
+    except FileNotFoundError:
+        return _describe_missing(path)
+    except NotADirectoryError:
+        return _describe_missing(path)
+    except OSError as e:
+        return f"cannot be examined ({e.strerror or e})"
+    if stat.S_ISLNK(lst.st_mode):
+        target = os.readlink(path)
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return f"is a symbolic link loop (it points to {target}, which leads back to itself)"
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return f"is a broken symbolic link (it points to {target}, which does not exist)"
+            return f"is a symbolic link to {target}, which cannot be examined ({e.strerror or e})"
+    st = os.stat(path)
+    kind = _file_kind(st.st_mode)
+    if expect == "dir" and kind != "dir":
+        return f"is {_a(kind)}, not a directory"
+    if expect == "file" and kind != "file":
+        return f"is {_a(kind)}, not a file"
+    need = os.R_OK | (os.X_OK if expect == "dir" else 0)
+    if not os.access(path, need):
+        return "cannot be read (permission denied)"
+    return None
+
+
+def check_path(path: str | os.PathLike, expect: str, *, what: str, fix: str, error: type[Exception]) -> None:
+    """Raise `error` (`what PATH <description>; fix`) unless `path` is a readable `expect` (`describe_path`)."""
+    problem = describe_path(path, expect)
+    if problem is not None:
+        raise error(f"{what} {path} {problem}; {fix}")
+
+
+def _describe_missing(path: Path) -> str:
+    """'does not exist', naming the nearest part of the path that is not a directory."""
+    for parent in path.parents:
+        if parent == Path(".") or parent == Path(parent.anchor):
+            break
+        if os.path.lexists(parent):
+            if parent.is_dir():
+                return "does not exist"
+            return f"does not exist ({parent} {describe_path(parent, 'dir')})"
+    return "does not exist"
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISFIFO(mode):
+        return "named pipe"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"
+
+
+def _a(kind: str) -> str:
+    return {"dir": "a directory", "file": "a file"}.get(kind, f"a {kind}")
 
 
 def _kind(value: Any) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import numpy as np
 from seqgen.atomic import commit
 from seqgen.config import IMAGE_SIZE, BuildConfig, ConfigError, ExampleType, Labeling, SeqType
 from seqgen.errors import UserError
-from seqgen.files import Optional, canonical_sha256, check_schema, read_json_object
+from seqgen.files import Optional, canonical_sha256, check_path, check_schema, describe_path, read_json_object
 
 FORMAT = "emergent-icl/seqgen-shards"
 FORMAT_VERSION = 1
@@ -273,16 +274,52 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of a finished set; ShardError (one line) when absent, not this format or malformed."""
+    """The manifest of a finished set; ShardError (one line) when the folder is not a shard set (described as
+    it is: `describe_shard_set`), the manifest is not this format or is malformed."""
+    if (problem := describe_shard_set(folder)) is not None:
+        raise ShardError(f"shard set {folder} {problem}")
     path = Path(folder) / MANIFEST
-    if not Path(folder).is_dir():
-        raise ShardError(f"shard set {folder} not found; build it with `seqgen build --out {folder}`")
-    try:
-        return read_json(path, "manifest")
-    except FileNotFoundError:
-        raise ShardError(
-            f"{folder} has no {MANIFEST}: not a finished shard set (an unfinished build?); run `seqgen build` or `seqgen finalize {folder}`"
-        ) from None
+    check_path(path, "file", what="manifest", fix=f"rebuild the set with `seqgen build --overwrite --out {folder}`",
+               error=ShardError)
+    return read_json(path, "manifest")
+
+
+def describe_shard_set(folder: str | Path) -> str | None:
+    """What `folder` is when it is not a finished shard set, and the fix, as the end of a one-line message
+    ("does not exist; build it with ...", "is a file of shard set X; pass its folder X", "is a run directory
+    ...", "is a folder of shard sets (a, b); pass one of them ..."); None when it holds a manifest."""
+    folder = Path(folder)
+    build = f"`seqgen build --type TYPE --out {folder}`"
+    problem = describe_path(folder, "dir")
+    if problem is not None:
+        if problem.startswith("does not exist"):
+            return f"{problem}; check the path, or build the set there with {build}"
+        if problem.startswith("is a file"):
+            if folder.name == MANIFEST or folder.name == BUILD_FILE or folder.name.startswith("shard-"):
+                return f"is a file of the shard set {folder.parent}; pass that folder: {folder.parent}"
+            return f"{problem}; pass the folder that `seqgen build --out` wrote"
+        if "symbolic link" in problem:
+            return f"{problem}; point the link at a shard set folder, or pass the set's own folder"
+        return f"{problem}; pass a readable shard set folder"
+    if os.path.lexists(folder / MANIFEST):
+        return None
+    names = sorted(p.name for p in folder.iterdir())
+    if not names:
+        return f"is an empty directory (no shard set was built there); build one with {build}"
+    if BUILD_FILE in names or any(n.startswith("shard-") and n.endswith(".h5") for n in names):
+        how = (f"`seqgen finalize {folder}` (it checks every shard and writes the manifest)" if BUILD_FILE in names
+               else f"`seqgen build --overwrite --out {folder}` with the set's options")
+        return f"has no {MANIFEST}: an unfinished build; finish it with {how}"
+    if "config.json" in names and ("checkpoints" in names or "metrics.jsonl" in names):
+        return ("is a run directory of `trainer fit`, not a shard set; pass a shard set folder (the run's own "
+                f"training set is named in {folder / 'config.json'} under data.train.path)")
+    sets = [n for n in names if (folder / n / MANIFEST).is_file()]
+    if sets:
+        shown = ", ".join(sets[:4]) + (", ..." if len(sets) > 4 else "")
+        return f"is a folder of shard sets ({shown}), not one; pass one of them, e.g. {folder / sets[0]}"
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return (f"is not a shard set: it holds no {MANIFEST} ({len(names)} entries: {shown}); pass the folder that "
+            f"`seqgen build --out` wrote, or build one with {build}")
 
 
 def manifest_config(manifest: dict[str, Any]) -> BuildConfig:

@@ -10,7 +10,8 @@ batch this process read), and a trace of every file it opened, created, renamed 
 
 Tasks:
   {"kind": "fit", "run": RUN, "train": DIR, "eval": [DIR], "steps": N, "resume": bool,
-   "per_process": {"P": {"train": DIR, "seed": S}}}   (a fit; a known error is recorded, not raised)
+   "per_process": {"P": {"train": DIR, "seed": S}}}   (a fit; a known error is recorded, not raised;
+                                                        its stop agreements, `any_process`, are counted)
   {"kind": "evaluate", "run": RUN, "eval": [DIR], "step": K, "max_seqs": M, "batch_size": B}
 """
 
@@ -129,6 +130,12 @@ def _fit(cfg, train, evals, run, resume, topo) -> dict:
     from trainer.runtime.multihost import train_stream as real
 
     rows: list[list[int]] = []
+    agreements = []  # the training loop's stop agreements (its one collective between boundaries' own work)
+    real_any = trainer.fit.any_process
+
+    def counting(topo_, flag):
+        agreements.append(bool(flag))
+        return real_any(topo_, flag)
 
     def recording(train_set, topo_, batch_size, start_step):
         stream = real(train_set, topo_, batch_size, start_step)
@@ -142,12 +149,12 @@ def _fit(cfg, train, evals, run, resume, topo) -> dict:
         stream.__class__ = Recording
         return stream
 
-    trainer.fit.train_stream = recording
+    trainer.fit.train_stream, trainer.fit.any_process = recording, counting
     try:
         result = fit(cfg, train, evals, run, resume=resume, topo=topo, progress=False)
     finally:
-        trainer.fit.train_stream = real
-    return {"step": result.step, "rows": rows}
+        trainer.fit.train_stream, trainer.fit.any_process = real, real_any
+    return {"step": result.step, "rows": rows, "stop_agreements": len(agreements)}
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def test_analyze_cli_errors_are_one_line(run, tmp_path):
              "no checkpoint at step")
     one_line(CliRunner().invoke(main, ["analyze", str(run_dir), "--eval", str(icl), "--steps", "x"]), "comma")
     one_line(CliRunner().invoke(main, ["analyze", str(tmp_path / "nothing"), "--eval", str(icl)]),
-             "not a run directory")
+             "does not exist")
     ok = CliRunner().invoke(main, ["analyze", str(run_dir), "--eval", str(icl), "--steps", "10",
                                    "--ablate-steps", "10", "--ablation", "zero", "--max-seqs", "32"])
     assert ok.exit_code == 0, ok.output

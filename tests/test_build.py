@@ -90,7 +90,7 @@ def test_interrupted_build_is_unfinished_and_resumes(reference, tmp_path: Path, 
         B.build(cfg, tmp_path, progress=False)
     monkeypatch.setattr(fmt, "write_shard", real)
     assert not (tmp_path / "manifest.json").exists()
-    with pytest.raises(fmt.ShardError, match="not a finished shard set"):
+    with pytest.raises(fmt.ShardError, match="has no manifest.json: an unfinished build"):
         fmt.read_manifest(tmp_path)
     res = B.build(cfg, tmp_path, progress=False)
     assert res.reused == (0, 1) and res.built == (2, 3) and res.finalized

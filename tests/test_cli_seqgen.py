@@ -116,7 +116,7 @@ def test_bad_option_combination(tmp_path: Path):
     one_error(run("build", *SYMBOLIC, "--materialize", "--out", tmp_path / "o"), "symbolic", "--materialize")
     one_error(run("build", *SYMBOLIC, "--num-seqs", 100, "--shard-size", 50, "--shards", "1:9",
                   "--out", tmp_path / "o"), "--shards '1:9'", "2 shards")
-    one_error(run("build", "--config", tmp_path / "missing.toml"), "config file not found")
+    one_error(run("build", "--config", tmp_path / "missing.toml"), "missing.toml does not exist")
     one_error(run("build", "--seq-len", 30, "--omniglot", tmp_path / "none", "--out", tmp_path / "o"),
               "30 times", "20 exemplars")  # refused before looking for Omniglot
     assert not (tmp_path / "o").exists()

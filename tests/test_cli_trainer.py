@@ -91,7 +91,7 @@ def test_fit_error_paths(sets, tmp_path):
 
 def test_evaluate_and_plot_error_paths(sets, tmp_path):
     train, icl, _ = sets
-    _one_line_error(_run("evaluate", icl, "--run-dir", tmp_path / "none"), "not a run directory")
+    _one_line_error(_run("evaluate", icl, "--run-dir", tmp_path / "none"), "does not exist")
     run = tmp_path / "run"
     assert _run("fit", "--train", train, "--run-dir", run, *TINY).exit_code == 0
     _one_line_error(_run("evaluate", icl, "--run-dir", run, "--step", "4"), "no checkpoint at step 4")

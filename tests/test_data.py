@@ -64,7 +64,7 @@ def test_unfinished_set_refused(tmp_path):
     with pytest.raises(DataError, match="unfinished build") as e:
         open_shard_set(tmp_path)
     assert "\n" not in str(e.value)
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(DataError, match="does not exist"):
         open_shard_set(tmp_path / "nope")
 
 

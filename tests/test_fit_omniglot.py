@@ -65,7 +65,7 @@ def test_fit_and_watch_on_real_omniglot(real_sets, omniglot_cache_dir, tmp_path)
     watch = [r for r in RunDir(tmp_path / "run").read_metrics() if r.get("source") == "watch"]
     assert {r["seq_type"] for r in watch} == {"fewshot_holdout", "no_support_zipfian"}
     assert all(r["step"] == 4 and r["metrics"]["accuracy_closed"]["n"] == 16 for r in watch)
-    assert "ICL (accuracy_closed on fewshot_holdout)" in seen[0]
+    assert seen[0].startswith("device: cpu") and "ICL (accuracy_closed on fewshot_holdout)" in seen[1]
 
 
 def test_shards_from_another_omniglot_are_refused(real_sets, omniglot_cache_dir, tmp_path):

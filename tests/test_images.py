@@ -184,3 +184,34 @@ def test_augmented_separated_ids_map_to_characters(tables):
     ex = np.array([[(4 * 20 + 7) * 8]], np.int32)
     out = np.asarray(make_examples(tables[105], {"example": ex, "exemplar": np.zeros_like(ex)}, cfg))
     np.testing.assert_array_equal(out[0, 0, ..., 0], GRAY_LUT[TABLE[4, 7]])
+
+
+SOURCE_NOISE_KEPT_AT_28 = 0.653  # the std of 105-px noise resized to 28 px, per unit of noise_scale (measured)
+
+
+def test_noise_drawn_at_the_training_size_keeps_its_scale(tables):
+    """The original draws noise at 105 px and resizes it with the image: at 28 px the bilinear resize averages
+    neighbouring pixels, leaving a fraction of the noise's standard deviation (TrainingConfig.noise_at's help
+    gives it). noise_at_size draws it at 28 px, after the resize: std noise_scale, as at 105 px."""
+    cfg = _noisy_cfg(0.5, False)
+    batch = _batch(cfg.dataset, b=8, length=9)
+    clean = np.asarray(make_examples(tables[28], batch, BuildConfig()))
+    source = np.asarray(make_examples(tables[28], batch, cfg)) - clean
+    at_size = np.asarray(make_examples(tables[28], batch, cfg, noise_at_size=True)) - clean
+    assert abs(at_size.std() - 0.5) < 0.01 and abs(at_size.mean()) < 0.01
+    assert abs(source.std() / 0.5 - SOURCE_NOISE_KEPT_AT_28) < 0.01
+    np.testing.assert_array_equal(np.asarray(make_examples(tables[105], batch, cfg, noise_at_size=True)),
+                                  np.asarray(make_examples(tables[105], batch, cfg)))  # at 105 px: the same
+
+
+
+def test_a_run_makes_its_inputs_with_its_noise_placement(tables):
+    from trainer.config import NoiseAt, TrainConfig, TrainingConfig
+    from trainer.images import examples_for
+
+    cfg = _noisy_cfg(0.5, False)
+    batch = _batch(cfg.dataset, b=2, length=9)
+    for at, size in ((NoiseAt.SOURCE, False), (NoiseAt.TRAINING, True)):
+        run = TrainConfig(training=TrainingConfig(image_size=28, noise_at=at))
+        np.testing.assert_array_equal(np.asarray(examples_for(run)(tables[28], batch, cfg)),
+                                      np.asarray(make_examples(tables[28], batch, cfg, noise_at_size=size)))

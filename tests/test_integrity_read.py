@@ -117,14 +117,15 @@ def test_run_config_of_the_wrong_shape_is_one_line(tmp_path, content):
     assert result.exit_code == 2 and "Traceback" not in result.output
 
 
-def test_metrics_lines_cut_by_a_kill_are_skipped_but_foreign_lines_refused(tmp_path):
+def test_metrics_lines_cut_by_a_kill_are_moved_aside_but_foreign_lines_refused(tmp_path):
     run = RunDir(tmp_path)
     run.append_metrics({"step": 1, "kind": "train", "metrics": {"loss": float("nan")}})
     with run.metrics_path.open("a") as f:
         f.write('{"step": 2, "kind": "tr')  # a hard kill mid-line ...
-    run.append_metrics({"step": 3, "kind": "train", "metrics": {}})  # ... and the next record on that line
+    run.append_metrics({"step": 3, "kind": "train", "metrics": {}})  # ... the cut line is moved aside, not glued onto
     run.append_metrics({"step": 4, "kind": "train", "metrics": {}})
-    assert [r["step"] for r in run.read_metrics()] == [1, 4]  # the NaN loss of a diverged run is kept
+    assert [r["step"] for r in run.read_metrics()] == [1, 3, 4]  # the NaN loss of a diverged run is kept
+    assert [p.read_text() for p in tmp_path.glob("metrics.jsonl.torn-*")] == ['{"step": 2, "kind": "tr']
     for foreign in ("[1, 2]", '"text"', '{"kind": "train"}', '{"step": "5"}'):
         run.metrics_path.write_text('{"step": 1}\n' + foreign + "\n")
         with pytest.raises(RunError, match=r"metrics\.jsonl line 2") as e:
@@ -158,7 +159,7 @@ def test_a_non_utf8_or_unreadable_toml_is_one_line(tmp_path):
     bad.write_bytes(b"[seqgen]\nnum_seqs = 10 # \xff\xfe\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_toml(bad)
-    with pytest.raises(ConfigError, match="cannot be read"):
+    with pytest.raises(ConfigError, match="is a directory, not a file; pass one of the TOML files in it"):
         load_toml(tmp_path)  # a folder
     one_line(CliRunner().invoke(seqgen_main, ["build", "--config", str(bad)]), "bad.toml", "UTF-8")
     one_line(CliRunner().invoke(trainer_main, ["fit", "--config", str(bad), "--train", "x", "--run-dir",

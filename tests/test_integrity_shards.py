@@ -160,8 +160,10 @@ def test_trainer_fit_on_a_corrupt_shard_exits_2_with_one_line(copy, tmp_path):
         "--num-layers", "1", "--num-heads", "2", "--emb-dim", "16", "--example-encoding", "embedding",
         "--no-progress"])
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
+    # the shard is hashed when first read, after training started (stdout: the start line); the error is one line
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "fails its sha256 check" in lines[0], result.output
+    assert result.stdout.startswith("device: cpu"), result.output
     assert not list((tmp_path / "run").glob("checkpoints/step-*"))
 
 

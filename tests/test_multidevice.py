@@ -98,3 +98,50 @@ def test_batch_size_must_divide_the_device_count():
     fake.check_batch(32)
     with pytest.raises(TopologyError, match="not divisible"):
         Topology(jax.sharding.Mesh(np.asarray(jax.devices() * 3)[:3].reshape(3), ("batch",)), 0, 1).check_batch(32)
+
+
+# ---- a vectorized group spread over the devices: R/D runs per device, no communication --------------------
+@pytest.fixture(scope="module")
+def spread(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spread")
+    _worker("group", root, root / "group.json")
+    return root, json.loads((root / "group.json").read_text())
+
+
+def _group_leaves(run, step, seed):
+    from tests.multidevice_worker import group_seed_config
+
+    state = checkpoint.load(run, step, state_skeleton(group_seed_config(seed), 40))
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
+
+
+@pytest.mark.parametrize("group, seeds", [("group4", (0, 1, 2, 3)), ("group3", (0, 1, 2))])
+def test_a_group_spread_over_four_devices_equals_its_runs_alone(spread, group, seeds):
+    """4 runs on 4 devices (one each), and 3 runs padded to 4: each run equals the run trained alone on one
+    device up to float round-off (tests/trainkit.py's group tolerances)."""
+    from tests.trainkit import GROUP_ATOL, GROUP_RTOL
+
+    root, _ = spread
+    for seed in seeds:
+        alone, grouped = root / "alone" / f"seed-{seed}", root / group / f"seed-{seed}"
+        for step in (4, 8):
+            for x, y in zip(_group_leaves(grouped, step, seed), _group_leaves(alone, step, seed), strict=True):
+                np.testing.assert_allclose(x, y, rtol=GROUP_RTOL, atol=GROUP_ATOL)
+        assert [r["step"] for r in RunDir(grouped).read_metrics() if r["kind"] == "train"] == [2, 4, 6, 8]
+        np.testing.assert_allclose(_losses(grouped), _losses(alone), rtol=1e-5)
+        evals = [[r["metrics"]["loss"]["mean"] for r in RunDir(d).read_metrics() if r["kind"] == "eval"]
+                 for d in (grouped, alone)]
+        assert len(evals[0]) == 2
+        np.testing.assert_allclose(*evals, rtol=1e-4)
+    # the runs kept their own seeds (the padding run, a copy of run 0, wrote nothing)
+    assert not np.array_equal(_group_leaves(root / group / "seed-0", 8, 0)[-1], _group_leaves(root / group / "seed-1", 8, 1)[-1])
+    assert sorted(p.name for p in (root / group).iterdir()) == [f"seed-{s}" for s in seeds]
+
+
+def test_a_spread_group_step_has_no_cross_device_collectives(spread):
+    """The compiled group step over 4 devices (a ResNet: BatchNorm statistics per run) holds no all-reduce,
+    all-gather or other collective; one run's data-parallel step (the control) all-reduces."""
+    _, r = spread
+    assert r["devices"] == 4
+    assert r["group_collectives"] == {} and r["group_program_chars"] > 10_000
+    assert r["data_parallel_collectives"].get("all-reduce", 0) > 0, r

@@ -186,6 +186,18 @@ def test_two_processes_train_the_same_batches_losses_and_parameters(job):
     assert not _same_training(_params(runs / "one", 4), _params(runs / "one", 8))  # training moved them
 
 
+def test_two_processes_agree_on_stopping_only_at_log_eval_and_checkpoint_boundaries(job):
+    """The training loop's one collective (the stop agreement) is made at the steps that log, evaluate or
+    checkpoint, not before every dispatch (tests/test_sync.py tests the loop on every schedule)."""
+    from trainer.loop import stop_boundaries
+
+    t = _cfg().training
+    for r in job["two_proc"]:
+        fresh, resumed = r["tasks"][2], r["tasks"][3]
+        assert fresh["stop_agreements"] == len(stop_boundaries(t, 0)) == 3  # steps 2, 4, 6 (of 4 dispatches)
+        assert resumed["stop_agreements"] == len(stop_boundaries(t, 4)) == 1  # step 6
+
+
 def _eval_metrics(records):
     return {(r["step"], r["set"]): r["metrics"] for r in records}
 

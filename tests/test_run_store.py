@@ -98,7 +98,7 @@ def test_an_evaluation_appended_while_a_resume_rewrites_the_store_is_kept(tmp_pa
     import time
 
     run = _old_run(tmp_path)
-    read = RunDir.read_metrics
+    read = RunDir._records  # what the rewrite reads, holding the metrics lock
     reading = threading.Event()
 
     def slow_read(self):
@@ -107,7 +107,7 @@ def test_an_evaluation_appended_while_a_resume_rewrites_the_store_is_kept(tmp_pa
         time.sleep(0.5)  # the rewrite has read the file and not yet replaced it
         yield from records
 
-    monkeypatch.setattr(RunDir, "read_metrics", slow_read)
+    monkeypatch.setattr(RunDir, "_records", slow_read)
     rewrite = threading.Thread(target=run.truncate_metrics_after, args=(5,))
     rewrite.start()
     assert reading.wait(10)

@@ -2,8 +2,8 @@
 
 - build_shards.sbatch as a 2-task array, both tasks at once on one shared folder, then
   finalize_shards.sbatch: byte-identical to one `seqgen build` of the same options.
-- sweep_array.sbatch: array task i runs `trainer sweep FILE --only <name i> --out DIR` (a stand-in
-  `trainer` records the command; the sweep itself is tested in test_sweep.py).
+- Sweeps on Slurm are `trainer sweep FILE --executor slurm` (tests/test_sweep_cluster.py), which replaced
+  the hand-written sweep_array.sbatch.
 - fit_2nodes.sbatch runs in tests/test_multiprocess.py (two local tasks through tests/fake_srun.sh).
 """
 
@@ -58,21 +58,3 @@ def test_array_build_refuses_a_missing_setting(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "run as a job array" in out.stderr
 
-
-def test_sweep_array_runs_one_named_run_per_task(tmp_path):
-    fake = tmp_path / "trainer"
-    fake.write_text('#!/bin/sh\necho "$@" > "$RECORD.$SLURM_ARRAY_TASK_ID"\n')
-    fake.chmod(0o755)
-    names = tmp_path / "names.txt"
-    names.write_text("p_bursty-0.9\np_bursty-0\n")
-    env = _env(SWEEP="configs/sweeps/burstiness.toml", NAMES_FILE=str(names), OUT=str(tmp_path / "sweep"),
-               SHARDS_DIR=str(tmp_path / "shards"), TRAINER=str(fake), RECORD=str(tmp_path / "rec"))
-    tasks = [subprocess.Popen(["bash", str(SLURM / "sweep_array.sbatch")], env=dict(env, SLURM_ARRAY_TASK_ID=str(i)),
-                              stderr=subprocess.PIPE, text=True) for i in (0, 1, 2)]
-    errs = [t.communicate(timeout=60)[1] for t in tasks]
-    assert [t.returncode for t in tasks] == [0, 0, 2]
-    for i, name in enumerate(("p_bursty-0.9", "p_bursty-0")):
-        assert (tmp_path / f"rec.{i}").read_text().split() == [
-            "sweep", "configs/sweeps/burstiness.toml", "--only", name, "--out", str(tmp_path / "sweep"),
-            "--no-progress", "--shards-dir", str(tmp_path / "shards")]
-    assert errs[2].strip() == f"error: {names} has no line 3 for array task 2"

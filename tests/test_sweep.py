@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from seqgen.config import ConfigError, Labeling, SeqType
 from trainer.checkpoint import latest_step
 from trainer.cli import main
+from trainer.run import RunDir
 from trainer.runtime.signals import GracefulInterrupt
 from trainer.sweep import (
     RunAction, SetAction, config_hash, eval_config, load_sweep, make_plan, set_folder,
@@ -369,3 +370,25 @@ def test_fresh_clone_continues_from_the_published_results(sweep_story, tmp_path)
     bad = CliRunner().invoke(main, ["sweep", str(other), *args, "--dry-run"])
     assert bad.exit_code != 0 and "was trained with trainer options" in bad.output
     assert "choose another --results" in bad.output and "Traceback" not in bad.output
+
+
+def test_final_evaluations_read_whole_sets_when_training_evaluates_fewer(tmp_path):
+    """A sweep whose runs evaluate 16 sequences per set while training scores each finished run once more on
+    its whole sets (48): the report and the checks read those, and a rerun has nothing left to do."""
+    sweep = SWEEP.replace('eval_seqs = 48\n', 'eval_seqs = 48\n\n[trainer.training]\neval_seqs = 16\n', 1)
+    path = _write(tmp_path / "cfg", sweep)
+    args = [str(path), "--out", str(tmp_path / "out"), "--shards-dir", str(tmp_path / "shards"), "--no-progress"]
+    first = CliRunner().invoke(main, ["sweep", *args])
+    assert first.exit_code == 0, first.output
+    assert "evaluate: p0 at step 6" in first.output and "evaluate: p1 at step 6" in first.output
+    for name in ("p0", "p1"):
+        run = RunDir(tmp_path / "out" / "runs" / name)
+        at_end = [e for e in run.evaluations(6)]
+        assert sorted((e.source, e.seqs) for e in at_end if e.set.startswith("fewshot")) == [("evaluate", 48), ("fit", 16)]
+        final = run.final_evaluations(6, [e.set for e in at_end])
+        assert all(m["accuracy_closed"]["n"] == 48 for m in final.values())
+    with open(tmp_path / "out" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["icl_n"] == r["iwl_n"] == "48" for r in rows), rows
+    again = CliRunner().invoke(main, ["sweep", *args])
+    assert again.exit_code == 0 and "evaluate:" not in again.output and "train:" not in again.output, again.output

@@ -25,7 +25,7 @@ from trainer.sweep import (
 )
 from trainer.sweep.execute import execute
 from trainer.sweep.execute import cpu_groups
-from trainer.sweep.report import cpu_model
+from trainer.runtime.platform import cpu_model
 
 from tests.procs import children, kill_all, still_alive_after
 from tests.test_sweep import BASE, REPO, _write as _write_files

@@ -25,13 +25,19 @@ import numpy as np
 
 from seqgen.atomic import fsync_dir, fsync_file
 from seqgen.errors import UserError
-from seqgen.files import Optional, check_schema, dumps_strict, read_json_object
+from seqgen.files import Optional, check_path, check_schema, dumps_strict, read_json_object
 from seqgen.shards import file_sha256
 
 FORMAT = "emergent-icl/checkpoint"
 FORMAT_VERSION = 2  # 2: flat optimizer state (one mu / nu vector); 1: one per parameter array
 READABLE_VERSIONS = (1, 2)  # the caller rebuilds the skeleton of the stored version and upgrades it
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# A checkpoint that does not fit the model its run's config.json describes: one of the two was replaced.
+_MISMATCH_FIX = ("the run's config.json describes another model than this checkpoint holds: put back the run's own "
+                 "config.json (each checkpoint's metadata.json holds the config it was written with, under 'trainer'), "
+                 "or delete this checkpoint folder to use an earlier one")
 
 
 class CheckpointError(UserError):
@@ -115,6 +121,9 @@ def read_metadata(run_dir: str | os.PathLike, step: int) -> dict[str, Any]:
     """metadata.json of checkpoint `step`, format- and type-checked; CheckpointError (one line) otherwise."""
     path = checkpoint_dir(run_dir) / f"step-{step}" / "metadata.json"
     fix = "delete that checkpoint folder or pick another --step"
+    if os.path.lexists(path):  # there, but perhaps not a readable file: say what it is
+        check_path(path, "file", what="checkpoint metadata", fix=f"delete {path.parent} or pick another --step",
+                   error=CheckpointError)
     try:
         meta = read_json_object(path, what="checkpoint metadata", fix=fix, error=CheckpointError)
     except FileNotFoundError:
@@ -135,6 +144,8 @@ def load(run_dir: str | os.PathLike, step: int, skeleton: Any) -> Any:
     """Load checkpoint `step` into a pytree shaped like `skeleton` (rebuilt by the caller from its config)."""
     path = checkpoint_dir(run_dir) / f"step-{step}" / "state.eqx"
     meta = read_metadata(run_dir, step)
+    check_path(path, "file", what="checkpoint state", error=CheckpointError,
+               fix=f"delete {path.parent} to resume from an earlier checkpoint, or pick another --step")
     expected = os.path.getsize(path) if path.exists() else -1
     want = meta.get("state_sha256")  # absent in checkpoints written before it was recorded: not checked
     if want is not None and path.is_file() and file_sha256(path) != want:
@@ -149,7 +160,7 @@ def load(run_dir: str | os.PathLike, step: int, skeleton: Any) -> Any:
     except Exception as e:  # numpy raises ValueError/EOFError/OSError on truncation or shape mismatch
         raise CheckpointError(
             f"checkpoint {path} ({expected} bytes) does not match this model/optimizer "
-            f"or is truncated: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"or is truncated: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; {_MISMATCH_FIX}"
         ) from None
     _check_leaves(tree, skeleton, path)
     return tree
@@ -159,9 +170,10 @@ def _check_leaves(tree: Any, skeleton: Any, path: Path) -> None:
     got = jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array))
     want = jax.tree_util.tree_leaves(eqx.filter(skeleton, eqx.is_array))
     if len(got) != len(want):
-        raise CheckpointError(f"checkpoint {path} has {len(got)} arrays, the model expects {len(want)}")
+        raise CheckpointError(f"checkpoint {path} has {len(got)} arrays, the model expects {len(want)}; {_MISMATCH_FIX}")
     for a, b in zip(got, want):
         if a.shape != b.shape or a.dtype != b.dtype:
             raise CheckpointError(
-                f"checkpoint {path} holds an array {a.shape} {a.dtype} where the model expects {b.shape} {b.dtype}"
+                f"checkpoint {path} holds an array {a.shape} {a.dtype} where the model expects {b.shape} {b.dtype}; "
+                f"{_MISMATCH_FIX}"
             )

@@ -48,6 +48,11 @@ class OptimizerConfig:
                                  "BatchNorm scales and offsets excluded) or \"all\".")
 
 
+class NoiseAt(str, enum.Enum):
+    SOURCE = "source"
+    TRAINING = "training"
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """The training loop: length, batch, seed, loss, and when to log, evaluate and checkpoint."""
@@ -57,6 +62,10 @@ class TrainingConfig:
     seed: int = documented(0, "Root seed of model init and dropout.")
     w_interim_predictions: float = documented(0.0, "Loss weight of the interim predictions (0: the query only).")
     image_size: int = documented(105, "Image side in pixels (28: the original's `downsample` option).")
+    noise_at: NoiseAt = documented(
+        NoiseAt.SOURCE, "Where the pixel noise of a set with noise_scale is drawn: \"source\" at 105 px, then "
+        "resized with the image (the original's downsample path; at 28 px the noise keeps 0.65 of its "
+        "standard deviation), or \"training\" at image_size (the model sees noise of std noise_scale).")
     # Each jitted call has a fixed cost (XLA's scratch memory is mapped and page-faulted afresh; docs/speed.md),
     # which 10 steps per call amortise.
     steps_per_dispatch: int = documented(10, "Steps per jitted call (lax.scan): the same arithmetic up to float "
@@ -80,13 +89,66 @@ class TrainingConfig:
     checkpoint_per_decade: int = documented(10, "Checkpoints per factor of 10 in steps with checkpoint_schedule log.")
 
 
+class Precision(str, enum.Enum):
+    FLOAT32 = "float32"
+    TF32 = "tf32"
+    BFLOAT16 = "bfloat16"
+
+
+class KernelPath(str, enum.Enum):
+    AUTO = "auto"
+    CUSTOM = "custom"
+    XLA = "xla"
+
+
+class LayerLoop(str, enum.Enum):
+    AUTO = "auto"
+    UNROLL = "unroll"
+    SCAN = "scan"
+
+
+class CpuIsa(str, enum.Enum):
+    NATIVE = "native"
+    AVX512 = "avx512"
+    AVX2 = "avx2"
+    AVX = "avx"
+    SSE4_2 = "sse4_2"
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How the run is computed, never what: each choice changes float round-off only (docs/gpu.md).
+
+    `trainer.runtime.platform.resolve_compute` turns "auto" into the concrete choice before a run starts, and
+    the run's config.json records that, so a run's numbers can be traced to how they were computed and a
+    resume that would compute differently is refused."""
+
+    precision: Precision = documented(
+        Precision.FLOAT32, "Matmul / convolution precision: float32 (full float32 everywhere: the CPU's numbers), "
+        "tf32 (TensorFloat-32 matmuls on NVIDIA GPUs) or bfloat16 (float32 parameters and optimizer, bfloat16 "
+        "compute).")
+    kernels: KernelPath = documented(
+        KernelPath.AUTO, "Kernel path: custom (hand-written kernels), xla (XLA's ops) or auto "
+        "($EMERGENT_ICL_KERNELS, else custom on the CPU, xla elsewhere).")
+    layer_loop: LayerLoop = documented(
+        LayerLoop.AUTO, "Transformer layer loop: unroll, scan, or auto ($EMERGENT_ICL_LAYERS, else unroll).")
+    deterministic: bool = documented(
+        True, "Deterministic GPU kernels (XLA's --xla_gpu_deterministic_ops; no effect on the CPU); "
+        "--no-deterministic trades bitwise reproducibility for speed.")
+    cpu_isa: CpuIsa = documented(
+        CpuIsa.NATIVE, "Cap XLA's CPU code at this instruction set (XLA's --xla_cpu_max_isa), so that CPUs of "
+        "different vector widths compute alike (docs/gpu.md); native: the host's widest. Set before JAX starts.")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """A whole training run: model, optimizer, training loop."""
+    """A whole training run: model, optimizer, training loop, and how it is computed."""
 
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "The model (trainer.models)."})
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig, metadata={"doc": "The optimizer."})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"doc": "The training loop."})
+    compute: ComputeConfig = field(default_factory=ComputeConfig,
+                                   metadata={"doc": "How it is computed (precision, kernels, layer loop)."})
 
     def validate(self) -> "TrainConfig":
         t, o = self.training, self.optimizer
@@ -133,6 +195,9 @@ class TrainConfig:
         return from_plain(cls, data, "trainer.")
 
 
+# The compute settings ([trainer.compute]; docs/gpu.md).
+COMPUTE_FIELDS = ("compute.precision", "compute.kernels", "compute.layer_loop", "compute.deterministic",
+                  "compute.cpu_isa")
 # The TrainConfig fields that `trainer fit` sets from its command line, in --help order (trainer/cli.py
 # declares them from this table; resume messages name options by it). Name, type, help text and shown
 # default come from the fields (seqgen.cliopts).
@@ -143,8 +208,10 @@ FIT_OPTIONS = ConfigOptions(
     "optimizer.weight_decay", "optimizer.l2", ConfigOption("training.w_interim_predictions", "--w-interim"),
     "model.seq_model", "model.example_encoding", "model.num_layers", "model.num_heads", "model.emb_dim",
     "training.log_every", "training.eval_every", "training.eval_seqs", "training.checkpoint_every",
-    "training.steps_per_dispatch",
+    "training.steps_per_dispatch", *COMPUTE_FIELDS,
 )
+# `trainer doctor`'s options: the compute settings a run would use.
+COMPUTE_OPTIONS = ConfigOptions(TrainConfig, *COMPUTE_FIELDS)
 
 
 def train_config_from_toml(data: dict[str, Any]) -> TrainConfig:

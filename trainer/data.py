@@ -8,7 +8,9 @@ dtypes and attributes (a swapped shard names another index), and reads the `seqg
 back. The reader checks each shard's sha256 against the manifest when it first reads it, and the value
 ranges of every block it reads (class ids, labels, exemplars, is_rare), refusing with one line.
 `check_compatible` refuses an evaluation set whose class split, label space, dataset options or image
-table differ from the training set's (`open_sets`: a run's training and eval sets, checked);
+table differ from the training set's (`open_sets`: a run's training and eval sets, checked, with
+`check_roles`: no evaluation-only set as the training set, no set both trained and evaluated on unless
+asked, and `check_eval_names`: no two evaluation sets recorded under one name; `--eval NAME=PATH` names one);
 `data_record` is what a run records of its sets (paths, manifest fingerprints).
 
 Data order is a pure function of (shard set, batch size, step), as in Grain / Levanter: batch `k` is rows
@@ -31,8 +33,10 @@ arrays only; pixels are made on the device (`trainer.images`):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import queue
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +51,9 @@ from seqgen.errors import UserError
 from seqgen.files import canonical_sha256
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "BatchStream", "DataError", "ShardInfo", "ShardSet",
-    "check_compatible", "data_record", "eval_batches", "manifest_fingerprint", "open_sets", "open_shard_set",
+    "FORMAT", "FORMAT_VERSION", "BatchStream", "DataError", "EvalSpec", "ShardInfo", "ShardSet", "check_compatible",
+    "check_eval_names", "check_roles", "data_record", "eval_batches", "eval_name", "manifest_fingerprint",
+    "open_sets", "open_shard_set", "parse_eval_spec",
 ]
 
 FORMAT, FORMAT_VERSION, MANIFEST = fmt.FORMAT, fmt.FORMAT_VERSION, fmt.MANIFEST  # seqgen's own format
@@ -82,6 +87,7 @@ class ShardSet:
     # shard files whose sha256 was checked against the manifest by this process (on first read)
     verified: set[str] = field(default_factory=set, repr=False)
     _verify_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    label: str | None = None  # an evaluation set's name given with --eval NAME=PATH (`eval_name`)
 
     @property
     def shards(self) -> tuple[ShardInfo, ...]:
@@ -201,10 +207,92 @@ def check_compatible(train: ShardSet, other: ShardSet) -> None:
                             f"rebuild it with the training set's options ({fix})")
 
 
-def open_sets(train_path: str | os.PathLike, eval_paths: Sequence[str | os.PathLike]) -> tuple[ShardSet, list[ShardSet]]:
-    """The training set and the eval sets of a run, each validated and checked against the training set."""
+# ---- evaluation sets: names and roles ---------------------------------------------------------------------
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+ALLOW_TRAIN_EVAL = "--allow-train-eval"  # the command-line flag that lets a set be trained and evaluated on
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """An evaluation set as given: its folder, its name (`--eval NAME=PATH`; else the folder's base name)
+    and whether it may also be the training set (`--allow-train-eval`)."""
+
+    path: Path
+    name: str | None = None
+    also_train: bool = False
+
+
+def parse_eval_spec(spec: "str | os.PathLike | EvalSpec", *, also_train: bool = False) -> EvalSpec:
+    """`PATH` or `NAME=PATH` (a NAME of letters, digits and `_ . + -`, no `/`; a path that exists as written,
+    `=` and all, is a path)."""
+    if isinstance(spec, EvalSpec):
+        return spec
+    text = os.fspath(spec)
+    name, eq, rest = text.partition("=")
+    if isinstance(spec, str) and eq and "/" not in name and not os.path.lexists(text):
+        if not _NAME.match(name) or not rest:
+            raise DataError(f"--eval {text}: NAME=PATH needs a NAME of letters, digits and _ . + - (starting with a "
+                            "letter or digit) and a PATH; e.g. --eval icl=data/shards/fewshot_holdout")
+        return EvalSpec(Path(rest), name, also_train)
+    return EvalSpec(Path(text), None, also_train)
+
+
+def eval_name(shard_set: ShardSet) -> str:
+    """The name an evaluation set's results are recorded under: --eval NAME=PATH's NAME, else its folder's name."""
+    return shard_set.label or Path(shard_set.path).name
+
+
+def check_eval_names(evals: Sequence[ShardSet]) -> None:
+    """Refuse (one line) two evaluation sets that would be recorded under one name (one's results would
+    overwrite the other's), naming both and names that tell them apart."""
+    seen: dict[str, ShardSet] = {}
+    for e in evals:
+        name = eval_name(e)
+        first = seen.setdefault(name, e)
+        if first is e:
+            continue
+        a, b = Path(first.path), Path(e.path)
+        if a.resolve() == b.resolve():
+            raise DataError(f"evaluation set {b} is given twice (as '{name}'); drop one --eval")
+        names = [f"{p.parent.name}-{p.name}" if p.parent.name else p.name for p in (a, b)]
+        if names[0] == names[1] or any(n in seen for n in names) or not all(_NAME.match(n) for n in names):
+            names = [f"{name}-1", f"{name}-2"]
+        raise DataError(f"evaluation sets {a} and {b} would both be recorded as '{name}' (one's results would "
+                        f"overwrite the other's); name them apart: --eval {names[0]}={a} --eval {names[1]}={b}")
+
+
+def check_roles(train: ShardSet, evals: Sequence[ShardSet], specs: Sequence[EvalSpec] | None = None, *,
+                train_role: bool = True) -> None:
+    """Refuse (one line) a training set of an evaluation-only type (`SeqType.evaluation_only`: its classes are
+    held out of training), unless `train_role` is False (the run already trained: `trainer evaluate`), and an
+    evaluation set that is the training set itself (same folder or same content), unless its spec says
+    `also_train` (`--allow-train-eval`)."""
+    seq_type = train.config.seq_type
+    if train_role and seq_type.evaluation_only:
+        raise DataError(f"--train {train.path} is a {seq_type.value} set, for evaluation only (its sequences show "
+                        "the split's holdout classes, which must stay unseen in training); train on a training set "
+                        f"(e.g. `seqgen build --type bursty`) and pass this one as --eval {train.path}")
+    fingerprint = manifest_fingerprint(train)
+    for i, e in enumerate(evals):
+        also = specs[i].also_train if specs is not None else False
+        same = Path(e.path).resolve() == Path(train.path).resolve() or manifest_fingerprint(e) == fingerprint
+        if same and not also:
+            raise DataError(f"{e.path} is both the training set and an evaluation set (the results would measure "
+                            "memorised training sequences, not ICL / IWL); evaluate on a separately built set (e.g. "
+                            "`seqgen build` with another --seed), or add "
+                            f"{ALLOW_TRAIN_EVAL} if that is what you mean")
+
+
+def open_sets(train_path: str | os.PathLike, eval_paths: Sequence["str | os.PathLike | EvalSpec"], *,
+              train_role: bool = True) -> tuple[ShardSet, list[ShardSet]]:
+    """The training set and the eval sets of a run (each a path, `NAME=PATH` or an `EvalSpec`), each validated
+    and checked against the training set; evaluation names unique (`check_eval_names`) and roles respected
+    (`check_roles`), all before any training or evaluation."""
+    specs = [parse_eval_spec(p) for p in eval_paths]
     train = open_shard_set(train_path)
-    evals = [open_shard_set(p) for p in eval_paths]
+    evals = [dataclasses.replace(open_shard_set(s.path), label=s.name) for s in specs]
+    check_roles(train, evals, specs, train_role=train_role)
+    check_eval_names(evals)
     for e in evals:
         check_compatible(train, e)
     return train, evals
@@ -227,7 +315,7 @@ def data_record(train: ShardSet, evals: Sequence[ShardSet]) -> dict[str, Any]:
 
     return {
         "train": one(train),
-        "eval": [one(e) for e in evals],
+        "eval": [{**one(e), "name": eval_name(e)} for e in evals],
         "num_labels": train.num_labels,
         "ways": train.config.sequence.ways,
         "n_holdout": train.config.split.n_holdout_classes,

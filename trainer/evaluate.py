@@ -9,7 +9,8 @@ numbers, are defined in `trainer.metrics` (`metric_key_of`, `column_of`, `headli
 run's checkpoints, evaluates each one not yet evaluated, records the results in the run's evaluation store
 (`trainer.run`: metrics.jsonl records with `"source": "watch"`, and the derived `evaluations/step-N.json`),
 and stops once the final step of the run has been evaluated (or at Ctrl+C). `trainer evaluate` of one
-checkpoint records `"source": "evaluate"` the same way.
+checkpoint records `"source": "evaluate"` the same way. With `tracking`, those records are mirrored live to
+TensorBoard / W&B as fit's are (`trainer.sinks`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ import numpy as np
 
 from trainer import checkpoint
 from trainer.config import TrainConfig
-from trainer.data import ShardSet, data_record, manifest_fingerprint, open_sets
+from trainer.data import ShardSet, data_record, eval_name, manifest_fingerprint, open_sets
 from trainer.images import device_table
 from trainer.metrics import headline, masked_sums, summarize
 from trainer.run import Evaluation, RunDir, RunError, run_lock
 from trainer.runtime.distributed import Topology, TopologyError, replicate, to_global
 from trainer.runtime.multihost import agree, any_process, eval_batch_size, eval_split
+from trainer.runtime.platform import resolve_compute, start_line
 from trainer.runtime.signals import GracefulInterrupt
+from trainer.sinks import Tracking, check_available, mirrored
 from trainer.state import TrainState, load_state
 from trainer.step import StepContext, eval_key, make_eval_step
 
@@ -42,7 +45,8 @@ PathLike = str | os.PathLike
 
 
 def set_name(shard_set: ShardSet) -> str:
-    return Path(shard_set.path).name
+    """The name a set's results are recorded under (`trainer.data.eval_name`: --eval NAME=PATH, else its folder's)."""
+    return eval_name(shard_set)
 
 
 def evaluate_set(
@@ -168,8 +172,8 @@ class _Target:
 def _open(run_dir: PathLike, eval_dirs: Sequence[PathLike], train_dir: PathLike | None, max_seqs: int | None,
           batch_size: int, omniglot_dir: PathLike | None, cache_dir: PathLike | None, topo: Topology) -> _Target:
     run = RunDir(run_dir)
-    cfg = run.train_config()
-    train, evals = open_sets(run.train_path(train_dir), eval_dirs)
+    cfg = resolve_compute(run.train_config())  # computed as the run was trained (config.json's compute)
+    train, evals = open_sets(run.train_path(train_dir), eval_dirs, train_role=False)  # the run trained already
     _check_train_is_the_runs(run, train)
     table = device_table(train, cfg.training.image_size, topo, omniglot_dir, cache_dir)
     ctx = StepContext.create(cfg, train.config)
@@ -186,9 +190,14 @@ def _check_train_is_the_runs(run: RunDir, train: ShardSet) -> None:
                        f"({recorded['path']}); pass that set (or a copy of it) as --train")
 
 
-def _evaluate_step(target: _Target, step: int, stop: GracefulInterrupt) -> list[Result] | None:
+def _evaluate_step(target: _Target, step: int, stop: GracefulInterrupt,
+                   announce: Callable[[str], None] | None = None) -> list[Result] | None:
+    """Evaluate checkpoint `step`; `announce` gets the start line once the checkpoint has loaded (so a bad
+    step or a damaged checkpoint is still the command's one line of output)."""
     ev = target.evaluator
     loaded = load_state(target.run.path, step, target.cfg, target.train.num_labels)
+    if announce is not None and ev.topo.is_main:
+        announce(start_line(target.cfg, ev.topo.num_devices))
     record = data_record(target.train, list(ev.sets))
     agree(ev.topo, {"checkpoint step": step, "config": target.cfg.to_dict(), "max_seqs": ev.max_seqs,
                     "batch size": ev.batch_size, "training set": record["train"]["fingerprint"],
@@ -199,23 +208,36 @@ def _evaluate_step(target: _Target, step: int, stop: GracefulInterrupt) -> list[
 def evaluate_run(run_dir: PathLike, eval_dirs: Sequence[PathLike], *, step: int | None, train_dir: PathLike | None,
                  max_seqs: int | None, batch_size: int, omniglot_dir: PathLike | None, cache_dir: PathLike | None,
                  topo: Topology, echo: Callable[[str], None] = print,
-                 interrupt: GracefulInterrupt | None = None) -> list[Result] | None:
-    """Evaluate one checkpoint; None when interrupted (nothing written)."""
+                 interrupt: GracefulInterrupt | None = None, record: bool = True,
+                 tracking: Tracking | None = None) -> list[Result] | None:
+    """Evaluate one checkpoint; None when interrupted (nothing written). With `record` False (the Python API's
+    default, `trainer.api.Run.evaluate`) the same evaluation writes nothing to the run directory. `tracking`:
+    the sinks its records are mirrored to (opened once they are computed)."""
+    if tracking is not None:
+        check_available(tracking.sinks)
     target = _open(run_dir, eval_dirs, train_dir, max_seqs, batch_size, omniglot_dir, cache_dir, topo)
     run = target.run
     if step is None:
         step = checkpoint.latest_step(run.path)
         if step is None:
+            folders = sorted(p.name for p in checkpoint.checkpoint_dir(run.path).glob("step-*")
+                             if not p.name.endswith(".tmp"))
+            if folders:
+                raise RunError(f"{run.path} has no complete checkpoint: {', '.join(folders[:4])} "
+                               f"lack{'s' if len(folders) == 1 else ''} a metadata.json or state.eqx file; name one "
+                               "with --step N to see what is wrong with it, or wait for `trainer fit` to save one")
             raise RunError(f"{run.path} has no complete checkpoint yet; wait for `trainer fit` to save one")
-    with run_lock(run.path, "trainer evaluate", enabled=topo.is_main, folder=run.evaluations_dir):
+    record = record and topo.is_main
+    with run_lock(run.path, "trainer evaluate", enabled=record, folder=run.evaluations_dir):
         with (interrupt or GracefulInterrupt("stopping the evaluation; nothing is saved")) as stop:
-            results = _evaluate_step(target, step, stop)
+            results = _evaluate_step(target, step, stop, announce=echo)
         if results is None:
             echo("interrupted: no evaluation written")
             return None
-        if topo.is_main:
-            for result in results:
-                run.record_evaluation(evaluation(step, result, "evaluate", max_seqs))
+        if record:
+            with mirrored(run, tracking, "evaluate"):
+                for result in results:
+                    run.record_evaluation(evaluation(step, result, "evaluate", max_seqs))
     echo(format_table(step, results))
     return results
 
@@ -223,20 +245,24 @@ def evaluate_run(run_dir: PathLike, eval_dirs: Sequence[PathLike], *, step: int 
 def watch_run(run_dir: PathLike, eval_dirs: Sequence[PathLike], *, poll: float, train_dir: PathLike | None,
               max_seqs: int | None, batch_size: int, omniglot_dir: PathLike | None, cache_dir: PathLike | None,
               topo: Topology, echo: Callable[[str], None] = print, max_idle_polls: int | None = None,
-              interrupt: GracefulInterrupt | None = None) -> list[int]:
+              interrupt: GracefulInterrupt | None = None, tracking: Tracking | None = None) -> list[int]:
     """Evaluate each new checkpoint; return the steps evaluated. Ends after the run's last step (or at an
-    interrupt: `interrupt.stop_requested` then tells)."""
+    interrupt: `interrupt.stop_requested` then tells). `tracking`: the sinks its records are mirrored to."""
+    if tracking is not None:
+        check_available(tracking.sinks)
     if topo.process_count > 1:
         raise TopologyError("--watch runs in one process (the processes would each see checkpoints appear at "
                             "different times); drop --distributed, or evaluate one --step at a time")
     target = _open(run_dir, eval_dirs, train_dir, max_seqs, batch_size, omniglot_dir, cache_dir, topo)
     run = target.run
+    echo(start_line(target.cfg, topo.num_devices))
     names = set(target.evaluator.names)
     done = {e.step for e in run.evaluations() if e.source == "watch" and e.set in names}
     evaluated: list[int] = []
     idle = 0
     with run_lock(run.path, "trainer evaluate --watch", enabled=topo.is_main, folder=run.evaluations_dir), \
-            (interrupt or GracefulInterrupt("stopping --watch; evaluations already written are kept")) as stop:
+            (interrupt or GracefulInterrupt("stopping --watch; evaluations already written are kept")) as stop, \
+            mirrored(run, tracking, "watch", enabled=topo.is_main):
         while not stop.stop_requested:
             final = run.train_config().training.steps
             todo = [s for s in checkpoint.list_steps(run.path) if s not in done]

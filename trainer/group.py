@@ -9,8 +9,14 @@ run directory: `config.json`, `metrics.jsonl`, `checkpoints/step-N` in the forma
 evaluations. So `trainer evaluate`, the reports and `trainer fit --resume` work on a run of a group
 unchanged, and a group resumes from per-run checkpoints at the same step (written by a group or by fit).
 
+On several devices the run axis is spread over them (`make_group_step`): R/D runs per device, each run
+whole on its device (its batch, its BatchNorm statistics), with no communication between devices; a
+group whose R does not divide by D is padded with copies of run 0 (`padded_runs`). A single run keeps
+data parallelism (`trainer.fit`).
+
 A run trained in a group equals the same run trained alone up to float round-off (the batched matmuls
-sum in another order; tests/test_group.py); a resumed group equals an uninterrupted one bitwise.
+sum in another order; tests/test_group.py, tests/test_multidevice.py on 4 devices); a resumed group
+equals an uninterrupted one bitwise.
 
 Which runs may share a group: `group_key` (same model, optimizer and loop options but the seed; training
 sets whose sequences have the same shape, labels and pixels pipeline; the same image table). `plan_groups`
@@ -31,6 +37,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from seqgen.config import BuildConfig, to_plain
@@ -40,18 +47,20 @@ from trainer.data import BatchStream, ShardSet, data_record, open_sets, open_sha
 from trainer.evaluate import Evaluator
 from trainer.fit import fit
 from trainer.images import device_table
-from trainer.loop import FitResult, Pending, TrainingRun, train_loop
+from trainer.loop import FitResult, Pending, TrainingRun, pad_batches, train_loop
 from trainer.resume import owed_evaluations, prepare_run, resume_step, resumed_config
 from trainer.run import RunDir, RunError, run_lock
-from trainer.runtime.distributed import Topology, make_topology, replicate, to_global
+from trainer.runtime.distributed import RUNS, Topology, make_topology, replicate, to_global
+from trainer.runtime.platform import check_cpu_isa, resolve_compute
 from trainer.runtime.signals import GracefulInterrupt
+from trainer.sinks import Tracking, check_available, mirrored
 from trainer.state import TrainState, init_state, restore
-from trainer.step import StepContext, make_one_step
+from trainer.step import Examples, StepContext, make_one_step, run_steps
 
 PathLike = str | os.PathLike
 
-__all__ = ["GroupError", "fit_group", "group_key", "make_group_step", "plan_groups", "stack_states",
-           "unstack_state"]
+__all__ = ["GroupError", "fit_group", "group_key", "make_group_step", "padded_runs", "plan_groups",
+           "stack_states", "unstack_state"]
 
 # Sequence options that decide only which sequences a set holds (how they were drawn), not what the train
 # step computes on them: two training sets differing only in these (and in size, seed and shard size) can
@@ -93,10 +102,12 @@ def _resolved(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool) -> tup
     """The config a run will train with (a resumed run keeps its stored one: `trainer.resume`) and the step
     it starts at."""
     run = RunDir(run_dir)
+    cfg = resolve_compute(cfg.validate())  # config.json records the kernel path and layer loop that ran
+    check_cpu_isa(cfg.compute)  # XLA's CPU cap is fixed when JAX starts: the run computes as recorded
     if resume:
         start = resume_step(run)
-        return resumed_config(run.train_config(), cfg.validate(), start, run.path, strict=False)[0], start
-    return cfg.validate(), 0
+        return resumed_config(resolve_compute(run.train_config()), cfg, start, run.path, strict=False)[0], start
+    return cfg, 0
 
 
 def _as_list(resume: bool | Sequence[bool], n: int) -> list[bool]:
@@ -155,21 +166,44 @@ def unstack_state(stacked: TrainState, i: int) -> TrainState:
     return eqx.combine(jax.tree_util.tree_map(lambda x: x[i], arrays), static)
 
 
-def make_group_step(ctx: StepContext) -> Callable:
-    """`step(table, states, batches) -> (states, metrics)`: states stacked along a run axis R, batches
-    [K, R, B, ...], metrics [K, R]; K steps of every run in one jitted call (scan of the vmapped step)."""
-    one_step = make_one_step(ctx)
+def padded_runs(n: int, topo: Topology | None) -> int:
+    """The width of the run axis of a group of `n` runs on `topo`'s devices: `n` rounded up to a multiple of
+    the device count. The extra runs are copies of run 0, trained alongside and never read: a device's
+    step takes as long as its ceil(n/D) runs do either way, and refusing such groups would refuse e.g. a
+    sweep's 3 seeds on 4 GPUs."""
+    d = 1 if topo is None else topo.num_devices
+    return -(-n // d) * d
+
+
+def make_group_step(ctx: StepContext, topo: Topology | None = None, examples: Examples | None = None) -> Callable:
+    """`step(table, states, batches, n) -> (states, metrics)`: states stacked along a run axis R, batches
+    [K, R, B, ...], metrics [K, R]; the first n (an int32 array) of K steps of every run in one jitted call
+    (`trainer.step.run_steps` of the vmapped step).
+
+    With a `topo` of D > 1 devices the run axis (R a multiple of D: `padded_runs`) is sharded over them
+    (`Topology.runs_sharding`; batches on axis 1): the vmapped step runs as a `shard_map`, each device
+    training its R/D runs whole (each run's whole batch and BatchNorm statistics on its device), so the
+    program holds no communication between devices. A single run keeps data parallelism (`trainer.fit`)."""
+    one_step = make_one_step(ctx, examples)
+    mesh = topo.runs_mesh if topo is not None and topo.num_devices > 1 else None
 
     @eqx.filter_jit(donate="all-except-first")
-    def step(table, states: TrainState, batches):
+    def step(table, states: TrainState, batches, n):
         # Only the arrays are vmapped and carried (the model's bool fields stay static Python values).
         arrays, static = eqx.partition(states, eqx.is_array)
 
-        def one_run(a, b):
-            new, metrics = one_step(table, eqx.combine(a, static), b)
-            return eqx.filter(new, eqx.is_array), metrics
+        def runs(table, arrays, batches, n):  # the runs of one device (all of them without a mesh)
+            def one_run(a, b):
+                new, metrics = one_step(table, eqx.combine(a, static), b)
+                return eqx.filter(new, eqx.is_array), metrics
 
-        arrays, metrics = jax.lax.scan(jax.vmap(one_run), arrays, batches)
+            return run_steps(jax.vmap(one_run), arrays, batches, n)
+
+        if mesh is not None:
+            # check_vma off: run_steps' metric buffers start as device-invariant zeros and are filled per run
+            runs = jax.shard_map(runs, mesh=mesh, in_specs=(P(), P(RUNS), P(None, RUNS), P()),
+                                 out_specs=(P(RUNS), P(None, RUNS)), check_vma=False)
+        arrays, metrics = runs(table, arrays, batches, n)
         return eqx.combine(arrays, static), metrics
 
     return step
@@ -187,17 +221,25 @@ def fit_group(
     topo: Topology | None = None,
     progress: bool | None = None,
     interrupt: GracefulInterrupt | None = None,
+    tracking: Sequence[Tracking | None] | None = None,
 ) -> list[FitResult]:
     """Train the runs `i` (config, training set, evaluation sets, run directory) as one vectorized group,
-    as `trainer.fit.fit` would train each; `resume` is one flag or one per run. A group of one is `fit`.
+    as `trainer.fit.fit` would train each; `resume` is one flag or one per run; `tracking` None or one per
+    run (the sinks mirroring its records, `trainer.sinks`). A group of one is `fit`.
     Refuses (GroupError) runs of different `group_key`s or resuming from different steps: `plan_groups`."""
     n = len(cfgs)
     if n == 0 or not len(train_paths) == len(eval_paths) == len(run_dirs) == n:
         raise GroupError("fit_group needs one training set, evaluation list and run directory per config")
     flags = _as_list(resume, n)
+    trackings = list(tracking) if tracking is not None else [None] * n
+    if len(trackings) != n:
+        raise GroupError(f"{len(trackings)} trackings for {n} runs; give one per run (or none)")
     if n == 1:
         return [fit(cfgs[0], train_paths[0], eval_paths[0], run_dirs[0], resume=flags[0], omniglot_dir=omniglot_dir,
-                    cache_dir=cache_dir, topo=topo, progress=progress, interrupt=interrupt)]
+                    cache_dir=cache_dir, topo=topo, progress=progress, interrupt=interrupt, tracking=trackings[0])]
+    for t in trackings:
+        if t is not None:
+            check_available(t.sinks)
     topo = topo or make_topology()
     if topo.process_count != 1:
         raise GroupError("vectorized groups run in one process; train multi-host runs one by one with trainer fit")
@@ -208,17 +250,17 @@ def fit_group(
         for r in runs:  # one writer per run directory, as trainer fit
             locks.enter_context(run_lock(r.path, "trainer sweep (vectorized group)", enabled=topo.is_main))
         return _fit_group(cfgs, train_paths, eval_paths, runs, flags, omniglot_dir, cache_dir, topo, progress,
-                          interrupt)
+                          interrupt, trackings)
 
 
 def _fit_group(cfgs: Sequence[TrainConfig], train_paths: Sequence[PathLike], eval_paths: Sequence[Sequence[PathLike]],
                runs: list[RunDir], flags: list[bool], omniglot_dir: PathLike | None, cache_dir: PathLike | None,
-               topo: Topology, progress: bool | None, interrupt: GracefulInterrupt | None) -> list[FitResult]:
+               topo: Topology, progress: bool | None, interrupt: GracefulInterrupt | None,
+               trackings: list[Tracking | None]) -> list[FitResult]:
     n = len(runs)
     resolved = [_resolved(c, r.path, f) for c, r, f in zip(cfgs, runs, flags)]
     cfgs = [c for c, _ in resolved]
     starts = [s if f else None for (_, s), f in zip(resolved, flags)]
-    topo.check_batch(cfgs[0].training.batch_size)
     opened = [open_sets(tp, eps) for tp, eps in zip(train_paths, eval_paths)]
     keys = [group_key(c, train) for c, (train, _) in zip(cfgs, opened)]
     for i in range(1, n):
@@ -252,7 +294,7 @@ def _fit_group(cfgs: Sequence[TrainConfig], train_paths: Sequence[PathLike], eva
             run.create(cfg, job.data)
             owed.append([])
         else:
-            stored = run.train_config()
+            stored = resolve_compute(run.train_config())
             states.append(restore(run.path, start, cfg, num_classes, topo))
             run.truncate_metrics_after(start)
             run.create(resumed_config(stored, cfg, start, run.path, strict=False)[1], job.data)
@@ -261,12 +303,17 @@ def _fit_group(cfgs: Sequence[TrainConfig], train_paths: Sequence[PathLike], eva
     # The model's `inference` flags are Python bools in a fresh state but arrays in a restored (device_put)
     # one: make them bools again, so that they stay static and the states have one structure.
     states = [eqx.tree_at(lambda s: s.model, s, eqx.nn.inference_mode(s.model, value=False)) for s in states]
-    with (interrupt or GracefulInterrupt()) as stop:
+    with (interrupt or GracefulInterrupt()) as stop, contextlib.ExitStack() as sinks:
+        for job, tracking, start in zip(jobs, trackings, starts):  # each run mirrored as by fit (trainer.sinks)
+            sinks.enter_context(mirrored(job.run, tracking, "fit", session_start=0 if start is None else start + 1,
+                                         enabled=topo.is_main))
         for job, state, due in zip(jobs, states, owed):  # evaluations an interrupt cut short
             if due and not job.redo(state, starts[0], due, lambda: stop.stop_requested):
                 return [FitResult(step=starts[0], interrupted=True, run_dir=str(r.path)) for r in runs]
-        arrays, static = eqx.partition(stack_states(states), eqx.is_array)
-        stacked = eqx.combine(replicate(topo, arrays), static)
+        # the run axis: padded to a multiple of the devices, and spread over them (`make_group_step`)
+        arrays, static = eqx.partition(stack_states(states + states[:1] * (padded_runs(n, topo) - n)), eqx.is_array)
+        arrays = jax.device_put(arrays, topo.runs_sharding()) if topo.num_devices > 1 else replicate(topo, arrays)
+        stacked = eqx.combine(arrays, static)
         del states, arrays
         trains = [train for train, _ in opened]
         return _group_loop(jobs, ctxs[0], trains, stacked, starts[0] or 0, stop, progress)
@@ -276,25 +323,34 @@ def _group_loop(jobs: list[TrainingRun], ctx: StepContext, trains: list[ShardSet
                 stop: GracefulInterrupt, progress: bool | None) -> list[FitResult]:
     """`trainer.loop.train_loop` for R runs at once: the same dispatches, metric windows, evaluations and saves."""
     t, topo, table = jobs[0].cfg.training, jobs[0].topo, jobs[0].evaluator.table
-    group_step = make_group_step(ctx)
+    sharded = topo.num_devices > 1  # the runs spread over the devices, whole (`make_group_step`)
+    group_step = make_group_step(ctx, topo if sharded else None)
     streams = [BatchStream(train, t.batch_size, start_step=start) for train in trains]
+    pad = padded_runs(len(jobs), topo) - len(jobs)
 
     def advance(k: int) -> dict[str, Any]:
         nonlocal states
-        local = [[next(stream) for _ in range(k)] for stream in streams]
+        local = [pad_batches([next(stream) for _ in range(k)], t.steps_per_dispatch) for stream in streams]
+        local += local[:1] * pad  # the padding runs train on run 0's batches
         batches = {name: np.stack([np.stack([b[name] for b in run]) for run in local], axis=1)
                    for name in local[0][0]}
-        states, metrics = group_step(table, states, to_global(topo, batches, leading=2))
+        placed = jax.device_put(batches, topo.runs_sharding(1)) if sharded else to_global(topo, batches, leading=2)
+        states, metrics = group_step(table, states, placed, np.int32(k))
         return metrics
 
     def log(pending: Pending, bar: tqdm | None) -> None:
-        host = jax.device_get([m for _, m in pending])
+        host = jax.device_get([m for _, _, m in pending])
         for r, job in enumerate(jobs):
-            job.log([(s, {k: v[:, r] for k, v in m.items()}) for (s, _), m in zip(pending, host)],
+            job.log([(s, k, {name: v[:, r] for name, v in m.items()}) for (s, k, _), m in zip(pending, host)],
                     bar if r == 0 else None)
 
+    def run_state(r: int, host: TrainState | None) -> TrainState:
+        # spread runs are evaluated data-parallel over every device, like a run of trainer fit
+        return unstack_state(states, r) if host is None else replicate(topo, unstack_state(host, r))
+
     def evaluate(step: int) -> bool:
-        return all(job.evaluate(unstack_state(states, r), step, lambda: stop.stop_requested)
+        host = jax.device_get(states) if sharded else None
+        return all(job.evaluate(run_state(r, host), step, lambda: stop.stop_requested)
                    for r, job in enumerate(jobs))  # all(): stops at the first run cut short
 
     def save(step: int) -> None:
@@ -304,7 +360,8 @@ def _group_loop(jobs: list[TrainingRun], ctx: StepContext, trains: list[ShardSet
 
     try:
         step, interrupted = train_loop(t, start, advance=advance, log=log, evaluate=evaluate, save=save,
-                                       should_stop=lambda: stop.stop_requested, progress=progress,
+                                       should_stop=lambda: stop.stop_requested,
+                                       stop_now=lambda: stop.stop_requested, progress=progress,
                                        desc=f"{len(jobs)} runs")
     finally:
         for stream in streams:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -167,11 +168,13 @@ def _random_binary_image(key: jax.Array) -> jax.Array:
 
 
 def make_examples(table: jax.Array, batch: dict[str, jax.Array], cfg: BuildConfig, *,
-                  rare: np.ndarray | None = None) -> jax.Array:
+                  rare: np.ndarray | None = None, noise_at_size: bool = False) -> jax.Array:
     """Model inputs for an integer batch: float32 [B, L, S, S, 1] images, or int32 [B, L] symbolic ids.
 
     `table` comes from `prepare_table` (S = its last axis); `cfg` is the BuildConfig of the set the batch
-    comes from (static); `rare` overrides the rare-pool mask (default: `rare_mask(cfg)`).
+    comes from (static); `rare` overrides the rare-pool mask (default: `rare_mask(cfg)`). `noise_at_size`
+    draws the pixel noise at S px, after the resize (the training config's `noise_at = "training"`), instead
+    of at 105 px before it (the original's path, which averages the noise down at S < 105).
     """
     example = jnp.asarray(batch["example"]).astype(jnp.int32)
     if cfg.dataset.example_type is ExampleType.SYMBOLIC:
@@ -202,9 +205,24 @@ def make_examples(table: jax.Array, batch: dict[str, jax.Array], cfg: BuildConfi
 
             extra = jnp.where(mask, jax.vmap(seq_rare)(keys, example), extra)
             pixels = jnp.where(mask, jnp.float32(0), pixels)
+        noise = None
         if sq.noise_scale > 0:
-            length, shape = example.shape[1], (IMAGE_SIZE, IMAGE_SIZE)
+            side = size if noise_at_size else IMAGE_SIZE
+            length, shape = example.shape[1], (side, side)
             noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (length, *shape)))(keys)
-            extra = extra + noise * jnp.float32(sq.noise_scale)
+            noise = noise * jnp.float32(sq.noise_scale)
+            if not noise_at_size:
+                extra, noise = extra + noise, None
         pixels = pixels + _resize(extra, size)
+        if noise is not None:
+            pixels = pixels + noise
     return pixels[..., None].astype(jnp.float32)
+
+
+def examples_for(train_cfg: Any) -> Callable[..., jax.Array]:
+    """`make_examples` as the run `train_cfg` (a `trainer.config.TrainConfig`) makes its inputs: its
+    `training.noise_at` says where pixel noise is drawn. Every pass over a run's model (training, evaluation,
+    the Python API, `trainer analyze`) makes its inputs through this."""
+    from trainer.config import NoiseAt
+
+    return functools.partial(make_examples, noise_at_size=train_cfg.training.noise_at is NoiseAt.TRAINING)

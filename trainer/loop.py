@@ -28,8 +28,9 @@ from trainer.runtime.distributed import Topology
 from trainer.schedule import StepSchedule
 from trainer.state import TrainState, restore
 
-# (first step of the dispatch, its metrics {name: [K] device array}) of the dispatches since the last log
-Pending = list[tuple[int, dict[str, Any]]]
+# (first step of the dispatch, steps it ran, its metrics {name: [K, ...] device array}; rows past the steps
+# it ran are padding) of the dispatches since the last log
+Pending = list[tuple[int, int, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -49,42 +50,87 @@ def dispatch_size(step: int, t: TrainingConfig) -> int:
 
 def train_loop(t: TrainingConfig, start: int, *, advance: Callable[[int], dict[str, Any]],
                log: Callable[[Pending, tqdm | None], None], evaluate: Callable[[int], bool], save: Callable[[int], None],
-               should_stop: Callable[[], bool], progress: bool | None, desc: str | None = None) -> tuple[int, bool]:
+               should_stop: Callable[[], bool], stop_now: Callable[[], bool] | None = None,
+               on_dispatch: Callable[[int, dict[str, Any]], None] | None = None, progress: bool | None,
+               desc: str | None = None) -> tuple[int, bool]:
     """Train from `start` to `t.steps`; return (step reached, interrupted).
 
-    `advance(k)` runs the next k steps and returns their metrics; `log(pending, bar)` records a window
-    (`bar` None for the last, partial one); `evaluate(step)` is False when a stop cut it short; `save(step)`
-    checkpoints; `should_stop()` is asked before every dispatch (a collective in multi-process runs)."""
+    `advance(k)` runs the next k steps (always as one dispatch of `steps_per_dispatch` padded batches, the
+    first k of them used: one compiled program whatever the schedules; `pad_batches`) and returns their
+    metrics; `log(pending, bar)` records a window (`bar` None for the last, partial one); `evaluate(step)`
+    is False when a stop cut it short; `save(step)` checkpoints; `on_dispatch(i, metrics)` sees dispatch i
+    (0, 1, ... of this call) once it is issued (`trainer.runtime.profile`).
+
+    Stopping: `should_stop()` is asked only at the boundaries that log, evaluate or checkpoint (before
+    training on past them, never after the last step): in a multi-process run it is the collective that
+    makes every process stop at the same step, and the only one the loop makes between those boundaries'
+    own work, so dispatches in between queue up on the device without waiting for the host.
+    `stop_now()` (a local flag, for one process alone: None in multi-process runs) is asked after every
+    other dispatch, so that a single process stops at the next dispatch boundary. A stop saves the step
+    reached (unless that step was just saved)."""
     eval_due, save_due = StepSchedule.of(t, "eval").due, StepSchedule.of(t, "checkpoint").due
     step = start
     pending: Pending = []
     bar = tqdm(total=t.steps, initial=start, disable=None if progress is None else not progress,
                unit="step", dynamic_ncols=True, desc=desc)
     interrupted = False
+    saved = None
+    dispatches = 0
     try:
         while step < t.steps:
-            if should_stop():  # all processes stop at the same step
-                interrupted = True
-                break
             k = dispatch_size(step, t)
-            pending.append((step, advance(k)))
+            metrics = advance(k)
+            if on_dispatch is not None:
+                on_dispatch(dispatches, metrics)
+            dispatches += 1
+            pending.append((step, k, metrics))
             step += k
             bar.update(k)
+            boundary = False
             if step % t.log_every == 0 or step == t.steps:
                 log(pending, bar)
                 pending = []
-            if eval_due(step) and not evaluate(step):
-                interrupted = True
-                break
+                boundary = True
+            if eval_due(step):
+                boundary = True
+                if not evaluate(step):
+                    interrupted = True
+                    break
             if save_due(step):
                 save(step)
+                saved = step
+                boundary = True
+            if step < t.steps and (should_stop() if boundary else stop_now is not None and stop_now()):
+                interrupted = True  # all processes stop at the same step
+                break
     finally:
         bar.close()
     if pending:
         log(pending, None)
-    if interrupted:
+    if interrupted and saved != step:
         save(step)
     return step, interrupted
+
+
+def stop_boundaries(t: TrainingConfig, start: int) -> list[int]:
+    """The steps after `start` at which `train_loop` asks `should_stop` in an uninterrupted run: those that
+    log, evaluate or checkpoint, before the last."""
+    eval_due, save_due = StepSchedule.of(t, "eval").due, StepSchedule.of(t, "checkpoint").due
+    out, step = [], start
+    while step < t.steps:
+        step += dispatch_size(step, t)
+        if step < t.steps and (step % t.log_every == 0 or eval_due(step) or save_due(step)):
+            out.append(step)
+    return out
+
+
+def pad_batches(batches: list[Any], size: int) -> list[Any]:
+    """`batches` (host batches, each a dict of arrays) padded with zero batches to `size`: a dispatch always
+    carries `steps_per_dispatch` batches (the train step runs only the first k; `trainer.step.run_steps`)."""
+    if len(batches) < size:
+        zero = {name: np.zeros_like(a) for name, a in batches[0].items()}
+        batches = batches + [zero] * (size - len(batches))
+    return batches
 
 
 @dataclass(frozen=True)
@@ -101,11 +147,12 @@ class TrainingRun:
 
     def log(self, pending: Pending, bar: tqdm | None) -> None:
         """One record per logging window: metrics averaged over the steps since the last record."""
-        host = jax.device_get([m for _, m in pending])
-        first, _ = pending[0]
+        host = jax.device_get([m for _, _, m in pending])
+        first = pending[0][0]
         names = host[0].keys()
-        means = {name: float(np.mean(np.concatenate([np.ravel(m[name]) for m in host]))) for name in names}
-        steps = sum(len(np.ravel(next(iter(m.values())))) for m in host)
+        means = {name: float(np.mean(np.concatenate([np.ravel(m[name][:k]) for (_, k, _), m in zip(pending, host)])))
+                 for name in names}
+        steps = sum(k for _, k, _ in pending)
         if self.topo.is_main:
             self.run.append_metrics({"step": first + steps, "kind": "train", "window": steps, "metrics": means})
         if bar is not None:

@@ -306,6 +306,10 @@ _COLUMNS = {
 
 HEADLINES = (SeqType.FEWSHOT_HOLDOUT, SeqType.NO_SUPPORT_ZIPFIAN)
 
+# A derived column of sweeps that evaluate fewshot_holdout: ICL divided by its setting's ICL ceiling
+# (`icl_ceiling`), so that settings with different holdout class counts (10 vs 80) compare on one scale.
+ICL_OF_CEILING = "icl_of_ceiling"
+
 
 def metric_key_of(seq_type: SeqType | str) -> str:
     """The metric that is an evaluation type's headline: accuracy_closed on few-shot sets, else accuracy_query."""

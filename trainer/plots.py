@@ -6,13 +6,20 @@ store: `trainer.run`; the curve is fit's and --watch's evaluations).
   are drawn with replacement; IWL = accuracy_query on no_support_zipfian sets) with their 95 % intervals as
   bands; every other eval set's accuracy_closed is drawn thinner.
 - `plots/loss.png`: training loss (and eval losses) against step, log-scaled steps.
+
+`trainer plot RUN... --out FILE` (`plot_compare`): several runs in one figure, a panel each for ICL and IWL,
+a line per run labelled by its path below the runs' common folder (a sweep's `<setting>/seed-<s>`); the
+seeds of a setting (`<setting>/seed-<s>`, two or more given) drawn faint under their mean, with the band
+from their lowest to their highest value at each step.
 """
 
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+import re
+import statistics
 from pathlib import Path
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -22,24 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from seqgen.atomic import atomic_write  # noqa: E402
 from seqgen.config import SeqType  # noqa: E402
 from trainer.metrics import HEADLINES, icl_ceiling, label_of, metric_key_of  # noqa: E402
-from trainer.run import CURVE_SOURCES, RunDir, RunError  # noqa: E402
-
-
-def series(run: RunDir):
-    """(train metrics {name: [(step, value)]}, curve evaluations {(set, seq_type): [(step, metrics)]}) of a run."""
-    train = defaultdict(list)
-    evals: dict[tuple[str, str], list[tuple[int, dict]]] = defaultdict(list)
-    for r in run.read_metrics():
-        if r.get("kind") == "train":
-            for k, v in r["metrics"].items():
-                train[k].append((r["step"], v))
-    for e in run.evaluations():
-        if e.source in CURVE_SOURCES:
-            evals[(e.set, e.seq_type)].append((e.step, e.metrics))
-    for key in evals:
-        by_step = {s: m for s, m in evals[key]}  # a re-evaluated step keeps its latest record
-        evals[key] = sorted(by_step.items())
-    return train, evals
+from trainer.run import RunDir, RunError, series  # noqa: E402  (series: re-exported for trainer.analyze.plots)
 
 
 def plot_run(run_dir: str | os.PathLike) -> list[Path]:
@@ -110,6 +100,106 @@ def _plot_loss(run: RunDir, train, evals) -> Path:
     ax.grid(alpha=0.3)
     out = run.plots_dir / "loss.png"
     fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return out
+
+
+# ---- trainer plot RUN... --out FILE ----------------------------------------------------------------------
+_SEED = re.compile(r"^(?P<setting>.+)/seed-\d+$")
+Curve = list[tuple[int, float]]  # (step, mean of the headline metric)
+
+
+def run_labels(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
+    """Each run's path below the runs' common folder (`runs/a`, `runs/b` -> `a`, `b`; a sweep's
+    `<setting>/seed-<s>`), a seed folder always with its setting (`runs/p/seed-0` -> `p/seed-0`); a lone run's
+    folder name."""
+    paths = [Path(d).resolve() for d in run_dirs]
+    common = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
+    labels = []
+    for p in paths:
+        label = p.relative_to(common).as_posix() if p != common else p.name
+        labels.append(f"{p.parent.name}/{label}" if re.fullmatch(r"seed-\d+", label) else label)
+    return labels
+
+
+def _headline_curves(evals: dict[tuple[str, str], list[tuple[int, dict]]], seq_type: SeqType) -> dict[str, Curve]:
+    """{eval set name: curve} of a run's curve evaluations (`series`) of `seq_type` on its headline metric."""
+    key = metric_key_of(seq_type)
+    return {name: [(s, m[key]["mean"]) for s, m in pts if key in m]
+            for (name, t), pts in sorted(evals.items()) if t == seq_type.value}
+
+
+def _settings(labels: list[str], mean: bool) -> dict[str, list[int]]:
+    """{legend label: indices of its runs}, in the order given: with `mean`, the seeds of one setting
+    (`<setting>/seed-<s>`, two or more given) together under the setting's name; else each run alone."""
+    groups: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        m = _SEED.match(label) if mean else None
+        groups.setdefault(m["setting"] if m else label, []).append(i)
+    return {(key if len(members) > 1 else labels[members[0]]): members for key, members in groups.items()}
+
+
+def _ways(runs: list[RunDir]) -> int | None:
+    """The ways of the runs' few-shot sets when they all agree (for the chance line), else None."""
+    found = set()
+    for run in runs:
+        data = run.read().get("data")
+        found.add(data.get("ways") if isinstance(data, dict) else None)
+    ways = found.pop() if len(found) == 1 else None
+    return ways if isinstance(ways, int) and ways >= 1 else None
+
+
+def _draw_setting(ax: Any, label: str, curves: list[Curve], color: str) -> None:
+    """A setting's seeds faint, their mean bold and the min-max band over the steps they share."""
+    for c in curves:
+        ax.plot(*zip(*c), color=color, lw=1, alpha=0.3)
+    common = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
+    if not common:
+        return
+    by = [dict(c) for c in curves]
+    ax.plot(common, [statistics.fmean(d[s] for d in by) for s in common], color=color, lw=2, marker="o", ms=3,
+            label=f"{label} (mean of {len(curves)} seeds)")
+    ax.fill_between(common, [min(d[s] for d in by) for s in common], [max(d[s] for d in by) for s in common],
+                    color=color, alpha=0.15)
+
+
+def plot_compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, mean: bool = True) -> Path:
+    """One PNG comparing the runs' ICL and IWL curves (module docstring); RunError when none has any."""
+    runs = [RunDir(d) for d in run_dirs]
+    for run in runs:
+        run.read()  # a path that is not a run: one line naming it
+    labels = run_labels(run_dirs)
+    evals = [series(run)[1] for run in runs]
+    panels = {t: [_headline_curves(e, t) for e in evals] for t in HEADLINES}
+    panels = {t: per_run for t, per_run in panels.items() if any(c for curves in per_run for c in curves.values())}
+    if not panels:
+        raise RunError(f"none of the {len(runs)} runs has evaluations on "
+                       f"{' or '.join(t.value for t in HEADLINES)} yet; evaluate them first")
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ways = _ways(runs)
+    for ax, (seq_type, per_run) in zip(axes.flat, panels.items()):
+        for n, (label, members) in enumerate(_settings(labels, mean).items()):
+            names = sorted({name for i in members for name, c in per_run[i].items() if c})
+            for name in names:  # a run's sets of this type (usually one)
+                curves = [per_run[i][name] for i in members if per_run[i].get(name)]
+                shown = f"{label}, {name}" if len(names) > 1 else label
+                if len(curves) > 1:
+                    _draw_setting(ax, shown, curves, colors[n % len(colors)])
+                else:
+                    ax.plot(*zip(*curves[0]), color=colors[n % len(colors)], lw=1.5, marker="o", ms=3, label=shown)
+        if seq_type is SeqType.FEWSHOT_HOLDOUT and ways:
+            ax.axhline(1.0 / ways, color="grey", ls=":", lw=1, label="ICL chance")
+        ax.set_title(label_of(seq_type), fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return out

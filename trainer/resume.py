@@ -39,7 +39,12 @@ OPTION_NAMES = FIT_OPTIONS.flags
 def resume_step(run: RunDir) -> int:
     """The checkpoint a --resume continues from; RunError (one line) when there is none."""
     if not run.exists():
-        raise RunError(f"--resume given but {run.path} holds no run; drop --resume to start one")
+        run.restore_config()  # a run whose config.json is gone, but whose checkpoints hold it
+    if not run.exists():
+        problem = run.describe()
+        if problem is not None and "does not exist" not in problem and "no config.json" not in problem:
+            raise RunError(f"--resume given but run directory {run.path} {problem}")
+        raise RunError(f"--resume given but {run.path} holds no run; drop --resume to start one there")
     step = checkpoint.latest_step(run.path)
     if step is None:
         raise RunError(f"--resume given but {run.path} has no complete checkpoint (it stopped before its first "

@@ -29,21 +29,27 @@ import json
 import os
 import platform
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from seqgen.atomic import atomic_write_json, atomic_write_text
 from seqgen.config import ConfigError
-from seqgen.errors import UserError
-from seqgen.files import Optional, check_schema, read_json_object, read_jsonl_objects
+from seqgen.errors import UserError, notice
+from seqgen.files import Optional, check_path, check_schema, describe_path, read_json_object, read_jsonl_objects
+from seqgen.jsonlog import append_line, settle_tail
 from seqgen.lock import FolderLock
 from trainer.config import TrainConfig
 from trainer.data import DataError
+from trainer.runtime.platform import platform_record
+
+if TYPE_CHECKING:
+    from trainer.sinks import Sink
 
 # What config.json and each metrics.jsonl record must hold (type-checked on every read).
 CONFIG_SCHEMA = {"trainer": dict, "data": {"train": {"path": str, "fingerprint": str}, "eval": Optional([dict])},
-                 "versions": Optional(dict)}
+                 "versions": Optional(dict), "platform": Optional(dict)}
 METRICS_SCHEMA = {"step": int, "kind": Optional(str), "set": Optional(str), "source": Optional(str),
                   "metrics": Optional(dict)}
 EVAL_RECORD_SCHEMA = {"step": int, "kind": str, "set": str, "seq_type": str, "source": Optional(str),
@@ -97,6 +103,11 @@ class Evaluation:
     metrics: dict[str, dict[str, Any]]  # {metric: {"mean", "ci95", "n"}}
     max_seqs: int | None = None  # of `trainer evaluate` (--max-seqs); fit's size is its config's eval_seqs
 
+    @property
+    def seqs(self) -> int:
+        """How many sequences it covered: the largest `n` of its metrics (0 when none says)."""
+        return max((int(m.get("n") or 0) for m in self.metrics.values() if isinstance(m, dict)), default=0)
+
     def to_record(self) -> dict[str, Any]:
         record = {"step": self.step, "kind": "eval", "source": self.source, "set": self.set,
                   "seq_type": self.seq_type, "metrics": self.metrics}
@@ -122,6 +133,8 @@ def read_evaluation(path: Path) -> dict[str, Any] | None:
 class RunDir:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        # live tracking (`trainer.sinks.mirrored`): gets a copy of each record appended, after the append
+        self.sink: Sink | None = None
 
     @property
     def config_path(self) -> Path:
@@ -145,18 +158,77 @@ class RunDir:
     def create(self, cfg: TrainConfig, data: dict[str, Any]) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            record = {"trainer": cfg.to_dict(), "data": data, "versions": versions()}
+            record = {"trainer": cfg.to_dict(), "data": data, "versions": versions(), "platform": platform_record()}
             atomic_write_json(self.config_path, record)
         except OSError as e:
             raise RunError(f"cannot write run directory {self.path}: {e.strerror or e}") from None
 
     def read(self) -> dict[str, Any]:
-        """config.json, type-checked; RunError (one line) when missing, not JSON or of the wrong shape."""
+        """config.json, type-checked; RunError (one line) when missing (the folder described as it is:
+        `describe`), not a readable file, not JSON or of the wrong shape."""
+        if (problem := self.describe()) is not None:
+            raise RunError(f"run directory {self.path} {problem}")
         try:
             return read_json_object(self.config_path, what="run config", error=RunError, schema=CONFIG_SCHEMA,
-                                    fix="restore it or start a new --run-dir")
-        except FileNotFoundError:
-            raise RunError(f"{self.path} is not a run directory (no config.json); start one with `trainer fit`") from None
+                                    fix=self._config_fix())
+        except FileNotFoundError:  # removed since it was described
+            raise RunError(f"run directory {self.path} has no config.json; {self._config_fix()}") from None
+
+    def describe(self) -> str | None:
+        """What this path is when it is not a usable run directory, with the fix, as the end of a one-line
+        message; None when its config.json is a readable file (its content is checked by `read`)."""
+        fit = f"`trainer fit --train DIR --run-dir {self.path}`"
+        problem = describe_path(self.path, "dir")
+        if problem is not None:
+            if problem.startswith("does not exist"):
+                return f"{problem}; check the path, or train a run there with {fit}"
+            if "symbolic link" in problem:
+                return f"{problem}; point the link at a run directory, or pass the run directory itself"
+            return f"{problem}; pass the run directory (--run-dir) of a `trainer fit`"
+        if os.path.lexists(self.config_path):
+            problem = describe_path(self.config_path, "file")
+            return None if problem is None else f"has a config.json that {problem}; {self._config_fix()}"
+        steps = self._checkpoint_steps()
+        if steps:
+            return (f"has checkpoints (latest step {steps[-1]}) but no config.json; continue it with "
+                    f"{fit[:-1]} --resume` (config.json is then restored from that checkpoint's metadata)")
+        if (self.path / "manifest.json").exists():
+            return f"is a shard set, not a run directory; pass the --run-dir of a `trainer fit` (or create one with {fit})"
+        if self.metrics_path.exists():
+            return f"has no config.json (its fit stopped before it saved anything); start it afresh with {fit}"
+        return f"is not a run directory (no config.json); start one with {fit}"
+
+    def _checkpoint_steps(self) -> list[int]:
+        from trainer import checkpoint
+
+        return checkpoint.list_steps(self.path) if (self.path / "checkpoints").is_dir() else []
+
+    def _config_fix(self) -> str:
+        steps = self._checkpoint_steps()
+        if steps:
+            return (f"move it aside (`mv {self.config_path} {self.config_path}.bad`) and continue the run with "
+                    "`trainer fit ... --resume`, which restores it from the latest checkpoint")
+        return "restore it from a copy, or start a new --run-dir"
+
+    def restore_config(self) -> int | None:
+        """Rewrite a missing config.json from the latest checkpoint's metadata (which holds the run's config and
+        its data record); the step restored from, or None when there is no such checkpoint or config.json is
+        there. A one-line notice says so."""
+        from trainer import checkpoint
+
+        if os.path.lexists(self.config_path):
+            return None
+        for step in reversed(self._checkpoint_steps()):
+            meta = checkpoint.read_metadata(self.path, step)
+            if isinstance(meta.get("trainer"), dict) and isinstance(meta.get("data"), dict):
+                record = {"trainer": meta["trainer"], "data": meta["data"], "versions": versions(),
+                          "restored_from_checkpoint": step}
+                check_schema(record, CONFIG_SCHEMA, where=f"checkpoint metadata of step {step} in {self.path}",
+                             error=RunError, fix="start a new --run-dir")
+                atomic_write_json(self.config_path, record)
+                notice(f"{self.config_path} was missing: restored it from the checkpoint of step {step}")
+                return step
+        return None
 
     def train_config(self) -> TrainConfig:
         try:
@@ -166,9 +238,14 @@ class RunDir:
 
     def train_path(self, override: str | os.PathLike | None = None) -> str:
         """The run's training set (`override` if given: it moved since fit), needed for its class split."""
+        from seqgen.shards import describe_shard_set
+
         path = override or self.read()["data"]["train"]["path"]
-        if not Path(path, "manifest.json").is_file():
-            raise DataError(f"the run's training set {path} is not there; pass --train DIR (needed for its class split)")
+        if (problem := describe_shard_set(path)) is not None:
+            if override:
+                raise DataError(f"--train {path} {problem}")
+            raise DataError(f"the run's training set {path} (from {self.config_path}) {problem}; or, if it moved, "
+                            "pass its new folder as --train DIR (its class split is needed)")
         return str(path)
 
     @contextlib.contextmanager
@@ -176,7 +253,14 @@ class RunDir:
         """Serialises the writers of metrics.jsonl across processes: fit appends and, on --resume, rewrites
         it, while `trainer evaluate [--watch]` may append to it; without this, an evaluation appended between
         the rewrite's read and its replace would be lost. A short blocking flock on METRICS_LOCK."""
-        fd = os.open(self.path / METRICS_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+        self._check_metrics_file()
+        lock = self.path / METRICS_LOCK
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+        except OSError as e:
+            problem = describe_path(lock, "file") or f"cannot be created ({e.strerror or e})"
+            raise RunError(f"the metrics lock {lock} {problem}; make {self.path} writable by you (and {lock} a "
+                           "plain file, or remove it: it is made again)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -184,11 +268,15 @@ class RunDir:
             os.close(fd)  # releases the lock
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        """Append one record (a line) to metrics.jsonl and flush it."""
-        with self._metrics_writer(), self.metrics_path.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # a record is on disk before the checkpoint that follows it
+        """Append one record (a line) to metrics.jsonl, whole, and fsync it (`seqgen.jsonlog`): a cut last line
+        left by a crash is first moved aside (never glued onto); a failed append (a full disk) leaves the file
+        as it was and is one line (LogWriteError)."""
+        line = json.dumps(record, sort_keys=True)
+        with self._metrics_writer():
+            settle_tail(self.metrics_path)
+            append_line(self.metrics_path, line)  # on disk before the checkpoint that follows it
+        if self.sink is not None:  # a mirror of the log: only what it holds (never raises: trainer.sinks)
+            self.sink.write(record)
 
     # ---- the evaluation store -----------------------------------------------------------------------------
     def record_evaluation(self, evaluation: Evaluation) -> None:
@@ -207,13 +295,17 @@ class RunDir:
         return [e for e in self._legacy_evaluations(step) if (e.step, e.set, e.source) not in seen] + found
 
     def final_evaluations(self, step: int, set_names: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """{set name: metrics} of the evaluations at `step` of the named sets: the latest curve record (fit /
-        watch) of a set, else its latest "evaluate" record; sets never evaluated at `step` are absent."""
-        wanted, curve, other = set(set_names), {}, {}
+        """{set name: metrics} of the evaluations at `step` of the named sets: of a set, the one that covered
+        the most sequences (a final evaluation on a whole set beats fit's, made on `eval_seqs`); among equals
+        the latest curve record (fit / watch), else the latest "evaluate" record. Sets never evaluated at
+        `step` are absent."""
+        wanted, best = set(set_names), {}
         for e in self.evaluations(step):
             if e.set in wanted:
-                (curve if e.source in CURVE_SOURCES else other)[e.set] = e.metrics
-        return {**other, **curve}
+                rank = (e.seqs, e.source in CURVE_SOURCES)
+                if e.set not in best or rank >= best[e.set][0]:
+                    best[e.set] = (rank, e.metrics)
+        return {name: metrics for name, (_, metrics) in best.items()}
 
     def _legacy_evaluations(self, step: int | None) -> Iterator[Evaluation]:
         """The entries of evaluations/step-N.json (all steps, or `step`)."""
@@ -246,8 +338,32 @@ class RunDir:
         atomic_write_json(self.evaluations_dir / f"step-{step}.json", record, allow_nan=True)  # a diverged loss
 
     def read_metrics(self) -> Iterator[dict[str, Any]]:
-        """The records of metrics.jsonl; a line cut by a hard kill is skipped, a line that is JSON but not a
-        record (edited file) is a one-line RunError."""
+        """The records of metrics.jsonl. A last line cut by a crash is moved aside first where this run
+        directory has a metrics lock to take (`seqgen.jsonlog.settle_tail`; a copy elsewhere, e.g. a sweep's
+        results folder, is only read: the cut line is skipped); a corrupt line before it, or a line that is JSON
+        but not a record (edited file), is a one-line RunError naming the line and the fix."""
+        if not os.path.lexists(self.metrics_path):
+            return
+        self._check_metrics_file()
+        lock = self.path / METRICS_LOCK
+        if lock.is_file() and os.access(lock, os.R_OK) and os.access(self.path, os.W_OK):
+            with self._metrics_writer():
+                settle_tail(self.metrics_path)
+                records = list(self._records())
+        else:
+            records = list(self._records())
+        yield from records
+
+    def _check_metrics_file(self) -> None:
+        """metrics.jsonl, where there is one, must be a readable file (not a directory, a broken link, ...)."""
+        if os.path.lexists(self.metrics_path):
+            aside = f"{self.metrics_path}.aside"
+            check_path(self.metrics_path, "file", what="metrics file", error=RunError,
+                       fix=f"move it out of the way (`mv {self.metrics_path} {aside}`); the run's records then start "
+                           "again from the next one (--resume redoes the evaluations it misses)")
+
+    def _records(self) -> Iterator[dict[str, Any]]:
+        """The records of metrics.jsonl as they are (no lock taken; a cut last line skipped)."""
         if not self.metrics_path.is_file():
             return
         yield from read_jsonl_objects(self.metrics_path, what="metrics file", error=RunError, schema=METRICS_SCHEMA,
@@ -255,10 +371,31 @@ class RunDir:
 
     def truncate_metrics_after(self, step: int) -> None:
         """On resume, drop fit's records logged after the checkpoint we restart from (they will be redone);
-        the evaluations of `trainer evaluate` (and --watch) are kept."""
-        if not self.metrics_path.is_file():
+        the evaluations of `trainer evaluate` (and --watch) are kept. A cut last line is moved aside first; a
+        corrupt line before it is refused (RunError naming it), never dropped with the rest."""
+        if not os.path.lexists(self.metrics_path):
             return
         with self._metrics_writer():
-            kept = [r for r in self.read_metrics()
+            settle_tail(self.metrics_path)
+            kept = [r for r in self._records()
                     if r.get("step", 0) <= step or r.get("source") in ("watch", "evaluate")]
             atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
+def series(run: RunDir) -> tuple[dict[str, list[tuple[int, Any]]], dict[tuple[str, str], list[tuple[int, dict]]]]:
+    """(train metrics {name: [(step, value)]}, curve evaluations {(set, seq_type): [(step, metrics)]}) of a run:
+    the training log, and the fit / watch evaluations in step order (a re-evaluated step keeps its latest
+    record). What `trainer plot` draws and `trainer.api`'s `Run.metrics` holds."""
+    train: dict[str, list[tuple[int, Any]]] = defaultdict(list)
+    evals: dict[tuple[str, str], list[tuple[int, dict]]] = defaultdict(list)
+    for r in run.read_metrics():
+        if r.get("kind") == "train":
+            for k, v in r["metrics"].items():
+                train[k].append((r["step"], v))
+    for e in run.evaluations():
+        if e.source in CURVE_SOURCES:
+            evals[(e.set, e.seq_type)].append((e.step, e.metrics))
+    for key in evals:
+        by_step = {s: m for s, m in evals[key]}  # a re-evaluated step keeps its latest record
+        evals[key] = sorted(by_step.items())
+    return train, evals

@@ -21,9 +21,10 @@ import jax.random as jr
 
 from seqgen.config import BuildConfig, SeqType
 from trainer.config import TrainConfig
-from trainer.images import make_examples
+from trainer.images import examples_for
 from trainer.metrics import LabelSets, per_sequence_metrics, strategy_metrics
 from trainer.models import forward, targets
+from trainer.runtime.platform import compute_dtype, computing
 from trainer.state import TrainState, global_norm, l2_penalty, make_optimizer
 
 
@@ -45,31 +46,50 @@ class StepContext:
         return cls(train_cfg, data_cfg, LabelSets.from_config(data_cfg))
 
 
-# `examples(table, batch, set_cfg) -> model inputs`: `trainer.images.make_examples` (the pixels made on the
-# device); a benchmark may pass another (e.g. finished host images in the batch) to the step makers.
+# `examples(table, batch, set_cfg) -> model inputs`: `trainer.images.examples_for(run config)` (the pixels made
+# on the device); a benchmark may pass another (e.g. finished host images in the batch) to the step makers.
 Examples = Callable[[jax.Array, dict[str, jax.Array], BuildConfig], jax.Array]
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if eqx.is_inexact_array(x) and x.dtype != dtype else x, tree)
 
 
 def _loss_and_metrics(model, bn_state, examples, labels, key, ctx: StepContext, seq_type: SeqType, inference: bool,
                       with_logits: bool = False):
     w_interim = ctx.train_cfg.training.w_interim_predictions
+    dtype = compute_dtype(ctx.train_cfg.compute)
+    if dtype != jnp.float32:  # mixed precision: float32 parameters and state, the forward pass in `dtype`
+        model, examples = _cast_floats(model, dtype), _cast_floats(examples, dtype)
+        # the statistics' dtypes, read now: `forward` consumes `bn_state` (an eqx.nn.State refuses reuse)
+        kept = [x.dtype for x in jax.tree_util.tree_leaves(bn_state)]
     # Loss and every metric read only the query's logits when interim predictions have no weight: then the
     # output layer runs on the query alone (the others' loss weight is 0 and accuracy_interim is defined as
     # 0, as in the original).
     logits, bn_state = forward(model, bn_state, examples, labels, key=key, inference=inference,
                                query_only=not w_interim)
+    if dtype != jnp.float32:  # loss, metrics and BatchNorm statistics in float32
+        logits = logits.astype(jnp.float32)
+        leaves, treedef = jax.tree_util.tree_flatten(bn_state)
+        bn_state = jax.tree_util.tree_unflatten(treedef, [x.astype(d) for x, d in zip(leaves, kept, strict=True)])
     per = per_sequence_metrics(logits, targets(labels, ctx.train_cfg.model), ctx.label_sets, seq_type, w_interim)
     return ((per, logits) if with_logits else per), bn_state
 
 
-def make_one_step(ctx: StepContext, examples: Examples = make_examples) -> Callable:
+def make_one_step(ctx: StepContext, examples: Examples | None = None) -> Callable:
     """Return `one_step(table, state, batch) -> (state, metrics)`: one update, not jitted (`make_train_step`
     scans it over a dispatch; `trainer.group` also vmaps it over runs)."""
     opt_cfg = ctx.train_cfg.optimizer
     optimizer = make_optimizer(opt_cfg)
     seq_type = ctx.data_cfg.seq_type
+    examples = examples or examples_for(ctx.train_cfg)
 
     def one_step(table, state: TrainState, batch):
+        with computing(ctx.train_cfg.compute):  # kernel path, layer loop, precision: read while tracing
+            return _one_step(table, state, batch)
+
+    def _one_step(table, state: TrainState, batch):
         key, step_key = jr.split(state.key)
         inputs = examples(table, batch, ctx.data_cfg)
 
@@ -95,16 +115,31 @@ def make_one_step(ctx: StepContext, examples: Examples = make_examples) -> Calla
     return one_step
 
 
-def make_train_step(ctx: StepContext, examples: Examples = make_examples) -> Callable:
-    """Return `step(table, state, batches) -> (state, metrics)`; batches have a leading dispatch axis K."""
+def run_steps(body: Callable, state, batches, n: jax.Array):
+    """The first `n` (a traced int32) of the K stacked `batches`, each `state, metrics = body(state, batch)`:
+    `(state, metrics [K, ...])`, rows >= n of metrics zero. The trip count is a value, not a shape, so one
+    compiled program does every dispatch of a run, whatever its schedules cut them to (`trainer.loop`)."""
+    k_max = jax.tree_util.tree_leaves(batches)[0].shape[0]
+    first = jax.tree_util.tree_map(lambda x: x[0], batches)
+    shapes = jax.eval_shape(body, state, first)[1]
+    buffers = jax.tree_util.tree_map(lambda m: jnp.zeros((k_max, *m.shape), m.dtype), shapes)
+
+    def loop_body(i, carry):
+        s, out = carry
+        s, metrics = body(s, jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False), batches))
+        return s, jax.tree_util.tree_map(lambda buf, m: jax.lax.dynamic_update_index_in_dim(buf, m, i, 0), out, metrics)
+
+    return jax.lax.fori_loop(0, n, loop_body, (state, buffers))
+
+
+def make_train_step(ctx: StepContext, examples: Examples | None = None) -> Callable:
+    """Return `step(table, state, batches, n) -> (state, metrics)`: the first `n` of the K batches stacked
+    along a leading dispatch axis (`run_steps`; `n` an int32 array, so it does not recompile), metrics [K]."""
     one_step = make_one_step(ctx, examples)
 
     @functools.partial(eqx.filter_jit, donate="all-except-first")
-    def step(table, state: TrainState, batches):
-        def body(s, b):
-            return one_step(table, s, b)
-
-        return jax.lax.scan(body, state, batches)
+    def step(table, state: TrainState, batches, n):
+        return run_steps(lambda s, b: one_step(table, s, b), state, batches, n)
 
     return step
 
@@ -135,7 +170,11 @@ def make_eval_step(ctx: StepContext, set_cfg: BuildConfig) -> Callable:
 
     @eqx.filter_jit
     def evaluate(table, model, bn_state, batch, key=None):
-        inputs = make_examples(table, batch, set_cfg)
+        with computing(ctx.train_cfg.compute):
+            return _evaluate(table, model, bn_state, batch, key)
+
+    def _evaluate(table, model, bn_state, batch, key):
+        inputs = examples_for(ctx.train_cfg)(table, batch, set_cfg)
         model = eqx.nn.inference_mode(model)
         per, _ = _loss_and_metrics(model, bn_state, inputs, batch["label"], key if uses_key else None, ctx,
                                    seq_type, True, with_logits=trained is not None)

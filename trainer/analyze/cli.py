@@ -5,11 +5,11 @@ from __future__ import annotations
 import click
 
 from seqgen.cliopts import cache_dir_option, omniglot_option
-from trainer.runtime.errors import one_line_errors
+from trainer.runtime.errors import rerun_errors
 
 
 @click.command("analyze")
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", type=click.Path())
 @click.option("--eval", "eval_dir", required=True, type=click.Path(),
               help="The fixed eval set (e.g. a fewshot_holdout set) every checkpoint is analysed on.")
 @click.option("--train", "train_dir", type=click.Path(), help="Training shard set, if it moved since fit.")
@@ -24,7 +24,7 @@ from trainer.runtime.errors import one_line_errors
               help="Sequences per batch of the model's forward passes.")
 @omniglot_option()
 @cache_dir_option
-@one_line_errors
+@rerun_errors
 def analyze_command(run_dir, eval_dir, train_dir, steps, ablate_steps, ablation, max_seqs, batch_size,
                     omniglot_dir, cache_dir) -> None:
     """Induction / previous-token scores per layer and head for every checkpoint of RUN_DIR, and head

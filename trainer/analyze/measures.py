@@ -40,11 +40,11 @@ from seqgen.atomic import atomic_write_text
 from seqgen.config import BuildConfig
 from trainer import checkpoint
 from trainer.data import eval_batches
-from trainer.images import make_examples
+from trainer.images import examples_for
 from trainer.metrics import per_sequence_metrics
 from trainer.models import targets
 from trainer.models.config import SeqModel
-from trainer.analyze.records import ANALYSIS_FILE
+from trainer.analyze.records import ANALYSIS_FILE, read_analysis
 from trainer.run import RunDir, RunError
 
 ABLATIONS = ("zero", "mean")
@@ -127,8 +127,9 @@ def tokens_of(model: Any, bn_state: Any, examples: jax.Array, labels: jax.Array)
 class Passes:
     """The jitted passes for one eval set (its BuildConfig is static) and the run's label sets."""
 
-    def __init__(self, set_cfg: BuildConfig, label_sets: Any, model_cfg: Any):
-        seq_type = set_cfg.seq_type
+    def __init__(self, set_cfg: BuildConfig, label_sets: Any, train_cfg: Any):
+        seq_type, model_cfg = set_cfg.seq_type, train_cfg.model
+        make_examples = examples_for(train_cfg)  # inputs as the run made them (trainer.images)
 
         def metrics(logits, labels, valid):
             per = per_sequence_metrics(logits, targets(labels, model_cfg), label_sets, seq_type)
@@ -211,15 +212,8 @@ def _parse_steps(text: str | None, available: list[int], what: str) -> list[int]
 def _write_records(run: RunDir, records: list[dict[str, Any]]) -> Path:
     path = run.path / ANALYSIS_FILE
     new = {(r["step"], r["set"]) for r in records}
-    kept = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if (r.get("step"), r.get("set")) not in new:
-                kept.append(r)
+    # read checked: a corrupt line is refused (naming it), never dropped from the rewrite
+    kept = [r for r in read_analysis(run.path) if (r.get("step"), r.get("set")) not in new]
     rows = sorted(kept + records, key=lambda r: (r["set"], r["step"]))
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return path
@@ -230,7 +224,7 @@ def analyze_run(run_dir: Any, eval_dir: Any, *, train_dir: Any = None, steps: st
                 batch_size: int = 128, omniglot_dir: Any = None, cache_dir: Any = "data/cache",
                 echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     from trainer.runtime.distributed import make_topology
-    from trainer.data import open_sets
+    from trainer.data import EvalSpec, open_sets
     from trainer.evaluate import set_name
     from trainer.images import device_table
     from trainer.state import restore
@@ -248,9 +242,11 @@ def analyze_run(run_dir: Any, eval_dir: Any, *, train_dir: Any = None, steps: st
     ablate = set(_parse_steps(ablate_steps, todo, "--ablate-steps"))
     modes = ABLATIONS if ablation == "both" else (ablation,)
     topo = make_topology(1)
-    train, (shard_set,) = open_sets(run.train_path(train_dir), [eval_dir])
+    # analysis may look at any set, the training set included (it reports no headline number)
+    train, (shard_set,) = open_sets(run.train_path(train_dir), [EvalSpec(Path(eval_dir), also_train=True)],
+                                    train_role=False)
     table = device_table(train, cfg.training.image_size, topo, omniglot_dir, cache_dir)
-    passes = Passes(shard_set.config, StepContext.create(cfg, train.config).label_sets, cfg.model)
+    passes = Passes(shard_set.config, StepContext.create(cfg, train.config).label_sets, cfg)
     records = []
     for step in todo:
         state = restore(run.path, step, cfg, train.num_labels, topo)

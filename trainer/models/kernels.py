@@ -6,7 +6,8 @@ either its hand-written kernel or its reference:
     op                  hand-written kernel ("custom")            reference ("xla": XLA's op + autodiff)
     conv2d              conv2d_kernel: patch matmuls, custom VJP  conv2d_reference: lax.conv_general_dilated
     batch_norm          batch_norm_kernel: custom VJP             batch_norm_reference: the formula
-    relu_max_pool       relu_max_pool_kernel: separable, VJP      relu_max_pool_reference: lax.reduce_window
+    relu_max_pool       relu_max_pool_kernel: separable, VJP      relu_max_pool_xla: separable, autodiff
+                                                                  (the test reference: lax.reduce_window)
     layer_norm          layer_norm_kernel: custom VJP             layer_norm_reference: the formula
     gelu                gelu_kernel: custom VJP                   gelu_reference: jax.nn.gelu
     causal_attention    causal_attention_kernel: einsums, VJP     causal_attention_reference:
@@ -16,14 +17,17 @@ A kernel computes the same function as its reference and, up to float32 round-of
 (tests/test_kernels.py, op by op and for the whole model); the kernels were chosen by CPU measurements,
 where they are faster (each says why). A 1x1 convolution is a strided slice and a matmul on both paths.
 
-Two speed switches choose how the model is computed, never what: they are not part of the model config
-or of any checkpoint, and both are read when a function is traced (set them before the first jitted
-step: a function already compiled keeps what it was traced with).
+Two speed switches choose how the model is computed, never what: they change round-off only, are not
+part of the model config or of any checkpoint, and both are read when a function is traced (set them
+before the first jitted step: a function already compiled keeps what it was traced with). A run fixes
+both in its compute settings (`[trainer.compute]`, recorded in config.json; trainer/runtime/platform.py
+`computing` applies them while its programs are traced; docs/gpu.md).
 
-- Kernel path, `kernel_path()`: "custom" (the hand-written kernels) or "xla" (the references). Default
-  "custom" on the CPU, "xla" elsewhere (`jax.default_backend()`: on a GPU, XLA's own convolution,
-  reduce-window and fused attention may be faster); `EMERGENT_ICL_KERNELS=custom|xla|auto` overrides it,
-  and `use_kernels(...)` does within a block.
+- Kernel path, `kernel_path()`: "custom" (the hand-written kernels) or "xla" (XLA's own ops with JAX's
+  autodiff: the references, except the max-pool's, whose gradient has no deterministic GPU kernel).
+  Default "custom" on the CPU, "xla" elsewhere (`jax.default_backend()`: on a GPU, XLA's own convolution
+  and fused attention may be faster); `EMERGENT_ICL_KERNELS=custom|xla|auto` overrides it, and
+  `use_kernels(...)` does within a block.
 - Layer loop, `layer_loop()`: the transformer's identical blocks run "unroll"ed (the default: on a 2-core
   CPU about 5 ms/step faster at 12 layers, because a scan stacks and slices every layer's saved
   activations) or as one `lax.scan` body ("scan": compiles one block instead of twelve).
@@ -131,7 +135,7 @@ def batch_norm(x: Float[Array, "n ... c"], scale: Array, offset: Array, eps: flo
 
 def relu_max_pool(x: Float[Array, "n h w c"]) -> Float[Array, "n h2 w2 c"]:
     """`hk.max_pool(relu(x), window (3, 3), strides (2, 2), padding "SAME")` over h, w (channels last)."""
-    return (relu_max_pool_kernel if custom_kernels() else relu_max_pool_reference)(x)
+    return (relu_max_pool_kernel if custom_kernels() else relu_max_pool_xla)(x)
 
 
 def layer_norm(x: Float[Array, "... d"], scale: Array, offset: Array, eps: float) -> Array:
@@ -152,8 +156,9 @@ def causal_attention(q: Float[Array, "tq h k"], k: Float[Array, "t h k"], v: Flo
 
 # ================================================================ convolution
 
+# The matmuls below take the precision of the block they are traced in (`trainer.runtime.platform.computing`:
+# the run's `compute.precision`), as XLA's convolution does.
 _NHWC = ("NHWC", "HWIO", "NHWC")
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def conv2d_reference(x: Array, w: Array, stride: int) -> Array:
@@ -178,7 +183,7 @@ def _conv_fwd(x, w, stride):
     kh, kw, cin, cout = w.shape
     pt = _patches(x, kh, kw, stride)  # [kh*kw*cin, n, h2, w2]
     # y^T = w^T pt: a plain matmul on the transposed patches, which the weight gradient reuses.
-    y_t = jnp.dot(w.reshape(-1, cout).T, pt.reshape(pt.shape[0], -1), precision=_HIGHEST)
+    y_t = jnp.dot(w.reshape(-1, cout).T, pt.reshape(pt.shape[0], -1))
     return y_t.T.reshape(*pt.shape[1:], cout), (x, w, pt)
 
 
@@ -186,7 +191,7 @@ def _conv_bwd(stride, res, g):
     x, w, pt = res
     kh, kw, cin, cout = w.shape
     g_x = _input_cotangent(g, w, x.shape, stride)
-    g_w = jnp.dot(pt.reshape(pt.shape[0], -1), g.reshape(-1, cout), precision=_HIGHEST)
+    g_w = jnp.dot(pt.reshape(pt.shape[0], -1), g.reshape(-1, cout))
     return g_x, g_w.reshape(kh, kw, cin, cout)
 
 
@@ -207,7 +212,7 @@ def _input_cotangent(g: Array, w: Array, x_shape: tuple[int, ...], stride: int) 
     n, h, wd, _ = x_shape
     ho, wo, ph, pw = _same_geometry(h, wd, kh, kw, stride)
     hp, wp = h + ph, wd + pw
-    g_p = jnp.dot(g.reshape(-1, cout), w.reshape(-1, cout).T, precision=_HIGHEST).reshape(n, ho, wo, kh, kw, cin)
+    g_p = jnp.dot(g.reshape(-1, cout), w.reshape(-1, cout).T).reshape(n, ho, wo, kh, kw, cin)
     zero = jnp.zeros((), g.dtype)
     span_h, span_w = (ho - 1) * stride + 1, (wo - 1) * stride + 1
     total = None
@@ -298,6 +303,14 @@ batch_norm_kernel.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 def relu_max_pool_reference(x: Float[Array, "n h w c"]) -> Float[Array, "n h2 w2 c"]:
     """`lax.reduce_window` (its gradient is select-and-scatter) after the ReLU; -inf padding never wins."""
     return jax.lax.reduce_window(jax.nn.relu(x), -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
+
+
+def relu_max_pool_xla(x: Float[Array, "... h w c"]) -> Float[Array, "... h2 w2 c"]:
+    """The xla path's max-pool: `max_pool_3x3_s2(relu(x))` differentiated by JAX (slices, maxima and
+    selects). Not `relu_max_pool_reference`: the gradient of `lax.reduce_window` is select-and-scatter,
+    which XLA's GPU backend has no deterministic implementation of (with `--xla_gpu_deterministic_ops`,
+    the default of a run, XLA refuses to compile it)."""
+    return max_pool_3x3_s2(jax.nn.relu(x))
 
 
 def max_pool_3x3_s2(x: Float[Array, "... h w c"]) -> Float[Array, "... h2 w2 c"]:

@@ -5,6 +5,10 @@ table are replicated. Because the model's BatchNorm averages over the vmapped ba
 jitted program, its statistics are those of the global batch, exactly as on a single device. With several
 hosts (`jax.distributed.initialize()` first), each host reads only its slice of every global batch and
 `jax.make_array_from_process_local_data` assembles the global array.
+
+A vectorized group of runs (`trainer.group`) is spread over the same devices the other way: its run axis
+is sharded along a `runs` axis of the same devices (`Topology.runs_sharding`), each run whole on one
+device, so that its train step needs no communication between devices.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from seqgen.errors import UserError
+
+
+RUNS = "runs"  # the mesh axis of a vectorized group's runs
 
 
 class TopologyError(UserError):
@@ -43,6 +50,15 @@ class Topology:
     def batch_sharding(self, leading: int = 0) -> NamedSharding:
         """Sharding of arrays whose axis `leading` is the global batch axis."""
         return NamedSharding(self.mesh, P(*([None] * leading), "batch"))
+
+    def runs_sharding(self, leading: int = 0) -> NamedSharding:
+        """Sharding of arrays whose axis `leading` is a vectorized group's run axis: the runs spread over the
+        devices (a `runs` mesh axis of the same devices, in the same order; `trainer.group`)."""
+        return NamedSharding(self.runs_mesh, P(*([None] * leading), RUNS))
+
+    @property
+    def runs_mesh(self) -> jax.sharding.Mesh:
+        return jax.sharding.Mesh(self.mesh.devices, (RUNS,))
 
     def check_batch(self, batch_size: int, what: str = "batch size") -> None:
         if batch_size % self.num_devices:

@@ -13,7 +13,8 @@ With several processes every decision that changes the sequence of collective op
 jointly: `agree` refuses (one line, on every process) a job whose processes were started with different
 configs, shard sets or resume points, and doubles as the barrier before process 0 writes anything;
 `any_process` turns a stop request (SIGTERM / Ctrl+C) seen by one process into a stop at the same step
-boundary on all. `exit_on_failure` turns any failure of one process into a one-line error and an
+boundary on all (the training loop asks it only at the steps that log, evaluate or checkpoint, so that
+it is the loop's only collective and dispatches between those steps do not wait for one another). `exit_on_failure` turns any failure of one process into a one-line error and an
 immediate exit of that process, which closes its collective connections so the others fail fast too
 (rather than waiting for a peer that is gone).
 """

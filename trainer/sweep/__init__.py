@@ -3,6 +3,7 @@
 - `spec`: the sweep file (runs, seeds, checks), loaded and validated;
 - `plan`: which shard sets to build or reuse and which runs to train, resume, evaluate or skip;
 - `execute`: carry a plan out, in this process or in `--jobs` worker processes (`worker`);
+- `cluster`: `--executor slurm | local`, the same units of work as submitit jobs (`job`, each a worker);
 - `report`: tables, figures and provenance from the runs' metrics alone;
 - `checks`: the paper's claims as comparisons with PASS / FAIL / INCONCLUSIVE verdicts;
 - `page`: every claim of every figure in one table (`trainer claims`);

@@ -12,6 +12,10 @@ After each run the report is rewritten (`trainer.sweep.report`): into `<out>` it
 results folder that also receives a copy of each run's `config.json`, `metrics.jsonl` (and `analysis.jsonl`) and `evaluations/`
 (never checkpoints), so that the report can be rebuilt from that folder alone. `provenance.json` there
 in each run's folder records the commit of the code, the hardware and the wall time of each segment.
+
+With `log_to` (the sweep file's, plus `trainer sweep --log-to`), every run's records are mirrored live
+(`trainer.sinks`) under the run's name `<setting>/seed-<s>`, grouped in W&B by `<sweep>/<setting>`; its
+TensorBoard event files are in its run directory, so `tensorboard --logdir <out>/runs` names it the same.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any, Callable
 
 from seqgen.atomic import atomic_copy, atomic_write_json
 from trainer.runtime.signals import GracefulInterrupt
+from trainer.sinks import Tracking
 from trainer.sweep.plan import Plan, RunAction, RunPlan, SetAction
 from trainer.sweep.report import record_provenance, write_report
 from trainer.sweep.spec import SweepError
@@ -43,6 +48,7 @@ class Outcome:
     skipped: tuple[str, ...]
     failed: tuple[str, ...]
     outputs: tuple[Path, ...]
+    pending: tuple[str, ...] = ()  # cluster job ids still queued or running when the command returned
 
 
 def _write_plan(plan: Plan, folder: Path) -> None:
@@ -100,18 +106,28 @@ def units_of(todo: list[RunPlan], group: int) -> list[list[RunPlan]]:
     return [[train[i] for i in g] for g in idx] + units
 
 
-def _label(unit: list[RunPlan]) -> str:
+def tracking_of(plan: Plan, r: RunPlan, log_to: tuple[str, ...]) -> Tracking | None:
+    """How run `r` is tracked live: the sweep file's sinks and `log_to`, named `<setting>/seed-<s>`."""
+    sinks = tuple(dict.fromkeys(plan.sweep.log_to + tuple(log_to)))
+    if not sinks:
+        return None
+    return Tracking(sinks, r.spec.name, f"{plan.sweep.name}/{r.spec.setting}")
+
+
+def label(unit: list[RunPlan]) -> str:
     return unit[0].spec.name if len(unit) == 1 else f"{unit[0].spec.name} + {len(unit) - 1} more (vectorized)"
 
 
-def execute(plan: Plan, *, command: str, results: Path | None = None, omniglot_dir: Any = None,
-            cache_dir: Any = "data/cache", workers: int = 1, jobs: int = 1, group: int = 1,
-            progress: bool | None = None, interrupt: GracefulInterrupt | None = None,
-            echo: Callable[[str], None] = print) -> Outcome:
-    """Build the missing sets, train / resume / evaluate the runs, then write the report."""
+def prepare(plan: Plan, results: Path, *, omniglot_dir: Any, cache_dir: Any, workers: int, progress: bool | None,
+            echo: Callable[[str], None], log_to: tuple[str, ...] = ()) -> list[RunPlan]:
+    """What every executor first does in the sweep's own process (`trainer.sweep.cluster` too, so that no two
+    jobs ever build one set at once): check the tracking sinks can be had, record the plan, build the missing
+    sets, publish the skipped runs and clear what a run that starts afresh left. Returns the runs to train,
+    resume or evaluate."""
     from seqgen.build import build
+    from trainer.sinks import check_available
 
-    results = Path(results) if results is not None else plan.out
+    check_available(plan.sweep.log_to + tuple(log_to))  # before any set is built
     _write_plan(plan, plan.out)
     if results != plan.out:
         _write_plan(plan, results)
@@ -120,29 +136,43 @@ def execute(plan: Plan, *, command: str, results: Path | None = None, omniglot_d
             echo(f"{s.action.value}: {s.folder}")
             build(s.cfg, s.folder, workers=workers, omniglot_dir=omniglot_dir, cache_dir=cache_dir,
                   progress=bool(progress) if progress is not None else True)
-    todo = [r for r in plan.runs if r.action is not RunAction.SKIP]
-    skipped = [r.spec.name for r in plan.runs if r.action is RunAction.SKIP]
     for r in plan.runs:
         if r.action is RunAction.SKIP and r.published is None:
             publish(r.run_dir, results, r.spec.name)
+    todo = [r for r in plan.runs if r.action is not RunAction.SKIP]
+    for r in todo:
+        clear_stale(r)
+    return todo
+
+
+def execute(plan: Plan, *, command: str, results: Path | None = None, omniglot_dir: Any = None,
+            cache_dir: Any = "data/cache", workers: int = 1, jobs: int = 1, group: int = 1,
+            progress: bool | None = None, interrupt: GracefulInterrupt | None = None,
+            echo: Callable[[str], None] = print, log_to: tuple[str, ...] = ()) -> Outcome:
+    """Build the missing sets, train / resume / evaluate the runs, then write the report; `log_to`: sinks
+    that mirror every run's records, besides the sweep file's (module docstring)."""
+    results = Path(results) if results is not None else plan.out
+    todo = prepare(plan, results, omniglot_dir=omniglot_dir, cache_dir=cache_dir, workers=workers,
+                   progress=progress, echo=echo, log_to=log_to)
+    track = lambda r: tracking_of(plan, r, log_to)  # noqa: E731
+    skipped = [r.spec.name for r in plan.runs if r.action is RunAction.SKIP]
     report = lambda: write_report(plan.sweep, results, command=command, shards_dir=plan.shards_dir)  # noqa: E731
     stop = interrupt or GracefulInterrupt()
-    for r in todo:
-        _clear_stale(r)
     units = units_of(todo, group)
     if jobs <= 1 or len(units) <= 1:  # one unit: in this process, on every core
         trained, failed, interrupted = _in_process(units, results, stop, omniglot_dir, cache_dir, progress, echo,
-                                                   report)
+                                                   report, track)
     else:
         with stop:
             trained, failed, interrupted = _in_workers(units, results, stop, jobs, omniglot_dir, cache_dir, echo,
-                                                       report, plan.out)
+                                                       report, plan.out, track)
     outputs = report()
     return Outcome(interrupted, tuple(trained), tuple(skipped), tuple(failed), tuple(outputs))
 
 
 def _in_process(units: list[list[RunPlan]], results: Path, stop: GracefulInterrupt, omniglot_dir: Any,
-                cache_dir: Any, progress: bool | None, echo: Callable[[str], None], report: Callable[[], Any]):
+                cache_dir: Any, progress: bool | None, echo: Callable[[str], None], report: Callable[[], Any],
+                track: Callable[[RunPlan], Tracking | None]):
     from trainer.runtime.distributed import make_topology
     from trainer.evaluate import evaluate_run
     from trainer.fit import fit
@@ -157,21 +187,24 @@ def _in_process(units: list[list[RunPlan]], results: Path, stop: GracefulInterru
         if r.action is RunAction.EVALUATE:
             echo(f"evaluate: {r.spec.name} at step {r.step}")
             res = evaluate_run(r.run_dir, r.eval_dirs, step=r.step, train_dir=r.train_dir,
-                               max_seqs=r.spec.trainer.training.eval_seqs,
+                               max_seqs=None,  # the final evaluation reads whole sets (plan.final_results)
                                batch_size=r.spec.trainer.training.eval_batch_size, omniglot_dir=omniglot_dir,
-                               cache_dir=cache_dir, topo=make_topology(), echo=lambda _: None, interrupt=stop)
+                               cache_dir=cache_dir, topo=make_topology(), echo=lambda _: None, interrupt=stop,
+                               tracking=track(r))
             done = res is not None
         elif len(unit) == 1:
             where = f" from step {r.step}" if r.action is RunAction.RESUME else ""
             echo(f"{r.action.value}: {r.spec.name} (x = {r.spec.x}){where} -> {r.run_dir}")
             result = fit(r.spec.trainer, r.train_dir, r.eval_dirs, r.run_dir, resume=r.action is RunAction.RESUME,
-                         omniglot_dir=omniglot_dir, cache_dir=cache_dir, progress=progress, interrupt=stop)
+                         omniglot_dir=omniglot_dir, cache_dir=cache_dir, progress=progress, interrupt=stop,
+                         tracking=track(r))
             done = not result.interrupted
         else:
             echo(f"{r.action.value}: {', '.join(u.spec.name for u in unit)} as one vectorized group")
             out = fit_group([u.spec.trainer for u in unit], [u.train_dir for u in unit], [u.eval_dirs for u in unit],
                             [u.run_dir for u in unit], resume=[u.action is RunAction.RESUME for u in unit],
-                            omniglot_dir=omniglot_dir, cache_dir=cache_dir, progress=progress, interrupt=stop)
+                            omniglot_dir=omniglot_dir, cache_dir=cache_dir, progress=progress, interrupt=stop,
+                         tracking=track(r))
             done = not any(o.interrupted for o in out)
         for u in unit:
             record_provenance(results, u.spec.name, u.action.value, time.time() - start, jobs=1, cpus=None,
@@ -184,8 +217,9 @@ def _in_process(units: list[list[RunPlan]], results: Path, stop: GracefulInterru
     return trained, [], False
 
 
-def _clear_stale(r: RunPlan) -> None:
-    if r.action is RunAction.TRAIN:  # a run of this config that never saved a checkpoint: start afresh
+def clear_stale(r: RunPlan) -> None:
+    """A run of this config that never saved a checkpoint starts afresh: its config.json and metrics go."""
+    if r.action is RunAction.TRAIN:
         for stale in ("config.json", "metrics.jsonl"):
             (r.run_dir / stale).unlink(missing_ok=True)
 
@@ -198,16 +232,25 @@ def cpu_groups(jobs: int, cpus: list[int] | None = None) -> list[list[int]]:
     return [cpus[i::jobs] for i in range(jobs)]
 
 
-def _order(unit: list[RunPlan], omniglot_dir: Any, cache_dir: Any, cpus: list[int]) -> dict[str, Any]:
+def order_of(unit: list[RunPlan], omniglot_dir: Any, cache_dir: Any, cpus: list[int] | None,
+             track: Callable[[RunPlan], Tracking | None] | None = None) -> dict[str, Any]:
+    """The order `trainer.sweep.worker` reads (its docstring); `cpus` None: the worker keeps this process's
+    cores; `track`: each run's live tracking (`tracking_of`), none by default."""
     return {"runs": [{"action": r.action.value, "step": r.step, "trainer": r.spec.trainer.to_dict(),
-                      "train": str(r.train_dir), "evals": [str(e) for e in r.eval_dirs], "run_dir": str(r.run_dir)}
+                      "train": str(r.train_dir), "evals": [str(e) for e in r.eval_dirs], "run_dir": str(r.run_dir),
+                      "tracking": None if track is None or (t := track(r)) is None else t.to_dict()}
                      for r in unit],
             "omniglot_dir": None if omniglot_dir is None else str(omniglot_dir), "cache_dir": str(cache_dir),
             "cpus": cpus, "parent": os.getpid()}
 
 
+def worker_command(order: dict[str, Any]) -> list[str]:
+    return [sys.executable, "-m", "trainer.sweep.worker", json.dumps(order)]
+
+
 def _in_workers(units: list[list[RunPlan]], results: Path, stop: GracefulInterrupt, jobs: int, omniglot_dir: Any,
-                cache_dir: Any, echo: Callable[[str], None], report: Callable[[], Any], out: Path):
+                cache_dir: Any, echo: Callable[[str], None], report: Callable[[], Any], out: Path,
+                track: Callable[[RunPlan], Tracking | None]):
     groups = cpu_groups(min(jobs, len(units)) or 1)
     free = list(range(len(groups)))
     queue = list(units)
@@ -228,13 +271,12 @@ def _in_workers(units: list[list[RunPlan]], results: Path, stop: GracefulInterru
             log = out / "logs" / f"{r.spec.name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             with log.open("ab") as f:
-                proc = subprocess.Popen([sys.executable, "-m", "trainer.sweep.worker",
-                                         json.dumps(_order(unit, omniglot_dir, cache_dir, groups[slot]))],
+                proc = subprocess.Popen(worker_command(order_of(unit, omniglot_dir, cache_dir, groups[slot], track)),
                                         stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
             where = f" from step {r.step}" if r.action is RunAction.RESUME else ""
             head = (f"evaluate: {r.spec.name} at step {r.step}" if r.action is RunAction.EVALUATE else
-                    f"{r.action.value}: {_label(unit)} (x = {r.spec.x}){where} -> {r.run_dir}")
+                    f"{r.action.value}: {label(unit)} (x = {r.spec.x}){where} -> {r.run_dir}")
             echo(f"{head} [cpus {','.join(map(str, groups[slot]))}; log {log}]")
             running[slot] = (proc, unit, time.time(), log)
         time.sleep(0.2)
@@ -252,18 +294,18 @@ def _in_workers(units: list[list[RunPlan]], results: Path, stop: GracefulInterru
                 publish(u.run_dir, results, u.spec.name)
             if code == 0:
                 trained += [u.spec.name for u in unit]
-                echo(f"finished: {_label(unit)} ({(time.time() - start) / 60:.1f} min)")
+                echo(f"finished: {label(unit)} ({(time.time() - start) / 60:.1f} min)")
                 report()
             elif code == 130:
-                echo(f"stopped: {_label(unit)} (its progress is saved)")
+                echo(f"stopped: {label(unit)} (its progress is saved)")
                 stopped_alone = stopped_alone or not stop.stop_requested
             else:
                 failed += [u.spec.name for u in unit]
-                echo(f"failed: {_label(unit)} (exit {code}): {_last_line(log)}; see {log}")
+                echo(f"failed: {label(unit)} (exit {code}): {last_line(log)}; see {log}")
     return trained, failed, stop.stop_requested or stopped_alone
 
 
-def _last_line(log: Path) -> str:
+def last_line(log: Path) -> str:
     try:
         lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
     except OSError:

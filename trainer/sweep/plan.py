@@ -21,6 +21,7 @@ from seqgen.files import canonical_sha256
 from trainer.checkpoint import latest_step
 from seqgen.shards import ShardError, read_manifest
 from trainer.run import RunDir, RunError
+from trainer.runtime.platform import resolve_compute
 from trainer.sweep.spec import BOOKKEEPING, DEFAULT_SHARDS_DIR, RunSpec, Sweep, SweepError
 
 
@@ -86,10 +87,21 @@ def set_action(cfg: BuildConfig, folder: Path) -> SetAction:
     return SetAction.RESUME if folder.is_dir() and any(folder.iterdir()) else SetAction.BUILD
 
 
-def final_results(run_dir: Path, step: int, set_names: Sequence[str]) -> dict[str, dict[str, Any]] | None:
-    """{set name: metrics} of the evaluations at `step` on every named set; None when one is missing."""
+def final_results(run_dir: Path, step: int, set_names: Sequence[str],
+                  sizes: Sequence[int] | None = None) -> dict[str, dict[str, Any]] | None:
+    """{set name: metrics} of the evaluations at `step` on every named set; None when one is missing, or, with
+    `sizes` (each set's number of sequences), when one covered fewer sequences than its whole set (a sweep's
+    final evaluations are on whole sets, while evaluations during training may read fewer: eval_seqs)."""
     found = RunDir(run_dir).final_evaluations(step, set_names)
-    return found if all(n in found for n in set_names) else None
+    if not all(n in found for n in set_names):
+        return None
+    if sizes is not None and any(_seqs(found[n]) < size for n, size in zip(set_names, sizes)):
+        return None
+    return found
+
+
+def _seqs(metrics: dict[str, Any]) -> int:
+    return max((int(m.get("n") or 0) for m in metrics.values() if isinstance(m, dict)), default=0)
 
 
 def _run_of(spec: RunSpec, folder: Path, train_dir: Path, option: str) -> RunDir:
@@ -102,7 +114,9 @@ def _run_of(spec: RunSpec, folder: Path, train_dir: Path, option: str) -> RunDir
         old_train = Path(run.read()["data"]["train"]["path"]).name
     except (RunError, KeyError, TypeError, ConfigError):
         raise SweepError(f"{config} is unreadable; delete {folder} or choose another {option}") from None
-    diff = _difference(flatten(old.to_dict()), flatten(spec.trainer.to_dict()), ignore=BOOKKEEPING)
+    # a stored config records the kernel path and layer loop that ran; "auto" here resolves the same way
+    diff = _difference(flatten(resolve_compute(old).to_dict()), flatten(resolve_compute(spec.trainer).to_dict()),
+                       ignore=BOOKKEEPING)
     if diff or old_train != train_dir.name:
         what = f"trainer options ({diff})" if diff else f"a training set ({old_train}) of other seqgen options"
         raise SweepError(f"{folder} was trained with {what} than run '{spec.name}' of this sweep; "
@@ -138,8 +152,8 @@ def run_action(spec: RunSpec, run_dir: Path, train_dir: Path, eval_dirs: Sequenc
         return RunAction.TRAIN, 0
     if latest < spec.steps:
         return RunAction.RESUME, latest
-    if final_results(run_dir, latest, names) is None:
-        return RunAction.EVALUATE, latest
+    if final_results(run_dir, latest, names, [e.num_seqs for e in spec.evals]) is None:
+        return RunAction.EVALUATE, latest  # a set not scored yet, or scored on fewer sequences than it holds
     return RunAction.SKIP, latest
 
 

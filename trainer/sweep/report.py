@@ -37,7 +37,8 @@ from typing import Any
 from seqgen.atomic import atomic_write, atomic_write_json, atomic_write_text
 from seqgen.config import SeqType
 from trainer.analyze.records import ANALYSIS_FILE, analysis_values, read_analysis
-from trainer.metrics import column_of, icl_ceiling, label_of, metric_key_of
+from trainer.runtime.platform import cpu_model
+from trainer.metrics import ICL_OF_CEILING, column_of, icl_ceiling, label_of, metric_key_of
 from trainer.run import CURVE_SOURCES, RunDir, versions
 from trainer.sweep.checks import CheckResult, Verdict, evaluate_checks
 from trainer.sweep.plan import set_folder
@@ -61,31 +62,9 @@ class Row:
 
 
 # ---- provenance -------------------------------------------------------------------------------------
-SIMD_FLAGS = ("avx512f", "avx2", "avx", "sse4_2", "asimd")  # widest first: XLA's CPU code depends on it
-
-
-def cpu_model(cpuinfo: str | None = None) -> str:
-    """The CPU's model name and its widest SIMD extension, from /proc/cpuinfo (e.g. 'Intel(R) Xeon(R)
-    Processor, avx512f'), or `platform.processor()` / `platform.machine()` where that cannot be read.
-    Two CPUs of one architecture can round floats differently, so a run records which one it ran on."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            cpuinfo = ""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(key.strip().lower(), value.strip())
-    model = fields.get("model name") or platform.processor() or platform.machine()
-    flags = set((fields.get("flags") or fields.get("features") or "").split())
-    simd = next((f for f in SIMD_FLAGS if f in flags), None)
-    return f"{model}, {simd}" if simd else model
-
-
 def hardware() -> str:
-    """The machine (architecture, CPU model) / `jax.devices()` (and the device kind)."""
+    """The machine (architecture, CPU model: `trainer.runtime.platform.cpu_model`) / `jax.devices()` (and the
+    device kind)."""
     import jax
 
     devices = jax.devices()
@@ -161,6 +140,11 @@ def collect(sweep: Sweep, results: Path, shards_dir: Path) -> list[Row]:
             got = final.get(set_name, {}).get(key)
             values[column] = got if isinstance(got, dict) and isinstance(got.get("mean"), (int, float)) else None
             curves[column] = []
+            if seq_type is SeqType.FEWSHOT_HOLDOUT:  # ICL as a fraction of its setting's ceiling (ICL_OF_CEILING)
+                cfg = next(c for c in spec.evals if set_folder(shards_dir, c).name == set_name)
+                ceiling = icl_ceiling(cfg.sequence.ways, cfg.split.n_holdout_classes)
+                values[ICL_OF_CEILING] = None if values[column] is None else \
+                    {"mean": float(values[column]["mean"]) / ceiling}
             if seq_type is SeqType.FEWSHOT_HOLDOUT and latest is not None and needs_analysis:
                 records = read_analysis(run.path)  # what checks may read: the analysis of the final step
                 for c, v in analysis_values(records, latest, set_name, str(run.path / ANALYSIS_FILE)).items():

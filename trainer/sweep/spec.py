@@ -18,6 +18,8 @@ that `seqgen build --config` and `trainer fit --config` read) and lists the runs
     eval_seed = 1                       # optional (default 1): seqgen seed of the evaluation sets
     deviations = ["28 px, not 105"]     # optional: how this setting departs from the paper (in results.md)
     seeds = [0, 1, 2]                   # optional: train every run once per seed (see below)
+    log_to = ["tensorboard"]            # optional: mirror each run's records live (tensorboard, wandb;
+                                        #   trainer.sinks); adds to `trainer sweep --log-to`
 
     [trainer.training]                  # optional: overrides applied to every run, after the base
     steps = 20000
@@ -40,8 +42,9 @@ that `seqgen build --config` and `trainer fit --config` read) and lists the runs
     than_metric = "icl"                 # optional: the other side's metric (default: metric); with it,
                                         # `than` may name the same run (e.g. ablated ICL < ICL of one run)
 
-Check metrics are the columns of the evaluation types, plus, with a `fewshot_holdout` evaluation, the
-columns that `trainer analyze` writes to a run's analysis.jsonl (`trainer.analyze.records.ANALYSIS_COLUMNS`:
+Check metrics are the columns of the evaluation types, plus, with a `fewshot_holdout` evaluation,
+`icl_of_ceiling` (ICL divided by the setting's ICL ceiling, `trainer.metrics.icl_ceiling`: settings with
+different holdout class counts compare on one scale) and the columns that `trainer analyze` writes to a run's analysis.jsonl (`trainer.analyze.records.ANALYSIS_COLUMNS`:
 analysis_icl, ablated_icl_min, mean_ablated_icl_min, induction_max, prev_token_max), read at the run's
 final step; a check stays PENDING until that analysis is there.
 
@@ -86,13 +89,13 @@ from seqgen.config import BuildConfig, ConfigError, SeqType, SequenceConfig, loa
 from seqgen.errors import UserError
 from trainer.config import TrainConfig
 from trainer.analyze.records import ANALYSIS_COLUMNS
-from trainer.metrics import column_of
+from trainer.metrics import ICL_OF_CEILING, column_of
 
 DEFAULT_EVAL_TYPES = (SeqType.FEWSHOT_HOLDOUT, SeqType.NO_SUPPORT_ZIPFIAN)
 DEFAULT_EVAL_SEQS = 2048
 DEFAULT_SHARDS_DIR = Path("data/shards/sweeps")
 _SWEEP_KEYS = {"name", "figure", "claim", "base", "x", "x_scale", "train_seqs", "eval_seqs", "eval_types",
-               "eval_seed", "seeds", "deviations"}
+               "eval_seed", "seeds", "deviations", "log_to"}
 _RUN_KEYS = {"name", "x", "base", "seqgen", "trainer"}
 _CHECK_KEYS = {"claim", "metric", "run", "compare", "than", "margin", "tolerance", "than_metric"}
 # Options that do not change what a run learns: a finished or partial run is still this run if they differ
@@ -184,6 +187,7 @@ class Sweep:
     runs: tuple[RunSpec, ...]
     checks: tuple[CheckSpec, ...] = ()
     deviations: tuple[str, ...] = ()
+    log_to: tuple[str, ...] = ()  # live tracking of every run (trainer.sinks); not part of any run's config
 
 
 # ---- loading and validation -----------------------------------------------------------------------
@@ -350,6 +354,14 @@ def _seeds(value: Any) -> tuple[int, ...] | None:
     return tuple(value)
 
 
+def _log_to(value: Any) -> tuple[str, ...]:
+    from trainer.sinks import SINK_NAMES
+
+    if not isinstance(value, list) or not all(isinstance(v, str) and v in SINK_NAMES for v in value):
+        raise ConfigError(f"[sweep]: log_to must be a list of sink names ({', '.join(SINK_NAMES)}), got {value!r}")
+    return tuple(dict.fromkeys(value))
+
+
 def _checks(entries: Any, settings: tuple[str, ...], columns: set[str]) -> tuple[CheckSpec, ...]:
     if entries is None:
         return ()
@@ -464,8 +476,8 @@ def _load(path: Path, data: dict[str, Any]) -> Sweep:
             runs.append(_run_spec(setting, x, bases, merged, seed, resolved, eval_types))
     columns = {column_of(t) for t in eval_types}
     if SeqType.FEWSHOT_HOLDOUT in eval_types:
-        columns |= set(ANALYSIS_COLUMNS)
+        columns |= set(ANALYSIS_COLUMNS) | {ICL_OF_CEILING}
     checks = _checks(data.get("checks"), tuple(settings), columns)
     return Sweep(path, name, sw.get("figure", ""), sw.get("claim", ""), x_label, x_scale,
                  resolved["train_seqs"], resolved["eval_seqs"], eval_types, resolved["eval_seed"], seeds,
-                 tuple(settings), tuple(runs), checks, tuple(deviations))
+                 tuple(settings), tuple(runs), checks, tuple(deviations), _log_to(sw.get("log_to", [])))
