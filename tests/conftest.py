@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,15 @@ def warm_kernels() -> None:
     from seqgen.sampling import warmup
 
     warmup()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """After each test module, drop JAX's caches of compiled programs. Each program XLA compiles for the
+    CPU holds ~3 memory mappings of JIT code for as long as a cache keeps it, and the whole suite in one
+    process used to pass Linux's limit of 65,530 mappings per process (vm.max_map_count): the next
+    compilation then died in a segmentation fault inside XLA (tests/test_memory_maps.py)."""
+    yield
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+    gc.collect()

@@ -33,7 +33,7 @@ from trainer.metrics import headline, masked_sums, summarize
 from trainer.run import Evaluation, RunDir, RunError, run_lock
 from trainer.runtime.distributed import Topology, TopologyError, replicate, to_global
 from trainer.runtime.multihost import agree, any_process, eval_batch_size, eval_split
-from trainer.runtime.platform import resolve_compute, start_line
+from trainer.runtime.platform import releases_programs, resolve_compute, start_line
 from trainer.runtime.signals import GracefulInterrupt
 from trainer.sinks import Tracking, check_available, mirrored
 from trainer.state import TrainState, load_state
@@ -205,6 +205,7 @@ def _evaluate_step(target: _Target, step: int, stop: GracefulInterrupt,
     return ev.run(replicate(ev.topo, loaded), step, lambda: stop.stop_requested)
 
 
+@releases_programs
 def evaluate_run(run_dir: PathLike, eval_dirs: Sequence[PathLike], *, step: int | None, train_dir: PathLike | None,
                  max_seqs: int | None, batch_size: int, omniglot_dir: PathLike | None, cache_dir: PathLike | None,
                  topo: Topology, echo: Callable[[str], None] = print,
@@ -242,6 +243,7 @@ def evaluate_run(run_dir: PathLike, eval_dirs: Sequence[PathLike], *, step: int 
     return results
 
 
+@releases_programs
 def watch_run(run_dir: PathLike, eval_dirs: Sequence[PathLike], *, poll: float, train_dir: PathLike | None,
               max_seqs: int | None, batch_size: int, omniglot_dir: PathLike | None, cache_dir: PathLike | None,
               topo: Topology, echo: Callable[[str], None] = print, max_idle_polls: int | None = None,

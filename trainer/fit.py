@@ -32,7 +32,7 @@ from trainer.resume import owed_evaluations, prepare_run, resume_step, resumed_c
 from trainer.run import RunDir, run_lock
 from trainer.runtime.distributed import Topology, make_topology, replicate, to_global
 from trainer.runtime.multihost import agree, any_process, train_stream
-from trainer.runtime.platform import check_cpu_isa, resolve_compute, start_line
+from trainer.runtime.platform import check_cpu_isa, releases_programs, resolve_compute, start_line
 from trainer.runtime.profile import DispatchProfile
 from trainer.runtime.signals import GracefulInterrupt
 from trainer.sinks import Tracking, check_available, mirrored
@@ -44,6 +44,7 @@ __all__ = ["FitResult", "fit"]
 PathLike = str | os.PathLike
 
 
+@releases_programs
 def fit(cfg: TrainConfig, train_path: PathLike, eval_paths: Sequence[PathLike], run_dir: PathLike, *,
         topo: Topology | None = None, **kwargs: Any) -> FitResult:
     """Train (see `_fit`) holding the run directory's writer lock: one `trainer fit` per run directory

@@ -51,7 +51,7 @@ from trainer.loop import FitResult, Pending, TrainingRun, pad_batches, train_loo
 from trainer.resume import owed_evaluations, prepare_run, resume_step, resumed_config
 from trainer.run import RunDir, RunError, run_lock
 from trainer.runtime.distributed import RUNS, Topology, make_topology, replicate, to_global
-from trainer.runtime.platform import check_cpu_isa, resolve_compute
+from trainer.runtime.platform import check_cpu_isa, releases_programs, resolve_compute
 from trainer.runtime.signals import GracefulInterrupt
 from trainer.sinks import Tracking, check_available, mirrored
 from trainer.state import TrainState, init_state, restore
@@ -209,6 +209,7 @@ def make_group_step(ctx: StepContext, topo: Topology | None = None, examples: Ex
     return step
 
 
+@releases_programs
 def fit_group(
     cfgs: Sequence[TrainConfig],
     train_paths: Sequence[PathLike],

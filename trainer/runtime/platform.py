@@ -12,11 +12,14 @@ cannot be had.
   that config.json records what ran (`trainer.config.ComputeConfig`).
 - `computing(compute)` is entered while a step is traced: kernel path, layer loop and matmul precision
   then apply to every matmul and convolution of the program, the custom kernels' included.
+- `@releases_programs`: `fit`, a group and `evaluate` drop the programs they compiled when they end.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import glob
 import importlib.metadata
 import os
@@ -24,7 +27,7 @@ import platform
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from seqgen.errors import UserError
 from trainer.config import ComputeConfig, CpuIsa, KernelPath, LayerLoop, Precision, TrainConfig
@@ -338,6 +341,38 @@ def computing(compute: ComputeConfig) -> Iterator[None]:
             stack.enter_context(use_layer_loop(compute.layer_loop.value))
         stack.enter_context(jax.default_matmul_precision(_MATMUL_PRECISION[compute.precision]))
         yield
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def release_programs() -> None:
+    """Drop every compiled program JAX and Equinox keep in their caches. Each program XLA compiles for the
+    CPU holds ~3 memory mappings of JIT code per kernel for as long as a cache keeps it reachable (through
+    its static arguments: our step closures), so runs one after another in one process (a sweep, a
+    notebook, the test suite) added ~770 mappings each, up to Linux's limit of 65,530 per process
+    (vm.max_map_count), where the next compilation died in a segmentation fault inside XLA. Anything else
+    the process compiled is compiled again when next called."""
+    import equinox as eqx
+
+    eqx.clear_caches()  # Equinox's own caches, then JAX's (its order: equinox.clear_caches' docstring)
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
+def releases_programs(fn: _F) -> _F:
+    """Decorate a command's entry point (fit, a group, evaluate) to `release_programs()` when it ends."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            release_programs()
+
+    return wrapper  # type: ignore[return-value]
 
 
 def compute_dtype(compute: ComputeConfig) -> Any:
