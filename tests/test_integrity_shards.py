@@ -167,6 +167,24 @@ def test_trainer_fit_on_a_corrupt_shard_exits_2_with_one_line(copy, tmp_path):
     assert not list((tmp_path / "run").glob("checkpoints/step-*"))
 
 
+def test_a_corrupt_evaluation_set_is_refused_before_step_1(copy, tmp_path):
+    """Evaluation shards are hashed when fit opens them, not at the first evaluation (which comes after
+    training has begun): one line, exit 2, and the run directory holds nothing."""
+    from trainer.cli import main as trainer_main
+
+    train = symbolic_set(tmp_path / "sets", SeqType.BURSTY, 256)
+    _flip(copy / fmt.shard_file(2))
+    result = CliRunner().invoke(trainer_main, [
+        "fit", "--train", str(train), "--eval", str(copy), "--allow-train-eval", "--run-dir", str(tmp_path / "run"),
+        "--steps", "4", "--batch-size", "8", "--num-layers", "1", "--num-heads", "2", "--emb-dim", "16",
+        "--example-encoding", "embedding", "--no-progress"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "shard-00002.h5 fails its sha256 check" in lines[0], result.output
+    assert not result.stdout.startswith("device:"), result.output  # refused before training started
+    assert not list((tmp_path / "run").glob("*"))
+
+
 # ---- seqgen verify, resume, disk, workers ---------------------------------------------------------------
 def test_verify_fails_a_manifest_whose_config_was_edited(copy):
     m = json.loads((copy / "manifest.json").read_text())

@@ -96,3 +96,19 @@ def test_fit_agrees_once_per_boundary(tmp_path, monkeypatch):
     calls.clear()
     fit(cfg, train, [icl], tmp_path / "run", resume=True, progress=False)
     assert len(calls) == len(stop_boundaries(t, start)) > 0
+
+
+def test_a_checkpoint_due_with_an_evaluation_is_written_before_it():
+    """An evaluation that fails (or is cut short) at a step that also checkpoints costs no steps: the
+    checkpoint is already written (a resume then redoes the evaluation it owes: trainer.resume)."""
+    t = tiny_config(steps=8, steps_per_dispatch=2, log_every=2, eval_every=4, checkpoint_every=4).training
+    order = []
+
+    def evaluate(step):
+        order.append(("evaluate", step))
+        raise RuntimeError("evaluation set unreadable")
+
+    with pytest.raises(RuntimeError):
+        train_loop(t, 0, advance=lambda k: {}, log=lambda pending, bar: None, evaluate=evaluate,
+                   save=lambda step: order.append(("save", step)), should_stop=lambda: False, progress=False)
+    assert order == [("save", 4), ("evaluate", 4)]

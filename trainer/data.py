@@ -287,10 +287,12 @@ def open_sets(train_path: str | os.PathLike, eval_paths: Sequence["str | os.Path
               train_role: bool = True) -> tuple[ShardSet, list[ShardSet]]:
     """The training set and the eval sets of a run (each a path, `NAME=PATH` or an `EvalSpec`), each validated
     and checked against the training set; evaluation names unique (`check_eval_names`) and roles respected
-    (`check_roles`), all before any training or evaluation."""
+    (`check_roles`), all before any training or evaluation. Every evaluation shard's sha256 is checked now
+    (the training set's are checked as training reads them, from step 1): a damaged evaluation set used to
+    be found at the first evaluation, after the steps before it had been trained."""
     specs = [parse_eval_spec(p) for p in eval_paths]
     train = open_shard_set(train_path)
-    evals = [dataclasses.replace(open_shard_set(s.path), label=s.name) for s in specs]
+    evals = [dataclasses.replace(open_shard_set(s.path, check_checksums=True), label=s.name) for s in specs]
     check_roles(train, evals, specs, train_role=train_role)
     check_eval_names(evals)
     for e in evals:

@@ -28,6 +28,7 @@ from trainer.data import ShardSet, data_record, open_sets
 from trainer.evaluate import Evaluator
 from trainer.images import device_table
 from trainer.loop import FitResult, TrainingRun, pad_batches, train_loop
+from trainer.memory import check_fits
 from trainer.resume import owed_evaluations, prepare_run, resume_step, resumed_config
 from trainer.run import RunDir, run_lock
 from trainer.runtime.distributed import Topology, make_topology, replicate, to_global
@@ -94,6 +95,7 @@ def _fit(
         cfg, recorded = resumed_config(stored, cfg, start, run.path, strict=strict_resume)
     t = cfg.training
     train, evals = open_sets(train_path, eval_paths)
+    check_fits(cfg, train.num_labels, train.config.length, data_parallel=topo.num_devices)
     table = device_table(train, t.image_size, topo, omniglot_dir, cache_dir)
     record = data_record(train, evals)
     prepare_run(run, resume, record)

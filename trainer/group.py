@@ -48,6 +48,7 @@ from trainer.evaluate import Evaluator
 from trainer.fit import fit
 from trainer.images import device_table
 from trainer.loop import FitResult, Pending, TrainingRun, pad_batches, train_loop
+from trainer.memory import check_fits
 from trainer.resume import owed_evaluations, prepare_run, resume_step, resumed_config
 from trainer.run import RunDir, RunError, run_lock
 from trainer.runtime.distributed import RUNS, Topology, make_topology, replicate, to_global
@@ -268,6 +269,8 @@ def _fit_group(cfgs: Sequence[TrainConfig], train_paths: Sequence[PathLike], eva
         if keys[i] != keys[0]:
             raise GroupError(f"runs {runs[0].path} and {runs[i].path} differ in more than the seed and the "
                              "sequence draw, so they cannot share a vectorized step; group them with plan_groups")
+    per_device = -(-padded_runs(n, topo) // topo.num_devices)
+    check_fits(cfgs[0], opened[0][0].num_labels, opened[0][0].config.length, runs=per_device)
     records = [data_record(train, evals) for train, evals in opened]
     for r, f, rec in zip(runs, flags, records):
         prepare_run(r, f, rec)

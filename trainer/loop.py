@@ -91,15 +91,15 @@ def train_loop(t: TrainingConfig, start: int, *, advance: Callable[[int], dict[s
                 log(pending, bar)
                 pending = []
                 boundary = True
+            if save_due(step):  # before the evaluation: an evaluation that fails or is cut costs no steps
+                save(step)
+                saved = step
+                boundary = True
             if eval_due(step):
                 boundary = True
                 if not evaluate(step):
                     interrupted = True
                     break
-            if save_due(step):
-                save(step)
-                saved = step
-                boundary = True
             if step < t.steps and (should_stop() if boundary else stop_now is not None and stop_now()):
                 interrupted = True  # all processes stop at the same step
                 break

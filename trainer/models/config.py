@@ -99,7 +99,7 @@ class ModelConfig:
             (self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}"),
             (self.num_heads >= 1, f"num_heads must be >= 1, got {self.num_heads}"),
             (
-                self.seq_model is not SeqModel.TRANSFORMER or self.token_dim % self.num_heads == 0,
+                self.seq_model is not SeqModel.TRANSFORMER or self.num_heads < 1 or self.token_dim % self.num_heads == 0,
                 f"num_heads ({self.num_heads}) must divide the token width ({self.token_dim})",
             ),
             (self.rnn_hidden_size >= 1, f"rnn_hidden_size must be >= 1, got {self.rnn_hidden_size}"),

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from seqgen.config import BuildConfig, ConfigError, flatten
 from seqgen.files import canonical_sha256
 from trainer.checkpoint import latest_step
+from trainer.memory import FILE_OPTIONS, ModelTooLarge, check_fits
 from seqgen.shards import ShardError, read_manifest
 from trainer.run import RunDir, RunError
 from trainer.runtime.platform import resolve_compute
@@ -185,6 +186,7 @@ def make_plan(sweep: Sweep, *, out: str | Path | None = None, shards_dir: str | 
     shards_dir = Path(shards_dir)
     sets: dict[Path, SetPlan] = {}
     runs = []
+    sized: set[str] = set()
     for spec in specs:
         cfgs = (spec.train, *spec.evals)
         folders = [set_folder(shards_dir, cfg) for cfg in cfgs]
@@ -193,6 +195,12 @@ def make_plan(sweep: Sweep, *, out: str | Path | None = None, shards_dir: str | 
         action, step = run_action(spec, run_dir, folders[0], folders[1:], published)
         found = published if action is RunAction.SKIP and not (run_dir / "config.json").is_file() else None
         runs.append(RunPlan(spec, run_dir, folders[0], tuple(folders[1:]), action, step, found))
+        if action is not RunAction.SKIP and spec.setting not in sized:  # as fit will, before any set is built
+            sized.add(spec.setting)
+            try:
+                check_fits(spec.trainer, spec.train.num_labels, spec.train.length, options=FILE_OPTIONS)
+            except ModelTooLarge as e:
+                raise ConfigError(f"{sweep.path}: run '{spec.name}': {e}") from None
         if action is not RunAction.SKIP:  # a skipped run reads no set: its sets are neither built nor checked
             for cfg, folder in zip(cfgs, folders):
                 if folder not in sets:
