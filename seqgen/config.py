@@ -32,7 +32,8 @@ IMAGE_SIZE = 105
 
 # Bounds on sizes, so that a typo fails here in one line rather than as a MemoryError or an overflow later.
 MAX_NUM_SEQS = 1 << 40
-MAX_CLASSES = (1 << 31) - 1
+# symbolic classes: the split and the Zipf weights hold several arrays of one entry per class (8 bytes each)
+MAX_SYMBOLIC_CLASSES = 1 << 24
 MAX_LENGTH = 1 << 16
 MAX_SHARD_CELLS = 1 << 28  # sequences per shard x examples per sequence (~2.7 GB: a shard is generated in memory)
 
@@ -265,8 +266,9 @@ class BuildConfig:
             raise ConfigError(f"--split-seed must be in [0, 2**63), got {sp.split_seed}")
         if self.num_seqs > MAX_NUM_SEQS:
             raise ConfigError(f"--num-seqs must be <= {MAX_NUM_SEQS:,} (2**40), got {self.num_seqs:,}")
-        if d.example_type is ExampleType.SYMBOLIC and d.symbolic_size > MAX_CLASSES:
-            raise ConfigError(f"symbolic_size must be <= {MAX_CLASSES:,} (int32 class ids), got {d.symbolic_size:,}")
+        if d.example_type is ExampleType.SYMBOLIC and d.symbolic_size > MAX_SYMBOLIC_CLASSES:
+            raise ConfigError(f"symbolic_size must be <= {MAX_SYMBOLIC_CLASSES:,} (seqgen keeps arrays of one entry "
+                              f"per class in memory), got {d.symbolic_size:,}")
         for name in ("seq_len", "fs_shots", "bursty_shots", "ways", "polysemy"):
             if getattr(sq, name) > MAX_LENGTH:
                 raise ConfigError(f"{name} must be <= {MAX_LENGTH}, got {getattr(sq, name):,}")

@@ -280,6 +280,9 @@ def _setting_tables(entry: dict[str, Any], i: int, data: dict[str, Any], folder:
     x = entry.get("x")
     if isinstance(x, bool) or not isinstance(x, (int, float, str)):
         raise ConfigError(f"{where}: 'x' must be a number or a string, got {x!r}")
+    if isinstance(x, float) and not math.isfinite(x):
+        raise ConfigError(f"{where}: 'x' must be a finite number (it places the setting on the figure's axis), "
+                          f"got {x}")
     if "base" in entry:
         bases = _bases(entry["base"], where, folder)
     elif sweep_bases is None:
