@@ -18,7 +18,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -397,7 +396,3 @@ def finalize(folder: str | os.PathLike[str], **kwargs: Any) -> BuildResult:
             raise LockError(f"{folder} is in use by another process ({holder}); wait for it to finish") from None
         raise
     return build(cfg, folder, materialize=materialize, **kwargs)
-
-
-def iter_shard_paths(folder: Path, manifest: dict[str, Any]) -> Iterable[Path]:
-    return (Path(folder) / e["file"] for e in manifest["shards"])
