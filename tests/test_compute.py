@@ -185,6 +185,10 @@ def test_resume_refuses_another_precision(sets, tmp_path):
     start = [l for l in r.output.splitlines() if l.startswith("device: ")]
     assert start == ["device: cpu (1 x cpu); precision float32, kernels custom, layer loop unroll, deterministic"], \
         r.output
+    # then how long the train program took to compile, and whether a persistent cache served it (a GPU's)
+    compiled = [l for l in r.output.splitlines() if l.startswith("compiled: ")]
+    assert len(compiled) == 1 and compiled[0].endswith("s (no persistent cache)"), r.output
+    assert float(compiled[0].split(" in ")[1].split(" s ")[0]) > 0
     r = CliRunner().invoke(main, ["fit", "--train", str(train), "--run-dir", str(run), "--resume", "--precision",
                                   "bfloat16"])
     lines = [l for l in r.output.splitlines() if l.strip()]
@@ -269,6 +273,16 @@ def test_a_gpu_present_but_unused_is_warned_with_the_fix(monkeypatch):
     assert warning and 'pip install -e ".[cuda12]"' in warning and "runs on the CPU" in warning
     monkeypatch.setattr(platform, "gpu_visible", lambda: False)
     assert platform.gpu_unused_warning() is None
+
+
+def test_the_compile_line_names_the_cache_that_served_it(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "c"))
+        assert platform.compile_line(12.34) == f"compiled: the train program in 12.3 s (persistent cache {tmp_path / 'c'})"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+    assert platform.compile_line(0.5) == "compiled: the train program in 0.5 s (no persistent cache)"
 
 
 def test_compile_cache_folder(monkeypatch, tmp_path):

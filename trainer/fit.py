@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -33,7 +34,7 @@ from trainer.resume import owed_evaluations, prepare_run, resume_step, resumed_c
 from trainer.run import RunDir, run_lock
 from trainer.runtime.distributed import Topology, make_topology, replicate, to_global
 from trainer.runtime.multihost import agree, any_process, train_stream
-from trainer.runtime.platform import check_cpu_isa, releases_programs, resolve_compute, start_line
+from trainer.runtime.platform import check_cpu_isa, compile_line, releases_programs, resolve_compute, start_line
 from trainer.runtime.profile import DispatchProfile
 from trainer.runtime.signals import GracefulInterrupt
 from trainer.sinks import Tracking, check_available, mirrored
@@ -140,11 +141,18 @@ def _loop(job: TrainingRun, ctx: StepContext, train: ShardSet, state: TrainState
     train_step = make_train_step(ctx)
     stream = train_stream(train, topo, t.batch_size, start)
 
+    compiled: list[float] = []
+
     def advance(k: int) -> dict[str, Any]:
         nonlocal state
         local = pad_batches([next(stream) for _ in range(k)], t.steps_per_dispatch)
         stacked = {name: np.stack([b[name] for b in local]) for name in local[0]}
+        began = time.perf_counter()
         state, metrics = train_step(table, state, to_global(topo, stacked, leading=1), np.int32(k))
+        if not compiled:  # the first call traces and compiles (or loads from the cache) before it dispatches
+            compiled.append(time.perf_counter() - began)
+            if announce is not None and topo.is_main:
+                announce(compile_line(compiled[0]))
         return metrics
 
     def should_stop() -> bool:  # at log / eval / checkpoint boundaries: the loop's one collective

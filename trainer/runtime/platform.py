@@ -125,8 +125,7 @@ def check_cpu_isa(compute: ComputeConfig) -> None:
 def enable_compile_cache() -> Path | None:
     """Turn on JAX's persistent compilation cache in `compile_cache_dir()` where it pays: on an accelerator
     (a paper-scale program compiles for tens of seconds there). Never on the CPU, where programs compile in
-    seconds and JAX's CPU cache is unreliable (jax-ml/jax#38445: entries rejected on reload; a CI run of
-    ours crashed inside its compile-and-write path). None: off. A cache folder that cannot be made is
+    seconds and JAX's CPU cache is unreliable (jax-ml/jax#38445: entries rejected on reload). None: off. A cache folder that cannot be made is
     skipped with no error: caching is only a speed-up."""
     import jax
 
@@ -382,6 +381,16 @@ def compute_dtype(compute: ComputeConfig) -> Any:
 
 
 # ================================================================ what is said
+
+
+def compile_line(seconds: float) -> str:
+    """The line `fit` prints after its first dispatch: how long the train program took to trace and compile
+    (or to load from the persistent compilation cache, on a GPU: a rerun's shorter time shows the cache works)."""
+    import jax
+
+    cache = jax.config.jax_compilation_cache_dir
+    where = f"persistent cache {cache}" if cache else "no persistent cache"
+    return f"compiled: the train program in {seconds:.1f} s ({where})"
 
 
 def start_line(cfg: TrainConfig, num_devices: int | None = None) -> str:
