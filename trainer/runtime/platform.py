@@ -125,8 +125,8 @@ def check_cpu_isa(compute: ComputeConfig) -> None:
 def enable_compile_cache() -> Path | None:
     """Turn on JAX's persistent compilation cache in `compile_cache_dir()` where it pays: on an accelerator
     (a paper-scale program compiles for tens of seconds there). Never on the CPU, where programs compile in
-    seconds and JAX's CPU cache is unreliable (jax-ml/jax#38445: entries rejected on reload). None: off. A cache folder that cannot be made is
-    skipped with no error: caching is only a speed-up."""
+    seconds and JAX's CPU cache is unreliable (jax-ml/jax#38445: entries rejected on reload). None: off.
+    A cache folder that cannot be made is skipped with no error: caching is only a speed-up."""
     import jax
 
     path = compile_cache_dir()
