@@ -68,24 +68,30 @@ class SeqType(str, enum.Enum):
     FLIP = "flip"
     COPY_AVAILABLE = "copy_available"
 
+    # what a type is lives in one registry, seqgen/seqtypes.py; these read it
     @property
     def is_fewshot(self) -> bool:
-        return self.value.startswith("fewshot")
+        return self._spec().layout == "fewshot"
 
     @property
     def is_no_support(self) -> bool:
-        return self.value.startswith("no_support")
+        return self._spec().layout == "no_support"
 
     @property
     def evaluation_only(self) -> bool:
         """Sequences of the split's holdout classes (fewshot_holdout): they measure ICL on classes never
         trained on, so a set of this type must never be trained on (`trainer.data.check_roles`)."""
-        return self is SeqType.FEWSHOT_HOLDOUT
+        return self._spec().evaluation_only
 
     @property
     def is_strategy(self) -> bool:
         """flip / copy_available: `ways` distinct trained classes x `fs_shots` + a query among them."""
-        return self in (SeqType.FLIP, SeqType.COPY_AVAILABLE)
+        return self._spec().layout == "strategy"
+
+    def _spec(self):  # noqa: ANN202 (seqgen.seqtypes.SeqTypeSpec; imported here: it imports this module)
+        from seqgen.seqtypes import SPECS
+
+        return SPECS[self]
 
 
 class ExampleType(str, enum.Enum):

@@ -72,22 +72,11 @@ import numpy as np
 from seqgen import kernels as K
 from seqgen.config import BuildConfig, ConfigError, Labeling, NonBurstyType, SeqType, SplitConfig
 from seqgen.rng import base_key
+from seqgen.seqtypes import SPECS
 from seqgen.split import ClassSplit, zipf_weights
 
-# Fixed per-type tags: sets of different types built from the same seed are independent. Never change.
-SEQ_TYPE_TAGS: dict[SeqType, int] = {
-    SeqType.BURSTY: 0x1B0E,
-    SeqType.NO_SUPPORT_COMMON: 0x2C01,
-    SeqType.NO_SUPPORT_RARE: 0x2C02,
-    SeqType.NO_SUPPORT_ZIPFIAN: 0x2C03,
-    SeqType.FEWSHOT_COMMON: 0x3F01,
-    SeqType.FEWSHOT_RARE: 0x3F02,
-    SeqType.FEWSHOT_ZIPFIAN: 0x3F03,
-    SeqType.FEWSHOT_HOLDOUT: 0x3F04,
-    SeqType.MIXED: 0x4D01,
-    SeqType.FLIP: 0x5F01,
-    SeqType.COPY_AVAILABLE: 0x5C01,
-}
+# Fixed per-type tags (`seqgen.seqtypes`): sets of different types built from the same seed are independent.
+SEQ_TYPE_TAGS: dict[SeqType, int] = {t: s.tag for t, s in SPECS.items()}
 
 _POOL_OF = {"rare": K.RARE, "common": K.COMMON, "holdout": K.HOLDOUT, "zipfian": K.ZIPFIAN}
 

@@ -29,6 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from seqgen import seqtypes
 from seqgen.atomic import commit
 from seqgen.config import IMAGE_SIZE, BuildConfig, ConfigError, ExampleType, Labeling, SeqType
 from seqgen.errors import UserError
@@ -342,14 +343,8 @@ def _pools(header: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def allowed_pool(seq_type: SeqType) -> str:
-    """The split pool every class of a sequence of this type comes from."""
-    if seq_type is SeqType.FEWSHOT_HOLDOUT:
-        return "holdout"
-    if seq_type in (SeqType.FEWSHOT_COMMON, SeqType.NO_SUPPORT_COMMON):
-        return "common"
-    if seq_type in (SeqType.FEWSHOT_RARE, SeqType.NO_SUPPORT_RARE):
-        return "rare"
-    return "zipfian"  # bursty, mixed and the *_zipfian types: rare + common
+    """The split pool every class of a sequence of this type comes from (`seqgen.seqtypes`)."""
+    return seqtypes.spec(seq_type).pool
 
 
 def _in(values: np.ndarray, pool: np.ndarray, size: int) -> np.ndarray:

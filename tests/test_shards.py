@@ -78,8 +78,12 @@ def test_noise_seed_is_stored_when_the_config_needs_it(tmp_path: Path):
 
 
 def test_read_manifest_errors_are_one_line(tmp_path: Path):
-    with pytest.raises(fmt.ShardError, match="no manifest.json.*seqgen finalize"):
+    with pytest.raises(fmt.ShardError, match="is an empty directory.*seqgen build"):
+        fmt.read_manifest(tmp_path)  # described as it is (docs/reliability.md, "Paths described as they are")
+    (tmp_path / fmt.BUILD_FILE).write_text("{}")
+    with pytest.raises(fmt.ShardError, match="has no manifest.json: an unfinished build.*seqgen finalize"):
         fmt.read_manifest(tmp_path)
+    (tmp_path / fmt.BUILD_FILE).unlink()
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other", "format_version": 7}))
     with pytest.raises(fmt.ShardError, match="expected 'emergent-icl/seqgen-shards' v1"):
         fmt.read_manifest(tmp_path)

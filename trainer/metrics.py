@@ -48,6 +48,7 @@ import optax
 
 from seqgen.config import BuildConfig, Labeling, SeqType
 from seqgen.errors import UserError
+from seqgen.seqtypes import SPECS, spec
 
 __all__ = [
     "BINARY_METRICS", "DESCRIPTIONS", "HEADLINES", "METRICS", "STRATEGY_METRICS", "LabelSets", "MetricsError",
@@ -142,12 +143,9 @@ def _closed_labels(seq_type: SeqType, ls: LabelSets) -> np.ndarray | None:
     """The original's `valid_labels` for accuracy_closed (None: accuracy_closed = 0)."""
     if seq_type is SeqType.BURSTY or seq_type.is_fewshot:
         return np.arange(ls.ways)
-    if seq_type is SeqType.NO_SUPPORT_COMMON:
-        return ls.common
-    if seq_type is SeqType.NO_SUPPORT_RARE:
-        return ls.rare
-    if seq_type is SeqType.NO_SUPPORT_ZIPFIAN:
-        return np.concatenate([ls.common, ls.rare])
+    if seq_type.is_no_support:  # the labels of the type's pool
+        pool = spec(seq_type).pool
+        return {"common": ls.common, "rare": ls.rare, "zipfian": np.concatenate([ls.common, ls.rare])}[pool]
     return None
 
 
@@ -296,12 +294,7 @@ def summarize(sums: dict[str, float], sumsq: dict[str, float], n: int) -> dict[s
 # key (`metric_key_of`) of each evaluation type. Types not named here get a column named after the type.
 # The paper's two (HEADLINES): ICL = accuracy_closed on fewshot_holdout, IWL = accuracy_query on
 # no_support_zipfian.
-_COLUMNS = {
-    SeqType.FEWSHOT_HOLDOUT: "icl",
-    SeqType.NO_SUPPORT_ZIPFIAN: "iwl",
-    SeqType.NO_SUPPORT_COMMON: "iwl_common",
-    SeqType.NO_SUPPORT_RARE: "iwl_rare",
-}
+_COLUMNS = {t: s.column for t, s in SPECS.items() if s.column is not None}  # seqgen/seqtypes.py
 
 
 HEADLINES = (SeqType.FEWSHOT_HOLDOUT, SeqType.NO_SUPPORT_ZIPFIAN)
