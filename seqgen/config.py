@@ -360,11 +360,11 @@ class BuildConfig:
                 if sq.non_bursty_type is NonBurstyType.COMMON_NO_SUPPORT and sp.n_common_classes < 2:
                     raise ConfigError("non_bursty_type common_no_support needs >= 2 common classes")
         elif t.is_no_support:
-            kind = t.value.removeprefix("no_support_")
+            kind = t._spec().pool
             if pool[kind] < 2:
                 raise ConfigError(f"{t.value} needs >= 2 {kind} classes (query + a different support class)")
         elif t.is_fewshot:
-            needs.append(t.value.removeprefix("fewshot_"))
+            needs.append(t._spec().pool)
         elif t.is_strategy:
             if t is SeqType.FLIP and sq.ways < 2:
                 raise ConfigError("flip needs ways >= 2 (with one way no label can differ from the trained one); "

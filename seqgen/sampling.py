@@ -215,7 +215,7 @@ def generate(cfg: BuildConfig, split: ClassSplit, start: int, count: int) -> dic
                              sq.p_bursty_common + sq.p_bursty_zipfian, nb_kind, _bursty_labels(cfg),
                              *pools, n_ex, *arrays)
         elif t.is_no_support:
-            pool = _POOL_OF[t.value.removeprefix("no_support_")]
+            pool = _POOL_OF[SPECS[t].pool]
             lab = (np.array((K.ORIGINAL, 0, 1)) if sq.labeling_common is Labeling.ORIGINAL
                    else np.array(_ordered(pool, sp))).astype(np.int64)
             K._no_support_kernel(base, start, pool, lab, *pools, n_ex, *arrays)
@@ -224,7 +224,7 @@ def generate(cfg: BuildConfig, split: ClassSplit, start: int, count: int) -> dic
                                _trained_labeling(cfg), *pools, n_ex, *arrays)
         else:
             mixed = t is SeqType.MIXED
-            fs_pool = K.RARE if mixed else _POOL_OF[t.value.removeprefix("fewshot_")]
+            fs_pool = K.RARE if mixed else _POOL_OF[SPECS[t].pool]
             grouped = sq.grouped and not mixed  # the original's get_mixed_seq does not pass grouped
             fs_lab = np.array((K.UNFIXED, 0, 1), dtype=np.int64)
             rnd_lab = np.array(_ordered(K.COMMON, sp), dtype=np.int64)
