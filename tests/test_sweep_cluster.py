@@ -33,6 +33,7 @@ from trainer.cli import main
 from trainer.sweep import load_sweep, make_plan
 from trainer.sweep.execute import execute
 
+from tests.procs import children, cmdline, kill_all, still_alive_after
 from tests.test_sweep import BASE, SWEEP, StopAfterCheckpoint, _tree, _write
 
 LONGER = BASE.replace("steps = 6", "steps = 60").replace("eval_every = 3", "eval_every = 30")  # stopped mid-run
@@ -53,6 +54,15 @@ def _wait_for(ready: Callable[[], bool], timeout: float, what: str) -> None:
 
 def _sweep(*args: str):
     return CliRunner().invoke(main, ["sweep", *args, "--no-progress"])
+
+
+@pytest.fixture(autouse=True)
+def no_job_outlives_its_test():
+    """A job submitted with --no-wait finishes on its own after it publishes; wait for it (then kill what is
+    left), so that no job process of one test runs on into the next or past the suite."""
+    yield
+    jobs = [p for p in children(os.getpid()) if "submitit" in cmdline(p)]
+    kill_all(still_alive_after(jobs, 60))
 
 
 @pytest.fixture(scope="module")
