@@ -136,7 +136,8 @@ TINY = ["--steps", "2", "--batch-size", "8", "--num-layers", "1", "--num-heads",
 
 def _one_line_refusal(result, fragment: str | None) -> str:
     out = result.output
-    assert "Traceback" not in out and result.exception is None or isinstance(result.exception, SystemExit), out
+    assert "Traceback" not in out, out
+    assert result.exception is None or isinstance(result.exception, SystemExit), out
     assert result.exit_code not in (0, None), out
     lines = [line for line in (result.stderr or out).splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error: ")]

@@ -12,23 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 from seqgen.config import SeqType
-from tests.trainkit import symbolic_set
+from tests.trainkit import TINY_CLI, one_line_error, symbolic_set
 from trainer.cli import main as trainer_main
 from trainer.data import DataError, EvalSpec, open_sets, parse_eval_spec
 
-TINY = ["--steps", "2", "--batch-size", "8", "--log-every", "2", "--eval-every", "2", "--checkpoint-every", "2",
-        "--eval-seqs", "16", "--num-layers", "1", "--num-heads", "2", "--emb-dim", "16",
-        "--example-encoding", "embedding", "--no-progress"]
-
-
-def _one_line(result, *fragments) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
+TINY, _one_line = TINY_CLI, one_line_error
 
 
 def _invoke(*args):

@@ -51,3 +51,20 @@ def tiny_config(steps: int = 20, **training) -> TrainConfig:
     opts.update(training)
     return TrainConfig(model=model, optimizer=OptimizerConfig(max_lr=1e-3, warmup_steps=10),
                        training=TrainingConfig(**opts)).validate()
+
+
+# the smallest `trainer fit` options that train (for command-line tests)
+TINY_CLI = ["--steps", "2", "--batch-size", "8", "--log-every", "2", "--eval-every", "2", "--checkpoint-every", "2",
+            "--eval-seqs", "16", "--num-layers", "1", "--num-heads", "2", "--emb-dim", "16",
+            "--example-encoding", "embedding", "--no-progress"]
+
+
+def one_line_error(result, *fragments) -> str:
+    """The one `error:` line of a refused command (exit 2, no traceback), holding each of `fragments`."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
