@@ -45,7 +45,7 @@ from trainer.state import init_state  # noqa: E402
 from trainer.step import StepContext, make_train_step  # noqa: E402
 from trainer.runtime.hugepages import TUNABLE, reexec_with_hugepages  # noqa: E402
 
-from benchkit import cost_flops  # noqa: E402
+from benchkit import cost_flops, steps_fed_by  # noqa: E402
 
 
 def finished_images(table, batch, set_cfg):
@@ -125,7 +125,8 @@ def main() -> None:
             ours_median = float(np.median(per_call))
 
         # ---- baseline --------------------------------------------------------------------------------
-        base_step = make_train_step(ctx, examples=finished_images)
+        with steps_fed_by(finished_images):
+            base_step = make_train_step(ctx)
         bstate = replicate(topo, init_state(cfg, shards.num_labels))
         shard_rows = shards.config.shard_size
 

@@ -252,7 +252,8 @@ def _stat_key(sources: list[Path]) -> str:
 
 
 # ---- building and caching --------------------------------------------------------------------
-def _build(sources: list[Path], expected_classes: int | None, progress: bool) -> tuple[np.ndarray, list[str], list[str]]:
+def _build(sources: list[Path], progress: bool) -> tuple[np.ndarray, list[str], list[str]]:
+    expected_classes = N_OMNIGLOT_CLASSES
     readers = [_Reader(s) for s in sources]
     try:
         layouts = [_parse_layout(split, r.names(), r.source) for split, r in zip(SPLITS, readers)]
@@ -268,16 +269,16 @@ def _build(sources: list[Path], expected_classes: int | None, progress: bool) ->
         n = len(numbers)
         if n == 0:
             raise OmniglotError(f"no character images found in {sources[0].parent}; {_how_to_fix(sources[0].parent)}")
-        if expected_classes is not None and n != expected_classes:
-            raise OmniglotError(
-                f"found {n} characters in {sources[0].parent}, expected {expected_classes}; "
-                "the archives are incomplete: re-download them (`seqgen download`)"
-            )
         if sorted(numbers) != list(range(1, n + 1)):
             gaps = sorted(set(range(1, n + 1)) - set(numbers))[:5]
             raise OmniglotError(
                 f"character numbers in {sources[0].parent} are not 0001..{n:04d} (missing e.g. "
                 f"{', '.join(f'{g:04d}' for g in gaps)}); re-download the archives"
+            )
+        if n != expected_classes:
+            raise OmniglotError(
+                f"found {n} characters in {sources[0].parent}, expected {expected_classes}; "
+                "the archives are incomplete: re-download them (`seqgen download`)"
             )
         images = np.empty((n, N_EXEMPLARS, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
         alphabets, characters = [""] * n, [""] * n
@@ -365,7 +366,6 @@ def table_fingerprint(
     cache_dir: str | os.PathLike[str] = "data/cache",
     *,
     progress: bool = True,
-    expected_classes: int | None = N_OMNIGLOT_CLASSES,
 ) -> str:
     """The fingerprint `load_image_table` reports: ~1 ms when the cache is current (attributes only);
     otherwise the table is built, validated and cached first, so a fingerprint always names a valid table."""
@@ -373,7 +373,7 @@ def table_fingerprint(
     fp, _, current = _current_fingerprint(sources, Path(cache_dir) / CACHE_NAME)
     if current:
         return fp
-    return load_image_table(omniglot_dir, cache_dir, progress=progress, expected_classes=expected_classes).fingerprint
+    return load_image_table(omniglot_dir, cache_dir, progress=progress).fingerprint
 
 
 def load_image_table(
@@ -382,13 +382,10 @@ def load_image_table(
     *,
     download_if_missing: bool = False,
     progress: bool = True,
-    expected_classes: int | None = N_OMNIGLOT_CLASSES,
 ) -> ImageTable:
-    """The image table, from the cache when it matches the sources, else built and cached.
-
-    `expected_classes=None` is a test hook: accept any number of characters as long as they are
-    numbered 0001..n without gaps (each still with 20 drawings of 105x105); the default insists on 1623.
-    """
+    """The image table, from the cache when it matches the sources, else built and cached: 1623
+    characters (`N_OMNIGLOT_CLASSES`, read at call time) numbered 0001..1623, each with 20 drawings."""
+    expected_classes = N_OMNIGLOT_CLASSES
     d = resolve_omniglot_dir(omniglot_dir)
     missing = _missing_splits(d)
     if download_if_missing and missing:
@@ -403,12 +400,12 @@ def load_image_table(
         except (OSError, KeyError, ValueError):  # damaged cache file: rebuild it
             table = None
     if table is None:
-        images, alphabets, characters = _build(sources, expected_classes, progress)
+        images, alphabets, characters = _build(sources, progress)
         source = json.dumps([str(s.resolve()) for s in sources])
         _write_cache(cache, images, alphabets, characters, fp, source, stat_key)
         images.setflags(write=False)
         table = ImageTable(images, tuple(alphabets), tuple(characters), fp)
-    if expected_classes is not None and table.n_classes != expected_classes:
+    if table.n_classes != expected_classes:
         raise OmniglotError(
             f"found {table.n_classes} characters in {d}, expected {expected_classes}; "
             "the archives are incomplete: re-download them (`seqgen download`)"

@@ -15,12 +15,15 @@ from click.testing import CliRunner
 
 from seqgen.config import SeqType
 from tests.trainkit import symbolic_set, tiny_config
-from trainer.analyze.measures import analyze_run, head_mask, score_sums, summarize_scores
+from trainer.analyze.inspect import inspect
+from trainer.analyze.measures import analyze_run, head_mask, score_sums, summarize_scores, top_heads
+from trainer.analyze.records import analysis_values
 from trainer.analyze.records import ANALYSIS_FILE, read_analysis
 from trainer.analyze.plots import plot_analysis
 from trainer.run import RunError
 from trainer.cli import main
 from trainer.fit import fit
+from trainer.models import kernels
 from trainer.models.kernels import gelu
 from trainer.models.transformer import Transformer
 
@@ -68,46 +71,85 @@ def tower():
     return eqx.nn.inference_mode(Transformer(16, 7, 2, 4, key=jr.PRNGKey(3)))
 
 
-def test_collect_returns_the_default_logits_and_causal_attention(tower):
+def _block(tower, i):
+    return jax.tree_util.tree_map(lambda a: a[i] if eqx.is_array(a) else a, tower.blocks)
+
+
+def test_inspect_returns_the_plain_logits_and_causal_attention(tower):
     x = jr.normal(jr.PRNGKey(1), (9, 16))
     plain = tower(x, key=None)
-    logits, inner = tower(x, key=None, collect=True)
+    logits, inner = inspect(tower, x, collect=True)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(plain), rtol=1e-5, atol=1e-6)
     att = np.asarray(inner["attention"])
     assert att.shape == (2, 4, 9, 9) and inner["heads"].shape == (2, 9, 4, 4)
     np.testing.assert_allclose(att.sum(-1), 1.0, rtol=1e-5)
     assert np.all(np.triu(att, k=1) == 0)
     q_only = tower(x, key=None, query_only=True)
-    nothing = tower(x, key=None, query_only=True, head_ablation=(head_mask(2, 4), jnp.zeros((2, 9, 4, 4))))
+    nothing = inspect(tower, x, query_only=True, keep=head_mask(2, 4), replace=jnp.zeros((2, 9, 4, 4)))
     np.testing.assert_allclose(np.asarray(nothing), np.asarray(q_only), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="query_only"):
-        tower(x, key=None, query_only=True, collect=True)
+        inspect(tower, x, query_only=True, collect=True)
+    with pytest.raises(ValueError, match="both keep"):
+        inspect(tower, x, keep=head_mask(2, 4))
+
+
+def test_the_plain_forward_has_no_analysis_modes(tower):
+    """The model computes logits only: analysis flags are not parameters of the tower or its blocks."""
+    import inspect as pyinspect
+    for fn in (type(tower).__call__, type(_block(tower, 0)).__call__):
+        assert set(pyinspect.signature(fn).parameters) <= {"self", "x", "key", "query_only", "last_only"}
 
 
 def test_ablating_a_head_changes_exactly_that_heads_contribution(tower):
     x = jr.normal(jr.PRNGKey(2), (9, 16))
-    block = jax.tree_util.tree_map(lambda a: a[0] if eqx.is_array(a) else a, tower.blocks)
-    out, _, heads = block(x, key=None, collect=True)
+    block = _block(tower, 0)
+    heads = kernels.causal_attention(*block.project(x))
     # by hand: the attention output with head 2's 4 dimensions zeroed, then the rest of the block
     cut = np.asarray(heads).copy()
     cut[:, 2] = 0.0
     h = x + block.attn_out(jnp.asarray(cut).reshape(9, 16))
     want = h + block.mlp_out(gelu(block.mlp_in(block.ln_mlp(h))))
-    keep = jnp.array([1.0, 1.0, 0.0, 1.0])
-    got, _, got_heads = block(x, key=None, collect=True, head_ablation=(keep, jnp.zeros((9, 4, 4))))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(got_heads)[:, [0, 1, 3]], np.asarray(heads)[:, [0, 1, 3]])
-    assert np.all(np.asarray(got_heads)[:, 2] == 0)
-    # replacing a head by its own output changes nothing; by another value, only through that head
-    same = block(x, key=None, head_ablation=(keep, heads))
-    np.testing.assert_allclose(np.asarray(same), np.asarray(out), rtol=1e-5, atol=1e-6)
-    # in the whole tower: ablating a layer-1 head leaves layer 0's attention as it was
-    _, a = tower(x, key=None, collect=True)
-    mask = head_mask(2, 4, 1, 3)
-    logits_b, b = tower(x, key=None, collect=True, head_ablation=(mask, jnp.zeros((2, 9, 4, 4))))
+    np.testing.assert_allclose(np.asarray(block.finish(x, jnp.asarray(cut), key=None)), np.asarray(want),
+                               rtol=1e-5, atol=1e-6)
+    # in the whole tower: ablating layer 0's head 2 is that block output, then layer 1 as usual
+    zeros = jnp.zeros((2, 9, 4, 4))
+    got, b = inspect(tower, x, collect=True, keep=head_mask(2, 4, (0, 2)), replace=zeros)
+    after = _block(tower, 1)(want, key=None)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(tower.head(tower.final_ln(after))), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(b["heads"][0])[:, [0, 1, 3]], np.asarray(heads)[:, [0, 1, 3]])
+    assert np.all(np.asarray(b["heads"][0])[:, 2] == 0)
+    # replacing every head by its own output changes nothing
+    _, a = inspect(tower, x, collect=True)
+    same = inspect(tower, x, keep=jnp.zeros((2, 4)), replace=a["heads"])
+    np.testing.assert_allclose(np.asarray(same), np.asarray(tower(x, key=None)), rtol=1e-5, atol=1e-6)
+    # ablating a layer-1 head leaves layer 0's attention as it was
+    logits_b, b = inspect(tower, x, collect=True, keep=head_mask(2, 4, (1, 3)), replace=zeros)
     np.testing.assert_allclose(np.asarray(b["attention"][0]), np.asarray(a["attention"][0]), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(b["heads"][1][:, :3]), np.asarray(a["heads"][1][:, :3]), rtol=1e-6)
     assert not np.allclose(np.asarray(logits_b), np.asarray(tower(x, key=None)))
+
+
+def test_a_joint_ablation_removes_all_its_heads_at_once(tower):
+    x = jr.normal(jr.PRNGKey(4), (9, 16))
+    # all four heads of layer 1 zeroed together: layer 1's attention adds only its output bias
+    h0 = _block(tower, 0)(x, key=None)
+    want = _block(tower, 1).finish(h0, jnp.zeros((9, 4, 4)), key=None)
+    every = head_mask(2, 4, (1, 0), (1, 1), (1, 2), (1, 3))
+    assert np.asarray(every).tolist() == [[1, 1, 1, 1], [0, 0, 0, 0]]
+    got = inspect(tower, x, keep=every, replace=jnp.zeros((2, 9, 4, 4)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(tower.head(tower.final_ln(want))), rtol=1e-5, atol=1e-5)
+    # two heads jointly is not either one alone
+    zeros = jnp.zeros((2, 9, 4, 4))
+    pair = inspect(tower, x, keep=head_mask(2, 4, (0, 1), (1, 2)), replace=zeros)
+    for one in ((0, 1), (1, 2)):
+        assert not np.allclose(np.asarray(pair), np.asarray(inspect(tower, x, keep=head_mask(2, 4, one), replace=zeros)))
+
+
+def test_top_heads_orders_by_score():
+    grid = [[0.1, 0.7, 0.2], [0.7, -1.0, 0.3]]
+    assert top_heads(grid, 2) == [(0, 1), (1, 0)]  # a tie: the earlier layer first
+    assert top_heads(grid, 4) == [(0, 1), (1, 0), (1, 2), (0, 2)]
+    assert top_heads(grid, 0) == []
 
 
 # ---- end to end --------------------------------------------------------------------------------------
@@ -133,6 +175,21 @@ def test_analyze_run_writes_records_and_plots(run):
     assert "ablation" not in recs[0] and set(last["ablation"]) == {"zero", "mean"}
     grid = np.asarray(last["ablation"]["zero"]["accuracy_closed"])
     assert grid.shape == (2, 2) and ((grid >= 0) & (grid <= 1)).all()
+    # the joint ablation: the two top previous-token heads, both modes, its columns readable by sweeps
+    joint = last["joint_ablation"]
+    assert joint["by"] == "prev_token" and [tuple(h) for h in joint["heads"]] == top_heads(last["prev_token"], 2)
+    assert set(joint) == {"heads", "by", "zero", "mean"}
+    values = analysis_values(recs, 20, last["set"])
+    assert values["joint_ablated_icl"] == joint["zero"]["accuracy_closed"]
+    assert values["mean_joint_ablated_icl"] == joint["mean"]["accuracy_closed"]
+    # a joint ablation of one head is that head's single ablation
+    one = analyze_run(run_dir, icl, steps="20", max_seqs=80, batch_size=32, joint_top=1, echo=lambda s: None)[0]
+    (layer, head), = one["joint_ablation"]["heads"]
+    for mode in ("zero", "mean"):
+        assert one["joint_ablation"][mode]["accuracy_closed"] == pytest.approx(
+            one["ablation"][mode]["accuracy_closed"][layer][head], abs=1e-9)
+    none = analyze_run(run_dir, icl, steps="20", max_seqs=80, batch_size=32, joint_top=0, echo=lambda s: None)[0]
+    assert "joint_ablation" not in none and "ablation" in none
     assert [p.name for p in plot_analysis(run_dir)] == ["induction.png", "prev_token.png", "ablation.png"]
     for name in ("induction", "prev_token", "ablation"):
         assert (run_dir / "plots" / f"{name}.png").stat().st_size > 1000
@@ -160,6 +217,8 @@ def test_analyze_cli_errors_are_one_line(run, tmp_path):
     one_line(CliRunner().invoke(main, ["analyze", str(run_dir), "--eval", str(icl), "--steps", "x"]), "comma")
     one_line(CliRunner().invoke(main, ["analyze", str(tmp_path / "nothing"), "--eval", str(icl)]),
              "does not exist")
+    one_line(CliRunner().invoke(main, ["analyze", str(run_dir), "--eval", str(icl), "--joint-top", "5"]),
+             "--joint-top must be between 0 and the model's 4 heads")
     ok = CliRunner().invoke(main, ["analyze", str(run_dir), "--eval", str(icl), "--steps", "10",
                                    "--ablate-steps", "10", "--ablation", "zero", "--max-seqs", "32"])
     assert ok.exit_code == 0, ok.output
@@ -176,3 +235,8 @@ def test_read_analysis_checks_what_it_reads(tmp_path):
     path.write_text(json.dumps({**good, "step": "ten"}) + "\n")
     with pytest.raises(RunError, match="analysis records"):
         read_analysis(tmp_path)
+    assert analysis_values([{**good, "joint_ablation": {"heads": [[0, 1]], "zero": {"accuracy_closed": 0.5}}}], 10,
+                           "s") == {"analysis_icl": 0.5, "joint_ablated_icl": 0.5}
+    for bad in ([1], {"zero": {"accuracy_closed": "x"}}, {"mean": {"accuracy_closed": float("nan")}}):
+        with pytest.raises(RunError, match="joint_ablation"):
+            analysis_values([{**good, "joint_ablation": bad}], 10, "s")

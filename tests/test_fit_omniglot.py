@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import trainer.evaluate
+
 from seqgen.build import build
 from seqgen.config import BuildConfig, SeqType
 from tests.conftest import shared_omniglot_dir
@@ -51,16 +53,21 @@ def real_sets(tmp_path_factory, omniglot_table, omniglot_cache_dir):
     return out
 
 
-def test_fit_and_watch_on_real_omniglot(real_sets, omniglot_cache_dir, tmp_path):
+def test_fit_and_watch_on_real_omniglot(real_sets, omniglot_cache_dir, tmp_path, monkeypatch):
     src = shared_omniglot_dir()
     evals = [real_sets[SeqType.FEWSHOT_HOLDOUT], real_sets[SeqType.NO_SUPPORT_ZIPFIAN]]
     result = fit(_cfg(4), real_sets[SeqType.BURSTY], evals, tmp_path / "run", omniglot_dir=src,
                  cache_dir=omniglot_cache_dir, progress=False)
     assert result.step == 4 and checkpoint.list_steps(tmp_path / "run") == [2, 4]
-    seen = []
+    seen, polls = [], []
+
+    def sleep(seconds, stop):  # the watcher's wait, faked: a watcher that never stops fails instead of hanging
+        polls.append(seconds)
+        assert len(polls) <= 3, "the watcher kept polling a finished run"
+
+    monkeypatch.setattr(trainer.evaluate, "_sleep", sleep)
     steps = watch_run(tmp_path / "run", evals, poll=0.05, train_dir=None, max_seqs=16, batch_size=16,
-                      omniglot_dir=src, cache_dir=omniglot_cache_dir, topo=make_topology(), echo=seen.append,
-                      max_idle_polls=2)
+                      omniglot_dir=src, cache_dir=omniglot_cache_dir, topo=make_topology(), echo=seen.append)
     assert steps == [4]  # newest first; the run is finished, so the watcher stops after its last step
     watch = [r for r in RunDir(tmp_path / "run").read_metrics() if r.get("source") == "watch"]
     assert {r["seq_type"] for r in watch} == {"fewshot_holdout", "no_support_zipfian"}

@@ -6,7 +6,7 @@ its evaluation store; `series` is also what `trainer plot` draws), `trainer.chec
 the image table) and `trainer.evaluate` (`evaluate_run`: `Run.evaluate` is `trainer evaluate`, the same
 code and the same numbers; it records nothing unless asked). `TrainedModel` runs a checkpoint's model on
 batches of sequences (`seqgen.open_shards` slices): logits through `trainer.models.forward`, attention
-weights through `trainer.analyze.measures.tokens_of` and the transformer's `collect` pass.
+weights through `trainer.analyze.measures.tokens_of` and `trainer.analyze.inspect.inspect`.
 
 Every expected failure (no such run, no checkpoint, a moved training set, a bad shard set) is a one-line
 `seqgen.errors.UserError` subclass naming the fix (`RunError`, `CheckpointError`, `DataError`).
@@ -147,6 +147,7 @@ def _device_batch(batch: Batch) -> dict[str, jax.Array]:
 def _passes(set_cfg: BuildConfig, train_cfg: TrainConfig) -> tuple[Any, Any]:
     """Jitted logits and attention passes for batches of a set of config `set_cfg` (static), with the inputs
     made as the run `train_cfg` makes them."""
+    from trainer.analyze.inspect import inspect
     from trainer.analyze.measures import tokens_of
     from trainer.images import examples_for
     from trainer.models import forward
@@ -162,7 +163,7 @@ def _passes(set_cfg: BuildConfig, train_cfg: TrainConfig) -> tuple[Any, Any]:
     def attention(table, model, bn_state, batch):
         tokens = tokens_of(model, bn_state, make_examples(table, batch, set_cfg), batch["label"])
         model = eqx.nn.inference_mode(model)
-        return jax.vmap(lambda x: model.seq_model(x, key=None, collect=True)[1]["attention"])(tokens)
+        return jax.vmap(lambda x: inspect(model.seq_model, x, collect=True)[1]["attention"])(tokens)
 
     return logits, attention
 

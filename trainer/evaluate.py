@@ -246,7 +246,7 @@ def evaluate_run(run_dir: PathLike, eval_dirs: Sequence[PathLike], *, step: int 
 @releases_programs
 def watch_run(run_dir: PathLike, eval_dirs: Sequence[PathLike], *, poll: float, train_dir: PathLike | None,
               max_seqs: int | None, batch_size: int, omniglot_dir: PathLike | None, cache_dir: PathLike | None,
-              topo: Topology, echo: Callable[[str], None] = print, max_idle_polls: int | None = None,
+              topo: Topology, echo: Callable[[str], None] = print,
               interrupt: GracefulInterrupt | None = None, tracking: Tracking | None = None) -> list[int]:
     """Evaluate each new checkpoint; return the steps evaluated. Ends after the run's last step (or at an
     interrupt: `interrupt.stop_requested` then tells). `tracking`: the sinks its records are mirrored to."""
@@ -261,7 +261,6 @@ def watch_run(run_dir: PathLike, eval_dirs: Sequence[PathLike], *, poll: float, 
     names = set(target.evaluator.names)
     done = {e.step for e in run.evaluations() if e.source == "watch" and e.set in names}
     evaluated: list[int] = []
-    idle = 0
     with run_lock(run.path, "trainer evaluate --watch", enabled=topo.is_main, folder=run.evaluations_dir), \
             (interrupt or GracefulInterrupt("stopping --watch; evaluations already written are kept")) as stop, \
             mirrored(run, tracking, "watch", enabled=topo.is_main):
@@ -271,12 +270,8 @@ def watch_run(run_dir: PathLike, eval_dirs: Sequence[PathLike], *, poll: float, 
             if not todo:
                 if final in done:
                     break
-                idle += 1
-                if max_idle_polls is not None and idle > max_idle_polls:
-                    break
                 _sleep(poll, stop)
                 continue
-            idle = 0
             step = todo[-1]  # newest first: a slow evaluator skips ahead rather than lagging behind
             try:
                 results = _evaluate_step(target, step, stop)

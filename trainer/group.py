@@ -56,7 +56,7 @@ from trainer.runtime.platform import check_cpu_isa, releases_programs, resolve_c
 from trainer.runtime.signals import GracefulInterrupt
 from trainer.sinks import Tracking, check_available, mirrored
 from trainer.state import TrainState, init_state, restore
-from trainer.step import Examples, StepContext, make_one_step, run_steps
+from trainer.step import StepContext, make_one_step, run_steps
 
 PathLike = str | os.PathLike
 
@@ -176,7 +176,7 @@ def padded_runs(n: int, topo: Topology | None) -> int:
     return -(-n // d) * d
 
 
-def make_group_step(ctx: StepContext, topo: Topology | None = None, examples: Examples | None = None) -> Callable:
+def make_group_step(ctx: StepContext, topo: Topology | None = None) -> Callable:
     """`step(table, states, batches, n) -> (states, metrics)`: states stacked along a run axis R, batches
     [K, R, B, ...], metrics [K, R]; the first n (an int32 array) of K steps of every run in one jitted call
     (`trainer.step.run_steps` of the vmapped step).
@@ -185,7 +185,7 @@ def make_group_step(ctx: StepContext, topo: Topology | None = None, examples: Ex
     (`Topology.runs_sharding`; batches on axis 1): the vmapped step runs as a `shard_map`, each device
     training its R/D runs whole (each run's whole batch and BatchNorm statistics on its device), so the
     program holds no communication between devices. A single run keeps data parallelism (`trainer.fit`)."""
-    one_step = make_one_step(ctx, examples)
+    one_step = make_one_step(ctx)
     mesh = topo.runs_mesh if topo is not None and topo.num_devices > 1 else None
 
     @eqx.filter_jit(donate="all-except-first")

@@ -46,11 +46,6 @@ class StepContext:
         return cls(train_cfg, data_cfg, LabelSets.from_config(data_cfg))
 
 
-# `examples(table, batch, set_cfg) -> model inputs`: `trainer.images.examples_for(run config)` (the pixels made
-# on the device); a benchmark may pass another (e.g. finished host images in the batch) to the step makers.
-Examples = Callable[[jax.Array, dict[str, jax.Array], BuildConfig], jax.Array]
-
-
 def _cast_floats(tree, dtype):
     return jax.tree_util.tree_map(
         lambda x: x.astype(dtype) if eqx.is_inexact_array(x) and x.dtype != dtype else x, tree)
@@ -77,13 +72,13 @@ def _loss_and_metrics(model, bn_state, examples, labels, key, ctx: StepContext, 
     return ((per, logits) if with_logits else per), bn_state
 
 
-def make_one_step(ctx: StepContext, examples: Examples | None = None) -> Callable:
+def make_one_step(ctx: StepContext) -> Callable:
     """Return `one_step(table, state, batch) -> (state, metrics)`: one update, not jitted (`make_train_step`
     scans it over a dispatch; `trainer.group` also vmaps it over runs)."""
     opt_cfg = ctx.train_cfg.optimizer
     optimizer = make_optimizer(opt_cfg)
     seq_type = ctx.data_cfg.seq_type
-    examples = examples or examples_for(ctx.train_cfg)
+    examples = examples_for(ctx.train_cfg)  # (table, batch, set_cfg) -> model inputs, made on the device
 
     def one_step(table, state: TrainState, batch):
         with computing(ctx.train_cfg.compute):  # kernel path, layer loop, precision: read while tracing
@@ -132,10 +127,10 @@ def run_steps(body: Callable, state, batches, n: jax.Array):
     return jax.lax.fori_loop(0, n, loop_body, (state, buffers))
 
 
-def make_train_step(ctx: StepContext, examples: Examples | None = None) -> Callable:
+def make_train_step(ctx: StepContext) -> Callable:
     """Return `step(table, state, batches, n) -> (state, metrics)`: the first `n` of the K batches stacked
     along a leading dispatch axis (`run_steps`; `n` an int32 array, so it does not recompile), metrics [K]."""
-    one_step = make_one_step(ctx, examples)
+    one_step = make_one_step(ctx)
 
     @functools.partial(eqx.filter_jit, donate="all-except-first")
     def step(table, state: TrainState, batches, n):

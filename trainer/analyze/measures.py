@@ -15,6 +15,9 @@ layer and head (details and references: docs/analysis.md):
 - **head ablations** (at `--ablate-steps`): the accuracies (accuracy_closed = ICL on fewshot_holdout, and
   accuracy_query) with one head's output replaced before the output projection, by 0 (`zero`) or by
   its mean output over the same eval sequences at each position (`mean`), one head at a time.
+- **joint ablation** (at the same steps, `--joint-top K`, default 2): the K heads with the highest
+  previous-token scores at that checkpoint ablated together, in each mode, for a circuit whose
+  previous-token role is split over several heads (one head's ablation then understates it).
 
 Raw masses and uniform shares are stored beside the scores. Records go to `RUN_DIR/analysis.jsonl` (one
 line per (checkpoint, set); re-analysing replaces the lines of the same step and set), plots to
@@ -44,6 +47,7 @@ from trainer.images import examples_for
 from trainer.metrics import per_sequence_metrics
 from trainer.models import targets
 from trainer.models.config import SeqModel
+from trainer.analyze.inspect import inspect
 from trainer.analyze.records import ANALYSIS_FILE, read_analysis
 from trainer.run import RunDir, RunError
 
@@ -99,12 +103,21 @@ def summarize_scores(sums: dict[str, np.ndarray]) -> dict[str, Any]:
     return out
 
 
-def head_mask(num_layers: int, num_heads: int, layer: int | None = None, head: int | None = None) -> jax.Array:
-    """keep [layers, heads]: 1 everywhere but (layer, head), which is 0 (None: nothing ablated)."""
+def head_mask(num_layers: int, num_heads: int, *heads: tuple[int, int]) -> jax.Array:
+    """keep [layers, heads]: 1 everywhere but at each (layer, head) of `heads`, which is 0 (none: nothing
+    ablated; several: a joint ablation)."""
     keep = np.ones((num_layers, num_heads), np.float32)
-    if layer is not None:
+    for layer, head in heads:
         keep[layer, head] = 0.0
     return jnp.asarray(keep)
+
+
+def top_heads(grid: Any, k: int) -> list[tuple[int, int]]:
+    """The k (layer, head) pairs of the highest scores of a [layers][heads] grid, highest first (ties: the
+    earlier layer, then head)."""
+    a = np.asarray(grid, float)
+    order = np.argsort(-a, axis=None, kind="stable")[:k]
+    return [tuple(int(i) for i in np.unravel_index(j, a.shape)) for j in order]
 
 
 # ---- the model passes -----------------------------------------------------------------------------
@@ -139,7 +152,7 @@ class Passes:
         def collect(table, model, bn_state, batch):
             tokens = tokens_of(model, bn_state, make_examples(table, batch, set_cfg), batch["label"])
             model = eqx.nn.inference_mode(model)
-            logits, inner = jax.vmap(lambda x: model.seq_model(x, key=None, collect=True))(tokens)
+            logits, inner = jax.vmap(lambda x: inspect(model.seq_model, x, collect=True))(tokens)
             valid = batch["valid"].astype(jnp.float32)
             heads_sum = jnp.einsum("b,blthk->lthk", valid, inner["heads"])
             return (tokens, score_sums(inner["attention"], batch["example"], valid), heads_sum,
@@ -148,16 +161,16 @@ class Passes:
         @eqx.filter_jit
         def ablated(model, tokens, labels, valid, keep, replace):
             model = eqx.nn.inference_mode(model)
-            logits = jax.vmap(lambda x: model.seq_model(x, key=None, query_only=True,
-                                                        head_ablation=(keep, replace)))(tokens)
+            logits = jax.vmap(lambda x: inspect(model.seq_model, x, query_only=True, keep=keep, replace=replace))(tokens)
             return metrics(logits, labels, valid)
 
         self.collect, self.ablated = collect, ablated
 
 
 def analyze_checkpoint(passes: Passes, table: Any, model: Any, bn_state: Any, shard_set: Any, *, max_seqs: int,
-                       batch_size: int, ablations: Sequence[str]) -> dict[str, Any]:
-    """One checkpoint on one eval set: scores, baseline accuracies and (if `ablations`) per-head ablations."""
+                       batch_size: int, ablations: Sequence[str], joint_top: int = 2) -> dict[str, Any]:
+    """One checkpoint on one eval set: scores, baseline accuracies and (if `ablations`) per-head ablations
+    and the joint ablation of the `joint_top` heads with the highest previous-token scores (0: none)."""
     n_layers = model.seq_model.num_layers
     n_heads = model.seq_model.blocks.num_heads
     stored, sums, heads_sum, acc = [], None, None, None
@@ -176,17 +189,26 @@ def analyze_checkpoint(passes: Passes, table: Any, model: Any, bn_state: Any, sh
     if ablations:
         mean_heads = heads_sum / n
         all_tokens, all_labels, all_valid = (jnp.concatenate([s[i] for s in stored]) for i in range(3))
+        joint = top_heads(record["prev_token"], joint_top) if joint_top and record["prev_token"] else []
+
+        def accuracies(replace, *heads):
+            out = passes.ablated(model, all_tokens, all_labels, all_valid, head_mask(n_layers, n_heads, *heads),
+                                 replace)
+            return {k: float(v) / n for k, v in jax.device_get(out).items()}
+
         record["ablation"] = {}
+        if joint:
+            record["joint_ablation"] = {"heads": [list(h) for h in joint], "by": "prev_token"}
         for mode in ablations:
             replace = mean_heads if mode == "mean" else jnp.zeros_like(mean_heads)
             grid = {k: np.zeros((n_layers, n_heads)) for k in ("accuracy_closed", "accuracy_query")}
             for layer in range(n_layers):
                 for head in range(n_heads):
-                    keep = head_mask(n_layers, n_heads, layer, head)
-                    out = jax.device_get(passes.ablated(model, all_tokens, all_labels, all_valid, keep, replace))
-                    for k in grid:
-                        grid[k][layer, head] = float(out[k]) / n
+                    for k, v in accuracies(replace, (layer, head)).items():
+                        grid[k][layer, head] = v
             record["ablation"][mode] = {k: v.tolist() for k, v in grid.items()}
+            if joint:
+                record["joint_ablation"][mode] = accuracies(replace, *joint)
     return record
 
 
@@ -220,7 +242,7 @@ def _write_records(run: RunDir, records: list[dict[str, Any]]) -> Path:
 
 
 def analyze_run(run_dir: Any, eval_dir: Any, *, train_dir: Any = None, steps: str | None = None,
-                ablate_steps: str | None = "last", ablation: str = "both", max_seqs: int = 512,
+                ablate_steps: str | None = "last", ablation: str = "both", joint_top: int = 2, max_seqs: int = 512,
                 batch_size: int = 128, omniglot_dir: Any = None, cache_dir: Any = "data/cache",
                 echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     from trainer.runtime.distributed import make_topology
@@ -235,6 +257,9 @@ def analyze_run(run_dir: Any, eval_dir: Any, *, train_dir: Any = None, steps: st
     check_model(cfg)
     if max_seqs < 1 or batch_size < 1:
         raise RunError("--max-seqs and --batch-size must be >= 1")
+    heads = cfg.model.num_layers * cfg.model.num_heads
+    if not 0 <= joint_top <= heads:
+        raise RunError(f"--joint-top must be between 0 and the model's {heads} heads, got {joint_top}")
     available = checkpoint.list_steps(run.path)
     if not available:
         raise RunError(f"{run.path} has no complete checkpoint yet; train with `trainer fit` first")
@@ -251,7 +276,7 @@ def analyze_run(run_dir: Any, eval_dir: Any, *, train_dir: Any = None, steps: st
     for step in todo:
         state = restore(run.path, step, cfg, train.num_labels, topo)
         rec = analyze_checkpoint(passes, table, state.model, state.bn_state, shard_set, max_seqs=max_seqs,
-                                 batch_size=batch_size, ablations=modes if step in ablate else ())
+                                 batch_size=batch_size, ablations=modes if step in ablate else (), joint_top=joint_top)
         rec = {"step": step, "set": set_name(shard_set), "seq_type": shard_set.config.seq_type.value, **rec}
         records.append(rec)
         _write_records(run, records)  # after every checkpoint: an interrupted analysis keeps what it did
@@ -271,4 +296,4 @@ def _best_head(grid: Any) -> tuple[int, int, float] | None:
 
 
 __all__ = ["Passes", "analyze_checkpoint", "analyze_run", "head_mask", "score_sums", "summarize_scores",
-           "tokens_of"]
+           "tokens_of", "top_heads"]

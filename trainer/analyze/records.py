@@ -4,7 +4,8 @@ validated JSON reader, no JAX model code): `trainer sweep` reads these for its r
 
 One JSON line per (checkpoint step, eval set); the fields are written by `trainer.analyze.measures`
 (docs/analysis.md): the top-level ones of ANALYSIS_SCHEMA, and the grids `induction` / `prev_token`
-([layers][heads] scores, or null) and `ablation` ({mode: {metric: [layers][heads]}}, at ablated steps).
+([layers][heads] scores, or null), `ablation` ({mode: {metric: [layers][heads]}}, at ablated steps) and
+`joint_ablation` ({"heads": [[layer, head], ...], "by": "prev_token", mode: {metric: value}}, the same steps).
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ ANALYSIS_COLUMNS = {
     "analysis_icl": "ICL (accuracy_closed) on the analysed fewshot_holdout sequences, no head ablated",
     "ablated_icl_min": "the lowest ICL over single-head zero ablations (the head that carries most of it)",
     "mean_ablated_icl_min": "the lowest ICL over single-head mean ablations",
+    "joint_ablated_icl": "ICL with the top previous-token heads (`--joint-top`, default 2) zero-ablated together",
+    "mean_joint_ablated_icl": "ICL with the top previous-token heads mean-ablated together",
     "induction_max": "the highest induction score over all heads",
     "prev_token_max": "the highest previous-token score over all heads",
 }
 # The `trainer analyze --ablation` mode each ablation column needs (the default, both, writes either).
-ABLATION_OF_COLUMN = {"ablated_icl_min": "zero", "mean_ablated_icl_min": "mean"}
+ABLATION_OF_COLUMN = {"ablated_icl_min": "zero", "mean_ablated_icl_min": "mean", "joint_ablated_icl": "zero",
+                      "mean_joint_ablated_icl": "mean"}
 
 
 def analysis_values(records: Sequence[dict[str, Any]], step: int, set_name: str,
@@ -64,6 +68,16 @@ def analysis_values(records: Sequence[dict[str, Any]], step: int, set_name: str,
         grid = ablation.get(mode, {}).get("accuracy_closed") if isinstance(ablation.get(mode), dict) else None
         if grid is not None:
             out[column] = float(np.min(_grid(grid, record, f"{where}: ablation.{mode}.accuracy_closed")))
+    joint = record.get("joint_ablation") or {}
+    if not isinstance(joint, dict):
+        raise RunError(f"{where}: 'joint_ablation' is not a table; delete the file and rerun `trainer analyze`")
+    for mode, column in (("zero", "joint_ablated_icl"), ("mean", "mean_joint_ablated_icl")):
+        value = joint.get(mode, {}).get("accuracy_closed") if isinstance(joint.get(mode), dict) else None
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise RunError(f"{where}: joint_ablation.{mode}.accuracy_closed is not a number; delete the file "
+                               "and rerun `trainer analyze`")
+            out[column] = float(value)
     for key, column in (("induction", "induction_max"), ("prev_token", "prev_token_max")):
         if record.get(key) is not None:
             out[column] = float(np.max(_grid(record[key], record, f"{where}: {key}")))

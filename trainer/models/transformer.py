@@ -19,12 +19,9 @@ switch `kernels.layer_loop()` (the same function either way).
 With `query_only` (the loss and metrics read only the query's logits) the last block computes the query
 token's output alone: its keys and values still come from every token, nothing else of it is used.
 
-For analysis (`trainer.analyze`), optional and off by default (the default path is untouched):
-`collect=True` also returns every layer's attention weights `[layers, heads, T, T]` and per-head outputs
-`[layers, T, heads, head_dim]` (the attention-weighted values, before the output projection), and
-`head_ablation=(keep [layers, heads], replace [layers, T, heads, head_dim])` replaces head h of layer l
-by `keep * output + (1 - keep) * replace` before the output projection (keep 0 and replace 0: the head
-zeroed; replace = its mean output over an eval set: mean ablation). Both run the layers as a Python loop.
+The forward pass computes logits only. Analysis (attention weights, per-head outputs, head ablation)
+is a separate traced function, `trainer.analyze.inspect.inspect`, built from the same two halves of a
+block (`TransformerBlock.project` and `TransformerBlock.finish`), so it cannot drift from this arithmetic.
 """
 
 from __future__ import annotations
@@ -76,34 +73,28 @@ class TransformerBlock(eqx.Module):
         self.num_heads = num_heads
         self.dropout_prob = dropout_prob
 
-    def __call__(self, x: Float[Array, "t d"], *, key: PRNGKeyArray | None, last_only: bool = False,
-                 collect: bool = False, head_ablation: tuple[Array, Array] | None = None) -> Array:
-        """`[T, D] -> [T, D]`, or `[1, D]` (the last token's output alone) with `last_only`.
-
-        With `collect`: `(out, weights [H, T, T], heads [T, H, head_dim])`. `head_ablation = (keep [H],
-        replace [T, H, head_dim])`: each head's output becomes `keep * head + (1 - keep) * replace`."""
+    def project(self, x: Float[Array, "t d"]) -> tuple[Array, Array, Array]:
+        """The first half of the block: q, k, v `[T, H, head_dim]` from LN(x)."""
         t, d = x.shape
-        rate = 0.0 if self.inference else self.dropout_prob
-        k_att, k_mlp = jr.split(key) if (key is not None and rate > 0) else (None, None)
-
         qkv = self.ln_attn(x) @ self.qkv_weight + self.qkv_bias
         q, k, v = jnp.split(qkv.reshape(t, 3 * self.num_heads, d // self.num_heads), 3, axis=1)
+        return q, k, v
+
+    def finish(self, x: Float[Array, "t d"], heads: Array, *, key: PRNGKeyArray | None) -> Float[Array, "t d"]:
+        """The second half: the heads' outputs `[T, H, head_dim]` through the output projection into the
+        residual stream, then the MLP."""
+        rate = 0.0 if self.inference else self.dropout_prob
+        k_att, k_mlp = jr.split(key) if (key is not None and rate > 0) else (None, None)
+        x = x + dropout(self.attn_out(heads.reshape(x.shape)), rate, k_att)
+        h = kernels.gelu(self.mlp_in(self.ln_mlp(x)))
+        return x + dropout(self.mlp_out(h), rate, k_mlp)
+
+    def __call__(self, x: Float[Array, "t d"], *, key: PRNGKeyArray | None, last_only: bool = False) -> Array:
+        """`[T, D] -> [T, D]`, or `[1, D]` (the last token's output alone) with `last_only`."""
+        q, k, v = self.project(x)
         if last_only:
             q, x = q[-1:], x[-1:]
-        if collect or head_ablation is not None:  # analysis only: the same forward arithmetic, inspectable
-            heads, weights = kernels.attention_with_weights(q, k, v)
-            if head_ablation is not None:
-                keep, replace = head_ablation
-                keep = keep[None, :, None]
-                heads = heads * keep + (1.0 - keep) * replace[t - heads.shape[0]:]
-        else:
-            heads, weights = kernels.causal_attention(q, k, v), None
-        att = heads.reshape(x.shape[0], d)
-        x = x + dropout(self.attn_out(att), rate, k_att)
-
-        h = kernels.gelu(self.mlp_in(self.ln_mlp(x)))
-        out = x + dropout(self.mlp_out(h), rate, k_mlp)
-        return (out, weights, heads) if collect else out
+        return self.finish(x, kernels.causal_attention(q, k, v), key=key)
 
 
 class Transformer(eqx.Module):
@@ -146,16 +137,10 @@ class Transformer(eqx.Module):
         self.num_layers = num_layers
 
     def __call__(self, x: Float[Array, "t d"], *, key: PRNGKeyArray | None,
-                 query_only: bool = False, collect: bool = False,
-                 head_ablation: tuple[Array, Array] | None = None) -> Float[Array, "t c"]:
-        """Logits `[T, C]` (`[1, C]` with `query_only`). With `collect`: `(logits, {"attention": [layers,
-        heads, T, T], "heads": [layers, T, heads, head_dim]})`; `head_ablation`: see the module docstring."""
+                 query_only: bool = False) -> Float[Array, "t c"]:
+        """Logits `[T, C]` (`[1, C]` with `query_only`)."""
         params, static = eqx.partition(self.blocks, eqx.is_array)
         keys = None if key is None else jr.split(key, self.num_layers)
-        if collect and query_only:
-            raise ValueError("collect=True needs every token's attention: call with query_only=False")
-        if collect or head_ablation is not None:
-            return self._inspect(x, params, static, keys, query_only, collect, head_ablation)
 
         def layer(h, xs):
             p, k = xs
@@ -176,22 +161,3 @@ class Transformer(eqx.Module):
             p, k = select(self.num_layers - 1)
             x = eqx.combine(p, static)(x, key=k, last_only=True)
         return self.head(self.final_ln(x))
-
-    def _inspect(self, x, params, static, keys, query_only, collect, head_ablation):
-        """The analysis path: the blocks as a Python loop, collecting attention and / or ablating heads."""
-        weights, heads = [], []
-        for i in range(self.num_layers):
-            p, k = jax.tree_util.tree_map(lambda a: a[i], (params, keys))
-            ablate = None if head_ablation is None else (head_ablation[0][i], head_ablation[1][i])
-            last = query_only and i == self.num_layers - 1
-            out = eqx.combine(p, static)(x, key=k, last_only=last, collect=collect, head_ablation=ablate)
-            if collect:
-                x, w, h = out
-                weights.append(w)
-                heads.append(h)
-            else:
-                x = out
-        logits = self.head(self.final_ln(x))
-        if not collect:
-            return logits
-        return logits, {"attention": jnp.stack(weights), "heads": jnp.stack(heads)}

@@ -45,7 +45,8 @@ that `seqgen build --config` and `trainer fit --config` read) and lists the runs
 Check metrics are the columns of the evaluation types, plus, with a `fewshot_holdout` evaluation,
 `icl_of_ceiling` (ICL divided by the setting's ICL ceiling, `trainer.metrics.icl_ceiling`: settings with
 different holdout class counts compare on one scale) and the columns that `trainer analyze` writes to a run's analysis.jsonl (`trainer.analyze.records.ANALYSIS_COLUMNS`:
-analysis_icl, ablated_icl_min, mean_ablated_icl_min, induction_max, prev_token_max), read at the run's
+analysis_icl, ablated_icl_min, mean_ablated_icl_min, joint_ablated_icl, mean_joint_ablated_icl, induction_max,
+prev_token_max), read at the run's
 final step; a check stays PENDING until that analysis is there.
 
 Seeds: with `seeds = [s0, s1, ...]` each run becomes one run per seed, named `<name>/seed-<s>` and trained
