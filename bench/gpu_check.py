@@ -53,8 +53,9 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from seqgen.config import SeqType, build_config_from_toml, load_toml  # noqa: E402
-from trainer.config import ComputeConfig, Precision, TrainConfig, TrainingConfig, train_config_from_toml  # noqa: E402
+from seqgen.config import SeqType, build_config_from_toml  # noqa: E402
+from seqgen.configio import load_toml  # noqa: E402
+from trainer.config import ComputeConfig, Precision, TrainConfig, train_config_from_toml  # noqa: E402
 from trainer.models import ModelConfig  # noqa: E402
 
 SECTIONS = ("doctor", "data", "speed", "group", "determinism", "compile", "curve")

@@ -42,7 +42,7 @@ def worker(args: argparse.Namespace) -> None:
     import jax
     import numpy as np
 
-    from seqgen.config import load_toml
+    from seqgen.configio import load_toml
     from trainer.config import train_config_from_toml, with_overrides
     from trainer.data import BatchStream, open_shard_set
     from trainer.runtime.distributed import make_topology, replicate
@@ -173,7 +173,8 @@ def main() -> None:
     from dataclasses import replace
 
     from seqgen.build import build
-    from seqgen.config import build_config_from_toml, load_toml
+    from seqgen.config import build_config_from_toml
+    from seqgen.configio import load_toml
     from trainer.config import train_config_from_toml
 
     data = load_toml(args.config)

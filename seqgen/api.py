@@ -20,7 +20,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from seqgen import shards as fmt
-from seqgen.config import BuildConfig, ConfigError
+from seqgen.config import BuildConfig
+from seqgen.configio import ConfigError
 
 __all__ = ["SequenceSet", "open_shards"]
 

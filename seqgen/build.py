@@ -32,17 +32,8 @@ from seqgen import shards as fmt
 from seqgen.atomic import atomic_write_json
 from seqgen.errors import UserError
 from seqgen.lock import FolderLock, LockError, locked_by
-from seqgen.config import (
-    flatten,
-    IMAGE_SIZE,
-    N_AUGMENTATIONS,
-    N_EXEMPLARS,
-    N_OMNIGLOT_CLASSES,
-    BuildConfig,
-    ConfigError,
-    ExampleType,
-    Exemplars,
-)
+from seqgen.config import IMAGE_SIZE, N_AUGMENTATIONS, N_EXEMPLARS, N_OMNIGLOT_CLASSES, BuildConfig, ExampleType, Exemplars
+from seqgen.configio import ConfigError, changed_keys, flatten
 
 OMNIGLOT_URL_ENV = "SEQGEN_OMNIGLOT_URL"  # overrides the download base URL (tests, mirrors)
 
@@ -243,7 +234,7 @@ def _build_in_workers(plan: _Plan, todo: list[int], workers: int, bar: tqdm) -> 
 # ---- the folder -------------------------------------------------------------------------------
 def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     a, b = flatten(old), flatten(new)
-    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed_keys(old, new)]
     return "; ".join(d if len(d) < 80 else d[:77] + "..." for d in diffs[:3]) + ("; ..." if len(diffs) > 3 else "")
 
 

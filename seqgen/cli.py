@@ -23,7 +23,8 @@ from seqgen.build import (
     parse_shard_range,
 )
 from seqgen.cliopts import ConfigOption, ConfigOptions, cache_dir_option, omniglot_option
-from seqgen.config import BuildConfig, SeqType, build_config_from_toml, load_toml, replace_nested
+from seqgen.config import BuildConfig, SeqType, build_config_from_toml, replace_nested
+from seqgen.configio import load_toml
 from seqgen.errors import EXIT_ERROR, Advice, OneLineGroup, one_line_errors
 
 OMNIGLOT_HELP = "Omniglot folder (default: $OMNIGLOT_DIR, else data/omniglot; downloaded when absent)."

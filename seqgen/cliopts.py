@@ -31,7 +31,7 @@ from typing import Any
 
 import click
 
-from seqgen.config import field_doc
+from seqgen.configio import field_doc
 
 # The default folder of the cached Omniglot image table (seqgen build / finalize, trainer fit / evaluate / ...).
 DEFAULT_CACHE_DIR = "data/cache"

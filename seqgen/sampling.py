@@ -70,7 +70,8 @@ import hashlib
 import numpy as np
 
 from seqgen import kernels as K
-from seqgen.config import BuildConfig, ConfigError, Labeling, NonBurstyType, SeqType, SplitConfig
+from seqgen.config import BuildConfig, Labeling, NonBurstyType, SeqType, SplitConfig
+from seqgen.configio import ConfigError
 from seqgen.rng import base_key
 from seqgen.seqtypes import SPECS
 from seqgen.split import ClassSplit, zipf_weights

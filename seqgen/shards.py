@@ -31,7 +31,8 @@ import numpy as np
 
 from seqgen import seqtypes
 from seqgen.atomic import commit
-from seqgen.config import IMAGE_SIZE, BuildConfig, ConfigError, ExampleType, Labeling, SeqType
+from seqgen.config import IMAGE_SIZE, BuildConfig, ExampleType, Labeling, SeqType
+from seqgen.configio import ConfigError
 from seqgen.errors import UserError
 from seqgen.files import Optional, canonical_sha256, check_path, check_schema, describe_path, read_json_object
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from seqgen.config import BuildConfig, ConfigError
+from seqgen.config import BuildConfig
+from seqgen.configio import ConfigError
 
 
 @dataclass(frozen=True, eq=False)

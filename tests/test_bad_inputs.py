@@ -15,8 +15,7 @@ from click.testing import CliRunner
 
 from seqgen.cli import main as seqgen_main
 from tests.test_sweep import BASE, SWEEP, _write
-from tests.trainkit import SPLIT, paper_like_sets, symbolic_set
-from seqgen.config import SeqType
+from tests.trainkit import SPLIT, paper_like_sets
 from trainer.cli import main as trainer_main
 
 # ---- the values ------------------------------------------------------------------------------------------

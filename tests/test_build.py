@@ -12,14 +12,8 @@ import pytest
 
 from seqgen import build as B
 from seqgen import shards as fmt
-from seqgen.config import (
-    BuildConfig,
-    ConfigError,
-    DatasetConfig,
-    ExampleType,
-    Exemplars,
-    SeqType,
-)
+from seqgen.config import BuildConfig, DatasetConfig, ExampleType, Exemplars, SeqType
+from seqgen.configio import ConfigError
 from seqgen.sampling import generate
 from seqgen.split import make_split
 from tests.test_shards import symbolic_cfg

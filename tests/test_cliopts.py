@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from seqgen.cli import BUILD_OPTIONS
 from seqgen.cli import main as seqgen_main
 from seqgen.cliopts import ConfigClickOption, ConfigOption, ConfigOptions, config_options_of
-from seqgen.config import BuildConfig, documented, flatten, replace_nested
+from seqgen.config import BuildConfig, replace_nested
+from seqgen.configio import documented, flatten
 from trainer.cli import main as trainer_main
 from trainer.config import FIT_OPTIONS, TrainConfig, with_overrides
 

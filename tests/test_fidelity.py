@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from seqgen import shards as fmt
-from seqgen.config import (BuildConfig, ConfigError, DatasetConfig, ExampleType, Labeling, SeqType, SequenceConfig,
-                           SplitConfig)
+from seqgen.config import BuildConfig, DatasetConfig, ExampleType, Labeling, SeqType, SequenceConfig, SplitConfig
+from seqgen.configio import ConfigError
 from seqgen.sampling import generate
 from seqgen.split import make_split
 from tests.naive import naive_generate

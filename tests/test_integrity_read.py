@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from seqgen import shards as fmt
 from seqgen.atomic import atomic_write_json
 from seqgen.cli import main as seqgen_main
-from seqgen.config import BuildConfig, ConfigError, SeqType, SequenceConfig, load_toml
+from seqgen.config import BuildConfig, SeqType, SequenceConfig
+from seqgen.configio import ConfigError, load_toml
 from tests.trainkit import symbolic_set
 from trainer import checkpoint
 from trainer.cli import main as trainer_main

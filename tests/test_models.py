@@ -18,7 +18,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from seqgen.config import ConfigError
+from seqgen.configio import ConfigError
 from trainer.models import (
     BatchNorm,
     ExampleEncoding,

@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from seqgen.cli import main as seqgen_main
-from seqgen.config import ConfigError, SeqType, load_toml
+from seqgen.config import SeqType
+from seqgen.configio import ConfigError, load_toml
 from seqgen.files import describe_path
 from seqgen.shards import describe_shard_set
 from tests.trainkit import TINY_CLI, one_line_error, symbolic_set
@@ -91,7 +92,7 @@ def test_shard_set_paths_described(sets, odd, tmp_path):
         odd / "broken": "is a broken symbolic link",
         odd / "folder": "is an empty directory (no shard set was built there)",
         train / "manifest.json": f"is a file of the shard set {train}; pass that folder: {train}",
-        train.parent: f"is a folder of shard sets (",
+        train.parent: "is a folder of shard sets (",
         odd: "is not a shard set: it holds no manifest.json (",
     }
     for path, words in cases.items():

@@ -16,18 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from seqgen.config import (
-    BuildConfig,
-    ConfigError,
-    DatasetConfig,
-    ExampleType,
-    Exemplars,
-    Labeling,
-    NonBurstyType,
-    SeqType,
-    SequenceConfig,
-    SplitConfig,
-)
+from seqgen.config import BuildConfig, DatasetConfig, ExampleType, Exemplars, Labeling, NonBurstyType, SeqType, SequenceConfig, SplitConfig
+from seqgen.configio import ConfigError
 from seqgen.rng import base_key
 from seqgen.sampling import SEQ_TYPE_TAGS, generate
 from seqgen.split import make_split

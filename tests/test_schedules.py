@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from seqgen.config import ConfigError, SeqType
+from seqgen.config import SeqType
+from seqgen.configio import ConfigError
 from tests.trainkit import symbolic_set, tiny_config
 from trainer import checkpoint
 from trainer.config import OptimizerConfig, TrainConfig, TrainingConfig

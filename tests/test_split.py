@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from seqgen.config import BuildConfig, ConfigError, DatasetConfig, ExampleType, Exemplars, SeqType, SplitConfig
+from seqgen.config import BuildConfig, DatasetConfig, ExampleType, Exemplars, SeqType, SplitConfig
+from seqgen.configio import ConfigError
 from seqgen.split import ClassSplit, make_split, zipf_weights
 
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from seqgen.config import (BuildConfig, ConfigError, DatasetConfig, ExampleType, Labeling, SeqType, SequenceConfig,
-                           SplitConfig)
+from seqgen.config import BuildConfig, DatasetConfig, ExampleType, Labeling, SeqType, SequenceConfig, SplitConfig
+from seqgen.configio import ConfigError
 from seqgen.sampling import generate, trained_label_table
 from seqgen.shards import check_invariants
 from seqgen.split import make_split

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from seqgen.config import ConfigError, Labeling, SeqType
+from seqgen.config import Labeling, SeqType
+from seqgen.configio import ConfigError
 from trainer.checkpoint import latest_step
 from trainer.cli import main
 from trainer.run import RunDir

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from seqgen.config import ConfigError
+from seqgen.configio import ConfigError
 from trainer.checkpoint import latest_step
 from trainer.cli import main
 from trainer.runtime.signals import GracefulInterrupt

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import click
 
 from seqgen.cliopts import cache_dir_option, omniglot_option
-from seqgen.config import flatten, load_toml
+from seqgen.configio import flatten, load_toml
 from seqgen.errors import OneLineGroup
 from trainer.config import COMPUTE_OPTIONS, FIT_OPTIONS, TrainConfig, train_config_from_toml, with_overrides
 from trainer.runtime.errors import one_line_errors, rerun_errors

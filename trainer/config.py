@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seqgen.cliopts import ConfigOption, ConfigOptions
-from seqgen.config import ConfigError, check_finite, documented, from_plain, refuse_retired, to_plain
+from seqgen.configio import ConfigError, apply_overrides, check_finite, documented, from_plain, refuse_retired, to_plain
 from trainer.models.config import ModelConfig
 
 
@@ -195,6 +195,15 @@ class TrainConfig:
         return from_plain(cls, data, "trainer.")
 
 
+# Options that change only how the loop reports and saves, not what a run computes: a resumed run keeps its
+# stored values unless the command line names them (`trainer.resume`), and a sweep's run directory is still
+# its run when they differ (`trainer.sweep.plan`). `training.steps` is not among them: a run with more
+# steps is the same run continued, which each of those callers handles itself.
+BOOKKEEPING = frozenset({
+    "training.eval_seqs", "training.eval_every", "training.eval_batch_size", "training.log_every",
+    "training.checkpoint_every", "training.keep_checkpoints", "training.steps_per_dispatch",
+})
+
 # The compute settings ([trainer.compute]; docs/gpu.md).
 COMPUTE_FIELDS = ("compute.precision", "compute.kernels", "compute.layer_loop", "compute.deterministic",
                   "compute.cpu_isa")
@@ -224,16 +233,7 @@ def train_config_from_toml(data: dict[str, Any]) -> TrainConfig:
 
 def with_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     """Apply dotted overrides such as {"training.steps": 10}; None values are skipped (option not given)."""
-    data = cfg.to_dict()
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = to_plain(value)
-    return TrainConfig.from_dict(data)
+    return TrainConfig.from_dict(apply_overrides(cfg.to_dict(), overrides))
 
 
 def schedule_problem(t: TrainingConfig) -> str | None:

@@ -46,7 +46,8 @@ import h5py
 import numpy as np
 
 from seqgen import shards as fmt
-from seqgen.config import BuildConfig, ConfigError
+from seqgen.config import BuildConfig
+from seqgen.configio import ConfigError
 from seqgen.errors import UserError
 from seqgen.files import canonical_sha256
 

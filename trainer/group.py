@@ -40,7 +40,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from seqgen.config import BuildConfig, to_plain
+from seqgen.config import BuildConfig
+from seqgen.configio import to_plain
 from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.data import BatchStream, ShardSet, data_record, open_sets, open_shard_set

@@ -21,17 +21,12 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from seqgen.config import flatten
+from seqgen.configio import changed_keys, flatten
 from trainer import checkpoint
-from trainer.config import FIT_OPTIONS, TrainConfig, with_overrides
+from trainer.config import BOOKKEEPING, FIT_OPTIONS, TrainConfig, with_overrides
 from trainer.run import Evaluation, RunDir, RunError
 from trainer.schedule import StepSchedule
 
-# Options that change only how the loop reports and saves, not what it computes.
-BOOKKEEPING = frozenset({
-    "training.eval_seqs", "training.eval_every", "training.eval_batch_size", "training.log_every",
-    "training.checkpoint_every", "training.keep_checkpoints", "training.steps_per_dispatch",
-})
 # The command-line spelling of options, for messages (the `trainer fit` option table).
 OPTION_NAMES = FIT_OPTIONS.flags
 
@@ -77,8 +72,8 @@ def resumed_config(stored: TrainConfig, given: TrainConfig, checkpoint_step: int
     """(config to train with now, config to record in config.json) for resuming `stored` at
     `checkpoint_step` with the options `given`; RunError (one line) for a change it cannot make."""
     old, new = flatten(stored.to_dict()), flatten(given.to_dict())
-    ignored = {"training.steps"} | (set() if strict else BOOKKEEPING)
-    changed = [k for k in sorted(set(old) | set(new)) if k not in ignored and old.get(k) != new.get(k)]
+    changed = changed_keys(stored.to_dict(), given.to_dict(),
+                           ignore={"training.steps"} | (set() if strict else BOOKKEEPING))
     if changed:
         k = changed[0]
         more = f" (and {len(changed) - 1} more option{'s' if len(changed) > 2 else ''})" if len(changed) > 1 else ""

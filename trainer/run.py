@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from seqgen.atomic import atomic_write_json, atomic_write_text
-from seqgen.config import ConfigError
+from seqgen.configio import ConfigError
 from seqgen.errors import UserError, notice
 from seqgen.files import Optional, check_path, check_schema, describe_path, read_json_object, read_jsonl_objects
 from seqgen.jsonlog import append_line, settle_tail

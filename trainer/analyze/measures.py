@@ -30,7 +30,6 @@ on the stored tokens (one jitted function, the head mask an input, so no recompi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 

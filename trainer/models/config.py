@@ -21,7 +21,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from seqgen.config import ConfigError, documented, from_plain, to_plain
+from seqgen.configio import ConfigError, documented, from_plain, to_plain
 
 
 class ExampleEncoding(str, enum.Enum):

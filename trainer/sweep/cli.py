@@ -12,7 +12,7 @@ from typing import Sequence
 import click
 
 from seqgen.cliopts import cache_dir_option, omniglot_option
-from seqgen.config import ConfigError
+from seqgen.configio import ConfigError
 from trainer.runtime.errors import sweep_errors
 from trainer.sweep.checks import Verdict
 from trainer.sweep.cluster import (

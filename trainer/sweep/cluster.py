@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from seqgen.config import ConfigError
+from seqgen.configio import ConfigError
 from trainer.runtime.signals import GracefulInterrupt
 from trainer.sweep.execute import Outcome, label, last_line, prepare, units_of
 from trainer.sweep.plan import Plan, RunAction, RunPlan, SetAction

@@ -16,14 +16,16 @@ import enum
 from pathlib import Path
 from typing import Any, Sequence
 
-from seqgen.config import BuildConfig, ConfigError, flatten
+from seqgen.config import BuildConfig
+from seqgen.configio import ConfigError, changed_keys, flatten
 from seqgen.files import canonical_sha256
 from trainer.checkpoint import latest_step
 from trainer.memory import FILE_OPTIONS, ModelTooLarge, check_fits
 from seqgen.shards import ShardError, read_manifest
 from trainer.run import RunDir, RunError
 from trainer.runtime.platform import resolve_compute
-from trainer.sweep.spec import BOOKKEEPING, DEFAULT_SHARDS_DIR, RunSpec, Sweep, SweepError
+from trainer.config import BOOKKEEPING
+from trainer.sweep.spec import DEFAULT_SHARDS_DIR, RunSpec, Sweep, SweepError
 
 
 def config_hash(cfg: BuildConfig) -> str:
@@ -116,8 +118,8 @@ def _run_of(spec: RunSpec, folder: Path, train_dir: Path, option: str) -> RunDir
     except (RunError, KeyError, TypeError, ConfigError):
         raise SweepError(f"{config} is unreadable; delete {folder} or choose another {option}") from None
     # a stored config records the kernel path and layer loop that ran; "auto" here resolves the same way
-    diff = _difference(flatten(resolve_compute(old).to_dict()), flatten(resolve_compute(spec.trainer).to_dict()),
-                       ignore=BOOKKEEPING)
+    diff = _difference(resolve_compute(old).to_dict(), resolve_compute(spec.trainer).to_dict(),
+                       ignore=BOOKKEEPING | {"training.steps"})
     if diff or old_train != train_dir.name:
         what = f"trainer options ({diff})" if diff else f"a training set ({old_train}) of other seqgen options"
         raise SweepError(f"{folder} was trained with {what} than run '{spec.name}' of this sweep; "
@@ -159,8 +161,8 @@ def run_action(spec: RunSpec, run_dir: Path, train_dir: Path, eval_dirs: Sequenc
 
 
 def _difference(old: dict[str, Any], new: dict[str, Any], ignore: set[str]) -> str:
-    keys = [k for k in sorted(set(old) | set(new)) if k not in ignore and old.get(k) != new.get(k)]
-    return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys[:2]) + (", ..." if len(keys) > 2 else "")
+    keys, a, b = changed_keys(old, new, ignore), flatten(old), flatten(new)
+    return ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in keys[:2]) + (", ..." if len(keys) > 2 else "")
 
 
 def default_out(sweep: Sweep) -> Path:

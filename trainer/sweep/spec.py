@@ -86,7 +86,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from seqgen.config import BuildConfig, ConfigError, SeqType, SequenceConfig, load_toml, refuse_retired
+from seqgen.config import BuildConfig, SeqType, SequenceConfig
+from seqgen.configio import ConfigError, load_toml, refuse_retired
 from seqgen.errors import UserError
 from trainer.config import TrainConfig
 from trainer.analyze.records import ANALYSIS_COLUMNS
@@ -99,11 +100,6 @@ _SWEEP_KEYS = {"name", "figure", "claim", "base", "x", "x_scale", "train_seqs", 
                "eval_seed", "seeds", "deviations", "log_to"}
 _RUN_KEYS = {"name", "x", "base", "seqgen", "trainer"}
 _CHECK_KEYS = {"claim", "metric", "run", "compare", "than", "margin", "tolerance", "than_metric"}
-# Options that do not change what a run learns: a finished or partial run is still this run if they differ
-# (a resumed run keeps its stored values; the final evaluation uses the sweep's eval_seqs).
-BOOKKEEPING = {"training.steps", "training.eval_seqs", "training.eval_every", "training.eval_batch_size",
-               "training.log_every", "training.checkpoint_every", "training.keep_checkpoints",
-               "training.steps_per_dispatch"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
