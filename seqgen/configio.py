@@ -2,8 +2,8 @@
 frozen config dataclasses and compares them.
 
 - `documented` / `field_doc`: a config field with its one-line documentation (also its `--help`);
-- `from_plain` / `to_plain`: nested dicts <-> dataclasses (enums by value, unknown keys refused, `RETIRED`
-  options dropped from stored configs and refused in user files by `refuse_retired`); `check_finite`;
+- `from_plain` / `to_plain`: nested dicts <-> dataclasses (enums by value, unknown keys refused);
+  `check_finite`;
 - `load_toml`: a TOML file, or one line naming the problem and the fix;
 - `apply_overrides`: dotted overrides (`{"sequence.p_bursty": 0.5}`) on a nested dict;
 - `flatten` / `changed_keys`: the dotted keys whose values differ between two configs (each caller words
@@ -70,42 +70,19 @@ def to_plain(obj: Any) -> Any:
 
 
 def from_plain(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass `cls` from nested dicts, converting enums; unknown keys are errors, except the
-    options of earlier versions that `cls.RETIRED` names (dropped: old stored configs still load)."""
+    """Build dataclass `cls` from nested dicts, converting enums; unknown keys are errors."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a table, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = _type_hints(cls)
-    retired = getattr(cls, "RETIRED", {})  # options of earlier versions, dropped on reading ({name: why})
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
-        if name in retired:
-            continue
         if name not in fields:
             valid = ", ".join(sorted(fields))
             raise ConfigError(f"unknown option '{where}{key}'; valid options here: {valid}")
         kwargs[name] = _convert(hints[name], value, f"{where}{key}")
     return cls(**kwargs)
-
-
-def refuse_retired(cls: type, data: Any, where: str = "") -> None:
-    """Raise ConfigError when a user-written table (a TOML file, not a stored config) sets an option that
-    `RETIRED` names in `cls` or in one of its nested config classes: such a file would silently lose it."""
-    import typing
-
-    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
-        return
-    retired = getattr(cls, "RETIRED", {})
-    hints = _type_hints(cls)
-    for key, value in data.items():
-        name = key.replace("-", "_")
-        if name in retired:
-            raise ConfigError(f"option '{where}{key}' was retired ({retired[name]}); delete it")
-        tp = hints.get(name)
-        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
-        if isinstance(value, dict) and dataclasses.is_dataclass(args[0]):
-            refuse_retired(args[0], value, f"{where}{key}.")
 
 
 def _type_hints(cls: type) -> dict[str, Any]:

@@ -69,5 +69,8 @@ def test_missing_step_and_foreign_metadata(tmp_path):
     with pytest.raises(CheckpointError, match="available steps: 1"):
         checkpoint.read_metadata(tmp_path, 2)
     (path / "metadata.json").write_text(json.dumps({"format": "other", "format_version": 9}))
-    with pytest.raises(CheckpointError, match="not an emergent-icl checkpoint this version can read"):
+    with pytest.raises(CheckpointError, match="not an emergent-icl checkpoint"):
+        checkpoint.load(tmp_path, 1, _tree())
+    (path / "metadata.json").write_text(json.dumps({"format": checkpoint.FORMAT, "format_version": 9, "step": 1}))
+    with pytest.raises(CheckpointError, match="format v9; this version reads v2 only"):
         checkpoint.load(tmp_path, 1, _tree())

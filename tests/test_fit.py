@@ -55,45 +55,20 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(sets, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 20
 
 
-def _as_format_1(state, cfg):
-    """The same state in checkpoint format 1: the optimizer's flat mu / nu vectors cut back into one array
-    per parameter array (the layout before the flat optimizer)."""
-    import equinox as eqx
-    from trainer.state import _per_array_optimizer
-
-    params = eqx.filter(state.model, eqx.is_inexact_array)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-
-    def unflat(x):
-        if not (hasattr(x, "ndim") and x.ndim == 1 and x.size == sum(a.size for a in leaves)):
-            return x
-        cuts = np.cumsum([a.size for a in leaves])[:-1]
-        return jax.tree_util.tree_unflatten(
-            treedef, [p.reshape(a.shape) for p, a in zip(np.split(np.asarray(x), cuts), leaves)])
-
-    legacy = jax.tree_util.tree_map(unflat, state.opt_state)
-    skeleton = _per_array_optimizer(cfg.optimizer).init(params)
-    assert jax.tree_util.tree_structure(legacy) == jax.tree_util.tree_structure(skeleton)
-    return eqx.tree_at(lambda s: s.opt_state, state, legacy)
-
-
-def test_a_format_1_checkpoint_resumes_exactly(sets, tmp_path, monkeypatch):
-    """Checkpoints written before the flat optimizer state (format 1) still resume, bit for bit."""
+def test_a_checkpoint_of_another_format_version_is_refused_in_one_line(sets, tmp_path):
+    """Format 1 (one optimizer-state array per parameter array, before 2026-12) is no longer read: resuming
+    from it is one line naming the fix, and nothing is trained or written."""
     train, icl, _ = sets
-    cfg = tiny_config(steps=20)
-    fit(cfg, train, [icl], tmp_path / "straight", progress=False)
     fit(tiny_config(steps=10), train, [icl], tmp_path / "old", progress=False)
-    meta = checkpoint.read_metadata(tmp_path / "old", 10)
-    extras = {k: v for k, v in meta.items() if k not in ("format", "format_version", "step")}
-    old_state = _as_format_1(checkpoint.load(tmp_path / "old", 10, state_skeleton(cfg, 40)), cfg)
-    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 1)
-    checkpoint.save(tmp_path / "old", 10, old_state, extras)
-    monkeypatch.undo()
-    assert checkpoint.read_metadata(tmp_path / "old", 10)["format_version"] == 1
-    fit(cfg, train, [icl], tmp_path / "old", resume=True, progress=False)
-    assert checkpoint.read_metadata(tmp_path / "old", 20)["format_version"] == checkpoint.FORMAT_VERSION
-    a, b = _leaves(tmp_path / "straight", 20, cfg), _leaves(tmp_path / "old", 20, cfg)
-    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    meta_path = checkpoint.checkpoint_dir(tmp_path / "old") / "step-10" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = 1
+    meta_path.write_text(json.dumps(meta))
+    before = (tmp_path / "old" / "metrics.jsonl").read_bytes()
+    with pytest.raises(checkpoint.CheckpointError, match=r"format v1; this version reads v2 only: retrain"):
+        fit(tiny_config(steps=20), train, [icl], tmp_path / "old", resume=True, progress=False)
+    assert checkpoint.list_steps(tmp_path / "old") == [10]
+    assert (tmp_path / "old" / "metrics.jsonl").read_bytes() == before
 
 
 def test_steps_per_dispatch_gives_the_same_parameters(sets, tmp_path):

@@ -58,12 +58,15 @@ def test_a_damaged_state_file_is_refused(tmp_path, damage):
     assert "\n" not in str(e.value)
 
 
-def test_a_checkpoint_written_before_checksums_still_loads(tmp_path):
+def test_a_checkpoint_without_its_checksum_is_refused(tmp_path):
+    """Every checkpoint records its state's sha256; metadata without it is not trusted (one line)."""
     folder = checkpoint.save(tmp_path, 4, _tree(), {})
     meta = json.loads((folder / "metadata.json").read_text())
     del meta["state_sha256"]
     (folder / "metadata.json").write_text(json.dumps(meta))
-    assert np.array_equal(checkpoint.load(tmp_path, 4, _tree())["w"], _tree()["w"])
+    with pytest.raises(checkpoint.CheckpointError, match="state_sha256") as e:
+        checkpoint.load(tmp_path, 4, _tree())
+    assert "\n" not in str(e.value)
 
 
 # ---- a full disk during a checkpoint ---------------------------------------------------------------------

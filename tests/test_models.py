@@ -434,31 +434,18 @@ def test_config_roundtrip_and_string_enums():
     assert math.isclose(ModelConfig().positional_max_time, 30.0)
 
 
-def test_configs_stored_with_the_retired_unroll_layers_still_load(tmp_path):
-    """`unroll_layers` was a model option until it became the layer-loop speed switch: configs stored with it
-    (run directories' config.json, checkpoint metadata, sweep plans) load, without it; a misspelt option is
-    still an error."""
-    stored = TrainConfig().to_dict()
-    assert "unroll_layers" not in stored["model"]
-    for value in (True, False):
-        stored["model"]["unroll_layers"] = value
-        assert TrainConfig.from_dict(stored) == TrainConfig()
-    assert ModelConfig.from_dict({"unroll_layers": True, "emb_dim": 32}) == ModelConfig(emb_dim=32)
-    with pytest.raises(ConfigError, match="unknown option 'model.unroll_layer'"):
-        ModelConfig.from_dict({"unroll_layer": True})
-    run = RunDir(tmp_path / "run")
-    run.create(TrainConfig(), {"train": {"path": "train", "fingerprint": "0"}, "eval": []})
-    record = json.loads(run.config_path.read_text())
-    record["trainer"]["model"]["unroll_layers"] = True  # as every run directory written before
-    run.config_path.write_text(json.dumps(record))
-    assert run.train_config() == TrainConfig()
+def test_every_committed_run_config_loads_without_a_compatibility_path():
+    """The committed results were migrated once (the retired `unroll_layers` dropped): each config.json under
+    results/ loads as it is, and the old option is now an unknown option like any other."""
+    from pathlib import Path
 
-
-def test_a_config_file_that_sets_the_retired_unroll_layers_is_refused():
-    """A user's TOML that still sets `unroll_layers` would silently lose it: refused in one line, naming
-    where the option went; a stored config with it still loads (above)."""
     from trainer.config import train_config_from_toml
 
-    with pytest.raises(ConfigError, match=r"'trainer.model.unroll_layers' was retired \(.*EMERGENT_ICL_LAYERS"):
+    configs = sorted(Path(__file__).resolve().parents[1].glob("results/**/runs/**/config.json"))
+    assert len(configs) > 100
+    for path in configs:
+        assert isinstance(RunDir(path.parent).train_config(), TrainConfig), path
+    with pytest.raises(ConfigError, match="unknown option 'model.unroll_layers'"):
+        ModelConfig.from_dict({"unroll_layers": True})
+    with pytest.raises(ConfigError, match="unknown option 'trainer.model.unroll_layers'"):
         train_config_from_toml({"trainer": {"model": {"unroll_layers": False}}})
-    assert train_config_from_toml({"trainer": {"model": {"emb_dim": 32}}}).model.emb_dim == 32

@@ -1,6 +1,6 @@
 """trainer.run's evaluation store: metrics.jsonl is the one record of every evaluation, evaluations/step-N.json
-is derived from it, and run directories written before (`trainer evaluate` results in evaluations/ only)
-still read, with the run's own curve (fit / watch) taking precedence over one-off evaluations."""
+is derived from it (and never read as a source), with the run's own curve (fit / watch) taking precedence
+over one-off evaluations."""
 
 from __future__ import annotations
 
@@ -15,48 +15,45 @@ def _summary(mean: float, n: int = 10) -> dict:
     return {"accuracy_closed": {"mean": mean, "ci95": [mean - 0.1, mean + 0.1], "n": n}}
 
 
-def _old_run(tmp_path):
-    """A run directory as the code before the store wrote it: fit's and --watch's evaluations in metrics.jsonl,
-    `trainer evaluate`'s in evaluations/step-N.json only (--watch's in both)."""
-    lines = [
-        {"step": 5, "kind": "train", "window": 5, "metrics": {"loss": 1.0}},
-        {"step": 10, "kind": "eval", "source": "fit", "set": "icl", "seq_type": "fewshot_holdout",
-         "metrics": _summary(0.7, 64)},
-        {"step": 10, "kind": "eval", "source": "watch", "set": "other", "seq_type": "bursty",
-         "metrics": _summary(0.2)},
-    ]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    (tmp_path / "evaluations").mkdir()
-    view = {"step": 10, "time": 1.0, "max_seqs": 16, "source": "evaluate", "sets": [
-        {"set": "icl", "seq_type": "fewshot_holdout", "metrics": _summary(0.1), "max_seqs": 16, "source": "evaluate"},
-        {"set": "iwl", "seq_type": "no_support_zipfian", "metrics": _summary(0.3), "max_seqs": 16,
-         "source": "evaluate"},
-        {"set": "other", "seq_type": "bursty", "metrics": _summary(0.2), "max_seqs": None, "source": "watch"}]}
-    (tmp_path / "evaluations" / "step-10.json").write_text(json.dumps(view))
-    return RunDir(tmp_path)
+def _run(tmp_path):
+    """A run directory with fit's curve, a --watch and two `trainer evaluate` evaluations at step 10."""
+    run = RunDir(tmp_path)
+    run.append_metrics({"step": 5, "kind": "train", "window": 5, "metrics": {"loss": 1.0}})
+    for e in (Evaluation(10, "icl", "fewshot_holdout", "fit", _summary(0.7, 64)),
+              Evaluation(10, "other", "bursty", "watch", _summary(0.2)),
+              Evaluation(10, "icl", "fewshot_holdout", "evaluate", _summary(0.1), 16),
+              Evaluation(10, "iwl", "no_support_zipfian", "evaluate", _summary(0.3), 16)):
+        run.record_evaluation(e)
+    return run
 
 
-def test_an_old_run_directory_reads_through_the_store(tmp_path):
-    run = _old_run(tmp_path)
+def test_the_store_is_metrics_jsonl_alone(tmp_path):
+    run = _run(tmp_path)
     got = sorted((e.set, e.source, e.metrics["accuracy_closed"]["mean"]) for e in run.evaluations())
-    # the --watch evaluation is in both files and counted once; `trainer evaluate`'s come from evaluations/
     assert got == [("icl", "evaluate", 0.1), ("icl", "fit", 0.7), ("iwl", "evaluate", 0.3), ("other", "watch", 0.2)]
     final = run.final_evaluations(10, ["icl", "iwl", "missing"])
     assert final == {"icl": _summary(0.7, 64), "iwl": _summary(0.3)}  # fit's own wins; evaluate fills in
     assert run.evaluations(step=5) == [] and run.final_evaluations(5, ["icl"]) == {}
+    # the derived step file is a view, never a source: an entry only there is not an evaluation of the run
+    path = tmp_path / "evaluations" / "step-10.json"
+    view = json.loads(path.read_text())
+    view["sets"].append({"set": "extra", "seq_type": "bursty", "metrics": _summary(0.9), "max_seqs": 8,
+                         "source": "evaluate"})
+    path.write_text(json.dumps(view))
+    assert "extra" not in {e.set for e in run.evaluations()}
 
 
 def test_evaluate_records_once_and_derives_the_step_file(tmp_path):
-    run = _old_run(tmp_path)
+    run = _run(tmp_path)
     run.record_evaluation(Evaluation(10, "iwl", "no_support_zipfian", "evaluate", _summary(0.35), 32))
     records = [r for r in run.read_metrics() if r.get("kind") == "eval"]
     assert records[-1] == {"step": 10, "kind": "eval", "source": "evaluate", "set": "iwl",
                            "seq_type": "no_support_zipfian", "metrics": _summary(0.35), "max_seqs": 32}
     view = {s["set"]: s for s in read_evaluation(tmp_path / "evaluations" / "step-10.json")["sets"]}
-    # derived from the store: the older entries (legacy, --watch) are kept, iwl is the new one
+    # derived from the store: the latest evaluate / watch entry of each set; iwl is the new one
     assert set(view) == {"icl", "iwl", "other"} and view["iwl"]["metrics"] == _summary(0.35)
     assert view["iwl"]["max_seqs"] == 32 and view["icl"]["metrics"] == _summary(0.1)
-    assert [e.metrics for e in run.evaluations(10) if e.set == "iwl"] == [_summary(0.35)]
+    assert [e.metrics for e in run.evaluations(10) if e.set == "iwl"] == [_summary(0.3), _summary(0.35)]
     assert run.final_evaluations(10, ["iwl"]) == {"iwl": _summary(0.35)}
     # fit's records are not in the derived file
     run.record_evaluation(Evaluation(20, "icl", "fewshot_holdout", "fit", _summary(0.8)))
@@ -97,7 +94,7 @@ def test_an_evaluation_appended_while_a_resume_rewrites_the_store_is_kept(tmp_pa
     import threading
     import time
 
-    run = _old_run(tmp_path)
+    run = _run(tmp_path)
     read = RunDir._records  # what the rewrite reads, holding the metrics lock
     reading = threading.Event()
 

@@ -29,8 +29,7 @@ from seqgen.files import Optional, check_path, check_schema, dumps_strict, read_
 from seqgen.shards import file_sha256
 
 FORMAT = "emergent-icl/checkpoint"
-FORMAT_VERSION = 2  # 2: flat optimizer state (one mu / nu vector); 1: one per parameter array
-READABLE_VERSIONS = (1, 2)  # the caller rebuilds the skeleton of the stored version and upgrades it
+FORMAT_VERSION = 2  # 2: flat optimizer state (one mu / nu vector); 1 (before 2026-12): one per parameter array
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -114,7 +113,7 @@ def latest_step(run_dir: str | os.PathLike) -> int | None:
 
 
 _METADATA_SCHEMA = {"format": str, "format_version": int, "step": int, "trainer": Optional(dict),
-                    "state_sha256": Optional(str)}
+                    "state_sha256": str}
 
 
 def read_metadata(run_dir: str | os.PathLike, step: int) -> dict[str, Any]:
@@ -129,11 +128,12 @@ def read_metadata(run_dir: str | os.PathLike, step: int) -> dict[str, Any]:
     except FileNotFoundError:
         available = ", ".join(map(str, list_steps(run_dir))) or "none"
         raise CheckpointError(f"no checkpoint at step {step} in {run_dir} (available steps: {available})") from None
-    if meta.get("format") != FORMAT or meta.get("format_version") not in READABLE_VERSIONS:
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an emergent-icl checkpoint (format {meta.get('format')!r}); {fix}")
+    if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} is not an emergent-icl checkpoint this version can read (format versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}; found {meta.get('format')!r} v{meta.get('format_version')!r})"
-        )
+            f"{path} is a checkpoint of format v{meta.get('format_version')!r}; this version reads v{FORMAT_VERSION} "
+            "only: retrain the run, or resume it with the emergent-icl version that wrote it")
     check_schema(meta, _METADATA_SCHEMA, where=f"checkpoint metadata {path}", error=CheckpointError, fix=fix)
     if meta["step"] != step:
         raise CheckpointError(f"checkpoint metadata {path} says step {meta['step']}, its folder step {step}; {fix}")
@@ -147,8 +147,7 @@ def load(run_dir: str | os.PathLike, step: int, skeleton: Any) -> Any:
     check_path(path, "file", what="checkpoint state", error=CheckpointError,
                fix=f"delete {path.parent} to resume from an earlier checkpoint, or pick another --step")
     expected = os.path.getsize(path) if path.exists() else -1
-    want = meta.get("state_sha256")  # absent in checkpoints written before it was recorded: not checked
-    if want is not None and path.is_file() and file_sha256(path) != want:
+    if path.is_file() and file_sha256(path) != meta["state_sha256"]:
         raise CheckpointError(
             f"checkpoint {path} fails its sha256 check against metadata.json (corrupt, truncated or modified); delete "
             f"{path.parent} to resume from an earlier checkpoint, or pick another --step"

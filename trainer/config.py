@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seqgen.cliopts import ConfigOption, ConfigOptions
-from seqgen.configio import ConfigError, apply_overrides, check_finite, documented, from_plain, refuse_retired, to_plain
+from seqgen.configio import ConfigError, apply_overrides, check_finite, documented, from_plain, to_plain
 from trainer.models.config import ModelConfig
 
 
@@ -224,11 +224,8 @@ COMPUTE_OPTIONS = ConfigOptions(TrainConfig, *COMPUTE_FIELDS)
 
 
 def train_config_from_toml(data: dict[str, Any]) -> TrainConfig:
-    """The trainer part of a config file: the `[trainer]` table (`[seqgen]` belongs to seqgen). A file is
-    written by a user, so a retired option is refused (stored configs still load with it)."""
-    trainer = data.get("trainer", {})
-    refuse_retired(TrainConfig, trainer, "trainer.")
-    return TrainConfig.from_dict(trainer)
+    """The trainer part of a config file: the `[trainer]` table (`[seqgen]` belongs to seqgen)."""
+    return TrainConfig.from_dict(data.get("trainer", {}))
 
 
 def with_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:

@@ -13,8 +13,7 @@ It is also what a sweep's results folder keeps. Every writer goes through `RunDi
 every reader through `RunDir.evaluations` / `RunDir.final_evaluations`.
 `evaluations/step-N.json` is DERIVED from it, for people and tools that want one file per checkpoint: the
 latest "evaluate" / "watch" evaluation of each set at step N, rewritten by `record_evaluation` after each
-such evaluation. Run directories written before metrics.jsonl held "evaluate" records kept those in
-evaluations/ only: `evaluations` still reads them from there (`_legacy_evaluations`).
+such evaluation; it is never read back as a source.
 Precedence (`final_evaluations`): the run's own curve (fit / watch records, at the run's eval size) wins at a
 step; an "evaluate" record (any --max-seqs) counts where the curve has none, the latest of each set.
 Writers of metrics.jsonl (appends, and the rewrite of `fit --resume`) hold a short flock on `.metrics.lock`
@@ -289,10 +288,8 @@ class RunDir:
     def evaluations(self, step: int | None = None) -> list[Evaluation]:
         """Every evaluation of the run (at `step` only, if given), in the order they were made."""
         where = f"metrics file {self.metrics_path}"
-        found = [Evaluation.from_record(r, where) for r in self.read_metrics()
-                 if r.get("kind") == "eval" and (step is None or r["step"] == step)]
-        seen = {(e.step, e.set, e.source) for e in found}
-        return [e for e in self._legacy_evaluations(step) if (e.step, e.set, e.source) not in seen] + found
+        return [Evaluation.from_record(r, where) for r in self.read_metrics()
+                if r.get("kind") == "eval" and (step is None or r["step"] == step)]
 
     def final_evaluations(self, step: int, set_names: Sequence[str]) -> dict[str, dict[str, Any]]:
         """{set name: metrics} of the evaluations at `step` of the named sets: of a set, the one that covered
@@ -306,21 +303,6 @@ class RunDir:
                 if e.set not in best or rank >= best[e.set][0]:
                     best[e.set] = (rank, e.metrics)
         return {name: metrics for name, (_, metrics) in best.items()}
-
-    def _legacy_evaluations(self, step: int | None) -> Iterator[Evaluation]:
-        """The entries of evaluations/step-N.json (all steps, or `step`)."""
-        if step is not None:
-            paths = [self.evaluations_dir / f"step-{step}.json"]
-        elif self.evaluations_dir.is_dir():
-            paths = sorted(self.evaluations_dir.glob("step-*.json"),
-                           key=lambda p: (len(p.name), p.name))  # numeric order of the steps
-        else:
-            paths = []
-        for path in paths:
-            view = read_evaluation(path)
-            for s in view["sets"] if view else []:
-                yield Evaluation(view["step"], s["set"], s["seq_type"], s.get("source") or view.get("source")
-                                 or "evaluate", s["metrics"], s.get("max_seqs"))
 
     def _write_step_view(self, step: int) -> None:
         """evaluations/step-N.json from the store: the latest "evaluate" / "watch" evaluation of each set."""

@@ -2,8 +2,7 @@
 
 `TrainState` is the whole checkpoint: step, model, BatchNorm state, optimizer state and the training key
 (a raw uint32 key, so it serialises). `init_state` makes a fresh one from the config (named key streams from
-one root seed); `load_state` reads checkpoint `step` of a run back into the current layout
-(`state_skeleton` of the stored format version, then `upgrade_state`).
+one root seed); `load_state` reads checkpoint `step` of a run back (into a `state_skeleton`).
 
 Optimizer: Adam with the original's schedule (`learning_rate`), on one flat parameter vector.
 Regularisers (beyond the paper, which used none): decoupled weight decay and an L2 penalty.
@@ -39,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
-from jax.flatten_util import ravel_pytree
 
 from trainer import checkpoint
 from trainer.config import OptimizerConfig, TrainConfig
@@ -47,7 +45,7 @@ from trainer.models import make_model
 from trainer.runtime.distributed import Topology, replicate
 
 __all__ = ["TrainState", "decay_mask", "decoupled_optimizer", "global_norm", "init_state", "l2_penalty",
-           "learning_rate", "load_state", "make_optimizer", "restore", "state_skeleton", "upgrade_state"]
+           "learning_rate", "load_state", "make_optimizer", "restore", "state_skeleton"]
 
 
 class TrainState(eqx.Module):
@@ -144,40 +142,16 @@ def init_state(cfg: TrainConfig, num_classes: int) -> TrainState:
     return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, state)
 
 
-def state_skeleton(cfg: TrainConfig, num_classes: int, format_version: int = checkpoint.FORMAT_VERSION) -> TrainState:
-    """A train state of the right structure, shapes and dtypes, for loading a checkpoint of `format_version`
-    into (format 1 kept one optimizer-state array per parameter array; `upgrade_state` converts it)."""
-    state = init_state(cfg, num_classes)
-    if format_version == 1:
-        params = eqx.filter(state.model, eqx.is_inexact_array)
-        state = eqx.tree_at(lambda s: s.opt_state, state, _per_array_optimizer(cfg.optimizer).init(params))
-    return state
-
-
-def upgrade_state(state: TrainState, format_version: int) -> TrainState:
-    """Bring a state loaded from a checkpoint of `format_version` to the current layout: the per-array
-    optimizer state of format 1 is concatenated in leaf order, exactly as `optax.flatten` lays it out."""
-    if format_version != 1:
-        return state
-    treedef = jax.tree_util.tree_structure(eqx.filter(state.model, eqx.is_inexact_array))
-
-    def is_param_tree(t) -> bool:
-        return jax.tree_util.tree_structure(t) == treedef
-
-    def flat(t):  # ravel_pytree concatenates the leaves in tree order, as optax.flatten does
-        return ravel_pytree(t)[0] if is_param_tree(t) else t
-
-    opt_state = jax.tree_util.tree_map(flat, state.opt_state, is_leaf=is_param_tree)
-    return eqx.tree_at(lambda s: s.opt_state, state, opt_state)
+def state_skeleton(cfg: TrainConfig, num_classes: int) -> TrainState:
+    """A train state of the right structure, shapes and dtypes to load a checkpoint into."""
+    return init_state(cfg, num_classes)
 
 
 def restore(run_dir: str | os.PathLike, step: int, cfg: TrainConfig, num_classes: int, topo: Topology) -> TrainState:
-    """Checkpoint `step` of the run, upgraded (`load_state`) and replicated over the devices of `topo`."""
+    """Checkpoint `step` of the run (`load_state`), replicated over the devices of `topo`."""
     return replicate(topo, load_state(run_dir, step, cfg, num_classes))
 
 
 def load_state(run_dir: str | os.PathLike, step: int, cfg: TrainConfig, num_classes: int) -> TrainState:
-    """Checkpoint `step` read into this process only (no collective), upgraded to the current layout."""
-    version = checkpoint.read_metadata(run_dir, step)["format_version"]
-    state = checkpoint.load(run_dir, step, state_skeleton(cfg, num_classes, version))
-    return upgrade_state(state, version)
+    """Checkpoint `step` read into this process only (no collective)."""
+    return checkpoint.load(run_dir, step, state_skeleton(cfg, num_classes))

@@ -11,7 +11,7 @@ original had one `num_layers` in each sub-config, both 12), and `dropout_prob` i
 
 How the model is computed (hand-written kernels or XLA's ops, the transformer's layers unrolled or
 scanned) is not configured here: those are speed switches (`trainer.models.kernels`), kept out of every
-config and checkpoint. Configs stored with the former `unroll_layers` option still load (`RETIRED`).
+config and checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from seqgen.configio import ConfigError, documented, from_plain, to_plain
 
@@ -66,13 +66,6 @@ class ModelConfig:
     positional_max_time: float = documented(30.0, "Time scale of the sinusoidal positional encodings.")
     self_att_init_scale: float = 1.0
     dense_init_scale: float = 1.0
-
-    # Options of earlier versions, accepted when a config is read (`seqgen.config.from_plain`: run
-    # directories' config.json and checkpoints written before carry them) and dropped: {name: where it went}.
-    RETIRED: ClassVar[dict[str, str]] = {
-        "unroll_layers": "a speed choice, not a model property: the layer loop of trainer.models.kernels "
-                         "(EMERGENT_ICL_LAYERS=unroll|scan)",
-    }
 
     def __post_init__(self) -> None:
         # Accept plain strings for the enums (e.g. from click), store the Enum.

@@ -32,8 +32,6 @@ both in its compute settings (`[trainer.compute]`, recorded in config.json; trai
   CPU about 5 ms/step faster at 12 layers, because a scan stacks and slices every layer's saved
   activations) or as one `lax.scan` body ("scan": compiles one block instead of twelve).
   `EMERGENT_ICL_LAYERS=unroll|scan|auto` overrides it, and `use_layer_loop(...)` does within a block.
-  (Until this switch existed it was the model config's `unroll_layers`; stored configs that carry it
-  still load, see `ModelConfig.RETIRED`.)
 """
 
 from __future__ import annotations

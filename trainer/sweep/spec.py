@@ -87,7 +87,7 @@ from pathlib import Path
 from typing import Any
 
 from seqgen.config import BuildConfig, SeqType, SequenceConfig
-from seqgen.configio import ConfigError, load_toml, refuse_retired
+from seqgen.configio import ConfigError, load_toml
 from seqgen.errors import UserError
 from trainer.config import TrainConfig
 from trainer.analyze.records import ANALYSIS_COLUMNS
@@ -289,8 +289,9 @@ def _setting_tables(entry: dict[str, Any], i: int, data: dict[str, Any], folder:
     merged: dict[str, Any] = {}
     for b in bases:
         base = load_toml(b)
-        try:
-            refuse_retired(TrainConfig, base.get("trainer", {}), "trainer.")
+        try:  # an unknown option in a base file is named with its file, before the layers merge
+            TrainConfig.from_dict(base.get("trainer", {}))
+            BuildConfig.from_dict(base.get("seqgen", {}))
         except ConfigError as e:
             raise ConfigError(f"base config {b}: {e}") from None
         merged = _merge(merged, {k: base.get(k, {}) for k in ("seqgen", "trainer")})
@@ -309,11 +310,6 @@ def _setting_tables(entry: dict[str, Any], i: int, data: dict[str, Any], folder:
             if k == "trainer" and seeded and isinstance(table, dict) \
                     and isinstance(table.get("training"), dict) and "seed" in table["training"]:
                 raise ConfigError(f"{where}: trainer.training.seed is set by [sweep] seeds; remove it")
-            if k == "trainer" and isinstance(table, dict):
-                try:
-                    refuse_retired(TrainConfig, table, "trainer.")
-                except ConfigError as e:
-                    raise ConfigError(f"{where if layer is entry else '[trainer]'}: {e}") from None
             merged = _merge(merged, {k: layer.get(k, {})})
     return name, x, bases, merged
 
