@@ -242,3 +242,20 @@ def test_icl_ceiling_formula_and_the_generator():
         labels_of_query_class = {int(b) for a, b in zip(e[:-1], l[:-1]) if a == e[-1]}
         best.append(1.0 / len(labels_of_query_class))
     assert np.mean(best) == pytest.approx(icl_ceiling(cfg.sequence.ways, 10), abs=0.006)
+
+
+@pytest.mark.parametrize("seq_type", [SeqType.BURSTY, SeqType.FEWSHOT_HOLDOUT, SeqType.NO_SUPPORT_ZIPFIAN])
+def test_metrics_declared_binary_are_zero_or_one_per_sequence(seq_type):
+    """A metric's kind is declared where it is defined (`trainer.metrics._METRIC_TABLE`); the declaration must
+    match what the metric computes: binary metrics are 0 or 1 for every sequence, on random logits."""
+    from trainer.metrics import BINARY_METRICS
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(64, 5, 6)).astype(np.float32))
+    targets = np.tile(TARGETS, (32, 1))
+    out = _m(seq_type, logits=logits, targets=targets)
+    binary = [k for k in METRICS if k in BINARY_METRICS]
+    assert {"accuracy_query", "accuracy_closed", "from_rare"} <= set(binary) and "loss" not in binary
+    for k in binary:
+        assert set(np.unique(out[k])) <= {0.0, 1.0}, k
+    assert not set(np.unique(out["loss"])) <= {0.0, 1.0}

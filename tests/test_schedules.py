@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +19,8 @@ from trainer import checkpoint
 from trainer.config import OptimizerConfig, TrainConfig, TrainingConfig
 from trainer.fit import fit
 from trainer.loop import dispatch_size
+from trainer.models import make_model
+from trainer.models.layers import Dense, LayerNorm, not_decayed
 from trainer.state import decay_mask, decoupled_optimizer, global_norm, l2_penalty
 from trainer.run import RunDir
 from trainer.schedule import ScheduleKind, StepSchedule, log_steps
@@ -84,17 +87,44 @@ def test_schedule_refusals_and_old_configs_load():
 
 
 # ---- regularisers ---------------------------------------------------------------------------------
+class _Toy(eqx.Module):
+    """Parameters of hand-set values: a dense layer and a LayerNorm (their biases, scales and offsets are
+    declared not decayed in trainer.models.layers), a declared bias and an undeclared table."""
+
+    dense: Dense
+    ln: LayerNorm
+    qkv_bias: jax.Array = not_decayed()
+    label_table: jax.Array = eqx.field(default=None)
+
+
 def _params():
-    return {"dense": {"weight": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "bias": jnp.array([1.0, 1.0])},
-            "ln": {"scale": jnp.array([2.0, 2.0]), "offset": jnp.array([0.5, -0.5])},
-            "qkv_bias": jnp.array([4.0]), "label_table": jnp.array([[0.0, 1.0, 2.0]])}
+    dense = eqx.tree_at(lambda d: (d.weight, d.bias), Dense(2, 2, std=1.0, key=jax.random.PRNGKey(0)),
+                        (jnp.array([[1.0, -2.0], [0.5, 3.0]]), jnp.array([1.0, 1.0])))
+    ln = eqx.tree_at(lambda n: (n.scale, n.offset), LayerNorm(2), (jnp.array([2.0, 2.0]), jnp.array([0.5, -0.5])))
+    return _Toy(dense, ln, jnp.array([4.0]), jnp.array([[0.0, 1.0, 2.0]]))
 
 
 def test_decay_mask_excludes_biases_and_norms():
     m = decay_mask(_params())
-    assert m == {"dense": {"weight": True, "bias": False}, "ln": {"scale": False, "offset": False},
-                 "qkv_bias": False, "label_table": True}
+    assert (m.dense.weight, m.dense.bias, m.ln.scale, m.ln.offset, m.qkv_bias, m.label_table) == (
+        True, False, False, False, False, True)
     assert all(jax.tree_util.tree_leaves(decay_mask(_params(), "all")))
+    assert all(jax.tree_util.tree_leaves(decay_mask({"bias": jnp.ones(2)})))  # undeclared: decayed
+
+
+@pytest.mark.parametrize("seq_model", ["transformer", "lstm", "vanilla_rnn"])
+def test_the_declared_rule_spares_exactly_biases_and_norms_of_the_paper_models(seq_model):
+    """Declared where each layer is defined, the rule leaves out exactly the arrays named bias, qkv_bias,
+    scale or offset (the name rule it replaced, so runs with weight decay or L2 compute what they did)."""
+    cfg = TrainConfig().model
+    cfg = dataclasses.replace(cfg, seq_model=seq_model, num_layers=2)
+    model = eqx.filter_eval_shape(lambda: make_model(cfg, 30, key=jax.random.PRNGKey(0), image_size=28)[0])
+    params = eqx.filter(model, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    mask = decay_mask(params)
+    spared = {jax.tree_util.keystr(path) for path, keep in jax.tree_util.tree_leaves_with_path(mask) if not keep}
+    by_name = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)
+               if getattr(path[-1], "name", None) in ("bias", "qkv_bias", "scale", "offset")}
+    assert spared == by_name and len(spared) > 10
 
 
 def test_l2_penalty_by_hand():
@@ -139,18 +169,23 @@ def test_adamw_matches_the_textbook_update_and_optax():
         np.testing.assert_allclose(np.asarray(got[name]), np.asarray(ref[name]), rtol=1e-6)
 
 
+class _WeightBias(eqx.Module):
+    weight: jax.Array
+    bias: jax.Array = not_decayed()
+
+
 def test_masked_decay_spares_biases_and_zero_decay_is_todays_adam():
     cfg = OptimizerConfig(max_lr=0.1, warmup_steps=1, weight_decay=0.5)
-    p0 = {"weight": jnp.array([2.0, -4.0]), "bias": jnp.array([1.0])}
+    p0 = _WeightBias(jnp.array([2.0, -4.0]), jnp.array([1.0]))
     zero = jax.tree_util.tree_map(jnp.zeros_like, p0)
     p = _run(make_optimizer(cfg), p0, [zero, zero])  # lr(0) = 0, lr(1) = 0.1; Adam's direction is 0
-    np.testing.assert_allclose(np.asarray(p["weight"]), [2.0 * (1 - 0.1 * 0.5), -4.0 * (1 - 0.1 * 0.5)], rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(p["bias"]), [1.0])
+    np.testing.assert_allclose(np.asarray(p.weight), [2.0 * (1 - 0.1 * 0.5), -4.0 * (1 - 0.1 * 0.5)], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(p.bias), [1.0])
     plain = OptimizerConfig(max_lr=0.1, warmup_steps=1)
-    g = [{"weight": jnp.array([0.1, 0.2]), "bias": jnp.array([0.3])}] * 3
+    g = [_WeightBias(jnp.array([0.1, 0.2]), jnp.array([0.3]))] * 3
     a, b = _run(make_optimizer(plain), p0, g), _run(optax.adam(learning_rate(plain)), p0, g)
-    for name in p0:
-        np.testing.assert_allclose(np.asarray(a[name]), np.asarray(b[name]), rtol=1e-6)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
     assert isinstance(decoupled_optimizer(cfg, learning_rate(cfg)), optax.GradientTransformation)
 
 

@@ -56,32 +56,37 @@ __all__ = [
     "strategy_metrics", "summarize",
 ]
 
-DESCRIPTIONS = {
-    "loss": "training loss: cross-entropy at the query (plus interim predictions when w_interim > 0)",
-    "loss_query": "(weighted) cross-entropy at the query",
-    "loss_interim": "(weighted) cross-entropy at the support examples (0 when w_interim = 0)",
-    "accuracy_query": "open-vocabulary query accuracy (argmax over all labels); the original's eval_accuracy",
-    "accuracy_interim": "accuracy at the support examples (0 when w_interim = 0)",
-    "accuracy_closed": "query accuracy with the argmax restricted to the sequence type's valid labels "
-                       "(fewshot/bursty: 0..ways-1); ICL = this on fewshot_holdout",
-    "from_common": "query prediction is a common-class label",
-    "from_rare": "query prediction is a rare-class label",
-    "from_fewshot": "query prediction is one of the labels 0..ways-1",
-    "from_support": "query prediction is a label present in the context",
-    "from_support_common": "query prediction is in the context and a common label",
-    "from_support_rare": "query prediction is in the context and a rare label",
-    "from_support_fewshot": "query prediction is in the context and in 0..ways-1",
+# Every metric, declared once: {name: (kind, description)}. Kind "binary": a 0/1 value per sequence
+# (`summarize` gives it a Wilson score interval); "mean": any other per-sequence value (a normal interval).
+_METRIC_TABLE = {
+    "loss": ("mean", "training loss: cross-entropy at the query (plus interim predictions when w_interim > 0)"),
+    "loss_query": ("mean", "(weighted) cross-entropy at the query"),
+    "loss_interim": ("mean", "(weighted) cross-entropy at the support examples (0 when w_interim = 0)"),
+    "accuracy_query": ("binary", "open-vocabulary query accuracy (argmax over all labels); the original's "
+                                 "eval_accuracy"),
+    "accuracy_interim": ("mean", "accuracy at the support examples (0 when w_interim = 0)"),
+    "accuracy_closed": ("binary", "query accuracy with the argmax restricted to the sequence type's valid labels "
+                                  "(fewshot/bursty: 0..ways-1); ICL = this on fewshot_holdout"),
+    "from_common": ("binary", "query prediction is a common-class label"),
+    "from_rare": ("binary", "query prediction is a rare-class label"),
+    "from_fewshot": ("binary", "query prediction is one of the labels 0..ways-1"),
+    "from_support": ("binary", "query prediction is a label present in the context"),
+    "from_support_common": ("binary", "query prediction is in the context and a common label"),
+    "from_support_rare": ("binary", "query prediction is in the context and a rare label"),
+    "from_support_fewshot": ("binary", "query prediction is in the context and in 0..ways-1"),
 }
-METRICS = tuple(DESCRIPTIONS)
 # Strategy evaluations (flip / copy_available sets only; `strategy_metrics`): which answer the query got.
-STRATEGY_DESCRIPTIONS = {
-    "from_context": "query prediction is the label its class carries in the context (open vocabulary)",
-    "from_weights": "query prediction is its class's trained label (open vocabulary)",
-    "neither": "query prediction is neither (on flip sets the two differ, so the three add up to 1)",
+_STRATEGY_TABLE = {
+    "from_context": ("binary", "query prediction is the label its class carries in the context (open vocabulary)"),
+    "from_weights": ("binary", "query prediction is its class's trained label (open vocabulary)"),
+    "neither": ("binary", "query prediction is neither (on flip sets the two differ, so the three add up to 1)"),
 }
+DESCRIPTIONS = {name: text for name, (_, text) in _METRIC_TABLE.items()}
+METRICS = tuple(DESCRIPTIONS)
+STRATEGY_DESCRIPTIONS = {name: text for name, (_, text) in _STRATEGY_TABLE.items()}
 STRATEGY_METRICS = tuple(STRATEGY_DESCRIPTIONS)
-BINARY_METRICS = frozenset(m for m in METRICS + STRATEGY_METRICS
-                           if m.startswith(("from_",)) or m in ("accuracy_query", "accuracy_closed", "neither"))
+BINARY_METRICS = frozenset(name for table in (_METRIC_TABLE, _STRATEGY_TABLE)
+                           for name, (kind, _) in table.items() if kind == "binary")
 Z95 = 1.959963984540054
 
 

@@ -30,6 +30,7 @@ weights. With weight_decay = l2 = 0 (the default) the optimizer and loss are exa
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable
 
@@ -90,19 +91,36 @@ def _per_array_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
 
 # ---- regularisers --------------------------------------------------------------------------------
-_NOT_DECAYED = frozenset({"bias", "qkv_bias", "scale", "offset"})
-
-
-def _leaf_name(path: tuple) -> str:
+def _decayed(params: Any, path: tuple) -> bool:
+    """Whether the array at `path` of `params` is decayed: not when the field that holds it is declared
+    `not_decayed()` where its layer is defined (`trainer.models.layers`; biases, normalisation scales and
+    offsets); arrays outside a declared field (e.g. plain dicts) are decayed."""
+    owner = params
+    for entry in path[:-1]:
+        owner = _child(owner, entry)
     last = path[-1] if path else None
-    return str(getattr(last, "name", getattr(last, "key", "")))
+    if not isinstance(last, jax.tree_util.GetAttrKey) or not dataclasses.is_dataclass(owner):
+        return True
+    field = next((f for f in dataclasses.fields(owner) if f.name == last.name), None)
+    return field is None or field.metadata.get("decayed", True)
+
+
+def _child(node: Any, entry: Any) -> Any:
+    if isinstance(entry, jax.tree_util.GetAttrKey):
+        return getattr(node, entry.name)
+    if isinstance(entry, jax.tree_util.SequenceKey):
+        return node[entry.idx]
+    if isinstance(entry, jax.tree_util.DictKey):
+        return node[entry.key]
+    raise TypeError(f"decay_mask: cannot follow {entry!r}")
 
 
 def decay_mask(params: Any, mode: str = "weights") -> Any:
-    """A pytree of bools shaped like `params`: which arrays weight decay / L2 act on."""
+    """A pytree of bools shaped like `params`: which arrays weight decay / L2 act on ("weights": those not
+    declared `not_decayed()` by their layer; "all": every array)."""
     if mode == "all":
         return jax.tree_util.tree_map(lambda _: True, params)
-    return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) not in _NOT_DECAYED, params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: _decayed(params, path), params)
 
 
 def l2_penalty(params: Any, l2: float, mode: str = "weights") -> jax.Array:

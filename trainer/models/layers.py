@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -49,11 +50,18 @@ def truncated_normal(key: PRNGKeyArray, shape: tuple[int, ...], std: float) -> A
     return _unit_truncated_normal(key, tuple(int(n) for n in shape)) * jnp.float32(std)
 
 
+def not_decayed() -> Any:
+    """Declare a parameter that weight decay and the L2 penalty leave alone (biases, normalisation scales
+    and offsets, as is usual): `trainer.state.decay_mask` reads this mark on the field that holds an array,
+    so a new layer states its own rule where it is defined."""
+    return eqx.field(metadata={"decayed": False})
+
+
 class Dense(eqx.Module):
     """`y = x @ w + b` over the last axis of any-rank `x` (weights stored [in, out], as Haiku)."""
 
     weight: Float[Array, "in out"]
-    bias: Float[Array, " out"] | None
+    bias: Float[Array, " out"] | None = not_decayed()
 
     def __init__(self, in_size: int, out_size: int, *, std: float, key: PRNGKeyArray, with_bias: bool = True):
         self.weight = truncated_normal(key, (in_size, out_size), std)
@@ -99,8 +107,8 @@ class BatchNorm(eqx.Module):
     (1 - decay^n) for the first ~50 steps) and is channels-first (it would need transposes around every call).
     """
 
-    scale: Float[Array, " c"]
-    offset: Float[Array, " c"]
+    scale: Float[Array, " c"] = not_decayed()
+    offset: Float[Array, " c"] = not_decayed()
     stats: eqx.nn.StateIndex  # (counter int32[], hidden_mean f32[c], hidden_var f32[c])
     inference: bool
     decay: float = eqx.field(static=True)
@@ -153,8 +161,8 @@ class BatchNorm(eqx.Module):
 class LayerNorm(eqx.Module):
     """`hk.LayerNorm(axis=-1, create_scale=True, create_offset=True)`, eps 1e-5, over the last axis."""
 
-    scale: Float[Array, " dim"]
-    offset: Float[Array, " dim"]
+    scale: Float[Array, " dim"] = not_decayed()
+    offset: Float[Array, " dim"] = not_decayed()
     eps: float = eqx.field(static=True, default=1e-5)
 
     def __init__(self, dim: int, eps: float = 1e-5):

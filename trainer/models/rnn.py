@@ -23,12 +23,12 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from trainer.models.config import SeqModel
-from trainer.models.layers import Dense, haiku_default_std, truncated_normal, variance_scaling_std
+from trainer.models.layers import Dense, haiku_default_std, not_decayed, truncated_normal, variance_scaling_std
 
 
 class LSTMLayer(eqx.Module):
     weight: Float[Array, "in_plus_h 4h"]  # rows: input features then hidden features
-    bias: Float[Array, " 4h"]
+    bias: Float[Array, " 4h"] = not_decayed()
     in_size: int = eqx.field(static=True)
 
     def __init__(self, in_size: int, hidden: int, *, key: PRNGKeyArray):

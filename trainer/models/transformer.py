@@ -33,13 +33,13 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from trainer.models import kernels
-from trainer.models.layers import Dense, LayerNorm, dropout, truncated_normal, variance_scaling_std
+from trainer.models.layers import Dense, LayerNorm, dropout, not_decayed, truncated_normal, variance_scaling_std
 
 
 class TransformerBlock(eqx.Module):
     ln_attn: LayerNorm
     qkv_weight: Float[Array, "d 3d"]
-    qkv_bias: Float[Array, " 3d"]
+    qkv_bias: Float[Array, " 3d"] = not_decayed()
     attn_out: Dense
     ln_mlp: LayerNorm
     mlp_in: Dense
