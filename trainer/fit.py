@@ -11,7 +11,8 @@ dispatches (`trainer.runtime.profile`).
 (Evaluations and checkpoints may instead follow a log-spaced or listed schedule: `trainer.schedule`; the
 loop itself is `trainer.loop`'s, shared with vectorized groups.) A resume first redoes the evaluations an
 interrupt cut short (`trainer.resume`). With `tracking`, every record of metrics.jsonl is mirrored live to
-TensorBoard / W&B (`trainer.sinks`).
+TensorBoard / W&B (`trainer.sinks`). Setting the run up, resuming it and the training session are
+`trainer.engine`'s, shared with vectorized groups (`trainer.group`).
 """
 
 from __future__ import annotations
@@ -23,22 +24,19 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from trainer import checkpoint
 from trainer.config import TrainConfig
-from trainer.data import ShardSet, data_record, open_sets
-from trainer.evaluate import Evaluator
-from trainer.images import device_table
+from trainer.data import ShardSet
+from trainer.engine import RunSetup, redo, session, start_runs
 from trainer.loop import FitResult, TrainingRun, pad_batches, train_loop
 from trainer.memory import check_fits
-from trainer.resume import owed_evaluations, prepare_run, resume_step, resumed_config
 from trainer.run import RunDir, run_lock
 from trainer.runtime.distributed import Topology, make_topology, replicate, to_global
-from trainer.runtime.multihost import agree, any_process, train_stream
-from trainer.runtime.platform import check_cpu_isa, compile_line, releases_programs, resolve_compute, start_line
+from trainer.runtime.multihost import any_process, train_stream
+from trainer.runtime.platform import compile_line, releases_programs, start_line
 from trainer.runtime.profile import DispatchProfile
 from trainer.runtime.signals import GracefulInterrupt
-from trainer.sinks import Tracking, check_available, mirrored
-from trainer.state import TrainState, init_state, load_state
+from trainer.sinks import Tracking
+from trainer.state import TrainState
 from trainer.step import StepContext, make_train_step
 
 __all__ = ["FitResult", "fit"]
@@ -73,65 +71,28 @@ def _fit(
     tracking: Tracking | None = None,
     profile: PathLike | None = None,
 ) -> FitResult:
-    """Train (or with `resume`, continue) the run in `run_dir`. A resume keeps the stored config; only
-    `training.steps` may differ (`trainer.resume`: other changed options are refused, and with
-    `strict_resume` the loop's bookkeeping options too, else those are kept from the stored config).
-    The config is resolved once here; everything else is built from it once and passed on. Once every
-    input is checked, `announce` (process 0) gets the one line of where and how the run computes (and, with
-    `profile`, a folder for a trace of a few dispatches: `trainer.runtime.profile`, the line of what it holds).
-    `tracking` names the sinks that mirror the run's records (their libraries are checked first,
-    `trainer.sinks`)."""
-    if tracking is not None:
-        check_available(tracking.sinks)
-    cfg = resolve_compute(cfg.validate())  # config.json records the kernel path and layer loop that ran
-    check_cpu_isa(cfg.compute)  # XLA's CPU cap is fixed when JAX starts: the run computes as recorded
+    """Train (or with `resume`, continue) the run in `run_dir`, set up by `trainer.engine` (a resume keeps
+    the stored config; only `training.steps` may differ, and with `strict_resume` the loop's bookkeeping
+    options are refused too, else kept from the stored config). Once every input is checked, `announce`
+    (process 0) gets the one line of where and how the run computes (and, with `profile`, a folder for a
+    trace of a few dispatches: `trainer.runtime.profile`, the line of what it holds). `tracking` names the
+    sinks that mirror the run's records (their libraries are checked first, `trainer.sinks`)."""
     topo = topo or make_topology()
-    topo.check_batch(cfg.training.batch_size)
-    run = RunDir(run_dir)
-    start = resume_step(run) if resume else None
-    stored_steps = None
-    if start is not None:
-        stored = resolve_compute(run.train_config())
-        stored_steps = stored.training.steps
-        cfg, recorded = resumed_config(stored, cfg, start, run.path, strict=strict_resume)
-    t = cfg.training
-    train, evals = open_sets(train_path, eval_paths)
-    check_fits(cfg, train.num_labels, train.config.length, data_parallel=topo.num_devices)
-    table = device_table(train, t.image_size, topo, omniglot_dir, cache_dir)
-    record = data_record(train, evals)
-    prepare_run(run, resume, record)
-    ctx = StepContext.create(cfg, train.config)
-    evaluator = Evaluator.create(ctx, evals, table, topo, max_seqs=t.eval_seqs, batch_size=t.eval_batch_size)
-    job = TrainingRun(run, cfg, train.num_labels, record, evaluator, topo)
-    owed: list[tuple[int, list[str]]] = []
-    loaded = None if start is None else load_state(run.path, start, cfg, train.num_labels)
-    if start is not None:  # read before the barrier: process 0 rewrites metrics.jsonl after it
-        owed = owed_evaluations(run.evaluations(), checkpoint.list_steps(run.path), start, cfg,
-                                (stored_steps, t.steps), evaluator.names)
-    # every process must train the same run; also the barrier between every process's reads of the run
-    # directory (above) and process 0's writes (below)
-    agree(topo, {"config": cfg.to_dict(), "training set": record["train"]["fingerprint"],
-                 "evaluation sets": [e["fingerprint"] for e in record["eval"]], "resume step": start,
-                 "evaluations to redo": owed})
-    if start is None:
-        state = replicate(topo, init_state(cfg, train.num_labels))
-        start = 0
-        if topo.is_main:
-            run.metrics_path.unlink(missing_ok=True)  # of a run that never saved a checkpoint
-            run.create(cfg, record)
-    else:
-        state = replicate(topo, loaded)
-        if topo.is_main:
-            run.truncate_metrics_after(start)
-            run.create(recorded, record)  # an extended run records its new number of steps; never fewer
+    topo.check_batch(cfg.validate().training.batch_size)
+
+    def fits(cfgs, opened, starts) -> None:
+        train = opened[0][0]
+        check_fits(cfgs[0], train.num_labels, train.config.length, data_parallel=topo.num_devices)
+
+    (run,) = start_runs([RunSetup(cfg, train_path, eval_paths, RunDir(run_dir), resume, tracking)], topo,
+                        strict=strict_resume, check=fits, omniglot_dir=omniglot_dir, cache_dir=cache_dir)
+    state = replicate(topo, run.state)
     if announce is not None and topo.is_main:
-        announce(start_line(cfg, topo.num_devices))
-    resumed = loaded is not None
-    with (interrupt or GracefulInterrupt()) as stop, \
-            mirrored(run, tracking, "fit", session_start=start + 1 if resumed else 0, enabled=topo.is_main):
-        if not job.redo(state, start, owed, lambda: stop.stop_requested):
-            return FitResult(step=start, interrupted=True, run_dir=str(run.path))
-        return _loop(job, ctx, train, state, start, stop, progress, profile, announce)
+        announce(start_line(run.job.cfg, topo.num_devices))
+    with session([run], interrupt) as stop:
+        if not redo([run], [state], stop):
+            return FitResult(step=run.start, interrupted=True, run_dir=str(run.job.run.path))
+        return _loop(run.job, run.ctx, run.train, state, run.start, stop, progress, profile, announce)
 
 
 def _loop(job: TrainingRun, ctx: StepContext, train: ShardSet, state: TrainState, start: int,

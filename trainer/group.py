@@ -42,21 +42,18 @@ from tqdm import tqdm
 
 from seqgen.config import BuildConfig
 from seqgen.configio import to_plain
-from trainer import checkpoint
 from trainer.config import TrainConfig
-from trainer.data import BatchStream, ShardSet, data_record, open_sets, open_shard_set
-from trainer.evaluate import Evaluator
+from trainer.data import BatchStream, ShardSet, open_shard_set
+from trainer.engine import RunSetup, redo, resolve, session, start_runs
 from trainer.fit import fit
-from trainer.images import device_table
 from trainer.loop import FitResult, Pending, TrainingRun, pad_batches, train_loop
 from trainer.memory import check_fits
-from trainer.resume import owed_evaluations, prepare_run, resume_step, resumed_config
 from trainer.run import RunDir, RunError, run_lock
 from trainer.runtime.distributed import RUNS, Topology, make_topology, replicate, to_global
-from trainer.runtime.platform import check_cpu_isa, releases_programs, resolve_compute
+from trainer.runtime.platform import releases_programs
 from trainer.runtime.signals import GracefulInterrupt
-from trainer.sinks import Tracking, check_available, mirrored
-from trainer.state import TrainState, init_state, restore
+from trainer.sinks import Tracking
+from trainer.state import TrainState
 from trainer.step import StepContext, make_one_step, run_steps
 
 PathLike = str | os.PathLike
@@ -100,18 +97,6 @@ def _plain(cfg: BuildConfig) -> Any:
     return to_plain(dataclasses.asdict(cfg))
 
 
-def _resolved(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool) -> tuple[TrainConfig, int]:
-    """The config a run will train with (a resumed run keeps its stored one: `trainer.resume`) and the step
-    it starts at."""
-    run = RunDir(run_dir)
-    cfg = resolve_compute(cfg.validate())  # config.json records the kernel path and layer loop that ran
-    check_cpu_isa(cfg.compute)  # XLA's CPU cap is fixed when JAX starts: the run computes as recorded
-    if resume:
-        start = resume_step(run)
-        return resumed_config(resolve_compute(run.train_config()), cfg, start, run.path, strict=False)[0], start
-    return cfg, 0
-
-
 def _as_list(resume: bool | Sequence[bool], n: int) -> list[bool]:
     if isinstance(resume, bool):
         return [resume] * n
@@ -142,7 +127,11 @@ def plan_groups(
     groups: dict[tuple[str, int], list[list[int]]] = {}
     order: list[list[int]] = []
     for i in range(n):
-        cfg, start = (_resolved(cfgs[i], run_dirs[i], flags[i]) if run_dirs is not None else (cfgs[i].validate(), 0))
+        if run_dirs is None:
+            cfg, start = cfgs[i].validate(), 0
+        else:
+            cfg, _, start, _ = resolve(cfgs[i], RunDir(run_dirs[i]), flags[i])
+            start = start or 0
         path = str(Path(train_paths[i]).resolve())
         if path not in sets:
             sets[path] = open_shard_set(path)
@@ -240,9 +229,6 @@ def fit_group(
     if n == 1:
         return [fit(cfgs[0], train_paths[0], eval_paths[0], run_dirs[0], resume=flags[0], omniglot_dir=omniglot_dir,
                     cache_dir=cache_dir, topo=topo, progress=progress, interrupt=interrupt, tracking=trackings[0])]
-    for t in trackings:
-        if t is not None:
-            check_available(t.sinks)
     topo = topo or make_topology()
     if topo.process_count != 1:
         raise GroupError("vectorized groups run in one process; train multi-host runs one by one with trainer fit")
@@ -261,67 +247,38 @@ def _fit_group(cfgs: Sequence[TrainConfig], train_paths: Sequence[PathLike], eva
                topo: Topology, progress: bool | None, interrupt: GracefulInterrupt | None,
                trackings: list[Tracking | None]) -> list[FitResult]:
     n = len(runs)
-    resolved = [_resolved(c, r.path, f) for c, r, f in zip(cfgs, runs, flags)]
-    cfgs = [c for c, _ in resolved]
-    starts = [s if f else None for (_, s), f in zip(resolved, flags)]
-    opened = [open_sets(tp, eps) for tp, eps in zip(train_paths, eval_paths)]
-    keys = [group_key(c, train) for c, (train, _) in zip(cfgs, opened)]
-    for i in range(1, n):
-        if keys[i] != keys[0]:
-            raise GroupError(f"runs {runs[0].path} and {runs[i].path} differ in more than the seed and the "
-                             "sequence draw, so they cannot share a vectorized step; group them with plan_groups")
-    per_device = -(-padded_runs(n, topo) // topo.num_devices)
-    check_fits(cfgs[0], opened[0][0].num_labels, opened[0][0].config.length, runs=per_device)
-    records = [data_record(train, evals) for train, evals in opened]
-    for r, f, rec in zip(runs, flags, records):
-        prepare_run(r, f, rec)
-    if len({s or 0 for s in starts}) != 1:
-        listed = ", ".join(f"{r.path}: {s or 0}" for r, s in zip(runs, starts))
-        raise GroupError(f"the runs resume from different steps ({listed}); group runs at the same step "
-                         "(plan_groups) or resume them one by one with trainer fit --resume")
-    t = cfgs[0].training
-    table = device_table(opened[0][0], t.image_size, topo, omniglot_dir, cache_dir)
-    num_classes = opened[0][0].num_labels
-    ctxs = [StepContext.create(c, train.config) for c, (train, _) in zip(cfgs, opened)]
-    # One compiled evaluation per evaluation set: the step context differs between runs only in what
-    # evaluation does not read (the seed, the training set's draw options).
-    compiled: dict[str, Callable] = {}
-    jobs = [TrainingRun(run, cfg, num_classes, rec,
-                        Evaluator.create(ctx, evals, table, topo, max_seqs=t.eval_seqs, batch_size=t.eval_batch_size,
-                                         compiled=compiled), topo)
-            for run, cfg, ctx, rec, (_, evals) in zip(runs, cfgs, ctxs, records, opened)]
-    states, owed = [], []
-    for job, start in zip(jobs, starts):
-        run, cfg = job.run, job.cfg
-        if start is None:
-            states.append(init_state(cfg, num_classes))
-            run.metrics_path.unlink(missing_ok=True)  # of a run that never saved a checkpoint
-            run.create(cfg, job.data)
-            owed.append([])
-        else:
-            stored = resolve_compute(run.train_config())
-            states.append(restore(run.path, start, cfg, num_classes, topo))
-            run.truncate_metrics_after(start)
-            run.create(resumed_config(stored, cfg, start, run.path, strict=False)[1], job.data)
-            owed.append(owed_evaluations(run.evaluations(), checkpoint.list_steps(run.path), start, cfg,
-                                         (stored.training.steps, cfg.training.steps), job.evaluator.names))
+
+    def compatible(cfgs, opened, starts) -> None:
+        keys = [group_key(c, train) for c, (train, _) in zip(cfgs, opened)]
+        for i in range(1, n):
+            if keys[i] != keys[0]:
+                raise GroupError(f"runs {runs[0].path} and {runs[i].path} differ in more than the seed and the "
+                                 "sequence draw, so they cannot share a vectorized step; group them with plan_groups")
+        per_device = -(-padded_runs(n, topo) // topo.num_devices)
+        check_fits(cfgs[0], opened[0][0].num_labels, opened[0][0].config.length, runs=per_device)
+        if len({s or 0 for s in starts}) != 1:
+            listed = ", ".join(f"{r.path}: {s or 0}" for r, s in zip(runs, starts))
+            raise GroupError(f"the runs resume from different steps ({listed}); group runs at the same step "
+                             "(plan_groups) or resume them one by one with trainer fit --resume")
+
+    setups = [RunSetup(c, tp, eps, r, f, tr)
+              for c, tp, eps, r, f, tr in zip(cfgs, train_paths, eval_paths, runs, flags, trackings)]
+    started = start_runs(setups, topo, check=compatible, omniglot_dir=omniglot_dir, cache_dir=cache_dir)
     # The model's `inference` flags are Python bools in a fresh state but arrays in a restored (device_put)
     # one: make them bools again, so that they stay static and the states have one structure.
-    states = [eqx.tree_at(lambda s: s.model, s, eqx.nn.inference_mode(s.model, value=False)) for s in states]
-    with (interrupt or GracefulInterrupt()) as stop, contextlib.ExitStack() as sinks:
-        for job, tracking, start in zip(jobs, trackings, starts):  # each run mirrored as by fit (trainer.sinks)
-            sinks.enter_context(mirrored(job.run, tracking, "fit", session_start=0 if start is None else start + 1,
-                                         enabled=topo.is_main))
-        for job, state, due in zip(jobs, states, owed):  # evaluations an interrupt cut short
-            if due and not job.redo(state, starts[0], due, lambda: stop.stop_requested):
-                return [FitResult(step=starts[0], interrupted=True, run_dir=str(r.path)) for r in runs]
+    states = [eqx.tree_at(lambda s: s.model, s.state, eqx.nn.inference_mode(s.state.model, value=False))
+              for s in started]
+    start = started[0].start
+    with session(started, interrupt) as stop:
+        if not redo(started, [replicate(topo, s) for s in states], stop):  # evaluations an interrupt cut short
+            return [FitResult(step=start, interrupted=True, run_dir=str(r.path)) for r in runs]
         # the run axis: padded to a multiple of the devices, and spread over them (`make_group_step`)
         arrays, static = eqx.partition(stack_states(states + states[:1] * (padded_runs(n, topo) - n)), eqx.is_array)
         arrays = jax.device_put(arrays, topo.runs_sharding()) if topo.num_devices > 1 else replicate(topo, arrays)
         stacked = eqx.combine(arrays, static)
         del states, arrays
-        trains = [train for train, _ in opened]
-        return _group_loop(jobs, ctxs[0], trains, stacked, starts[0] or 0, stop, progress)
+        return _group_loop([s.job for s in started], started[0].ctx, [s.train for s in started], stacked, start,
+                           stop, progress)
 
 
 def _group_loop(jobs: list[TrainingRun], ctx: StepContext, trains: list[ShardSet], states: TrainState, start: int,
