@@ -492,7 +492,7 @@ def test_every_icl_ceiling_of_a_sweep_is_drawn(figure, expected):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from trainer.sweep.report import _reference_lines
+    from trainer.sweep.figures import _reference_lines
 
     sweep = load_sweep(Path(__file__).resolve().parents[1] / "configs" / "sweeps" / f"{figure}.toml")
     for column in (None, "icl"):

@@ -4,7 +4,8 @@
 - `plan`: which shard sets to build or reuse and which runs to train, resume, evaluate or skip;
 - `execute`: carry a plan out, in this process or in `--jobs` worker processes (`worker`);
 - `cluster`: `--executor slurm | local`, the same units of work as submitit jobs (`job`, each a worker);
-- `report`: tables, figures and provenance from the runs' metrics alone;
+- `rows` (each run read back from its metrics), `report` (tables, results.md), `figures`, `provenance`: the
+  report of a results folder, from the runs' files alone;
 - `checks`: the paper's claims as comparisons with PASS / FAIL / INCONCLUSIVE verdicts;
 - `page`: every claim of every figure in one table (`trainer claims`);
 - `cli`: the command.

@@ -34,7 +34,8 @@ from seqgen.atomic import atomic_copy, atomic_write_json
 from trainer.runtime.signals import GracefulInterrupt
 from trainer.sinks import Tracking
 from trainer.sweep.plan import Plan, RunAction, RunPlan, SetAction
-from trainer.sweep.report import record_provenance, write_report
+from trainer.sweep.provenance import record_provenance
+from trainer.sweep.report import write_report
 from trainer.sweep.spec import SweepError
 
 # + evaluations/step-N.json; analysis.jsonl where `trainer analyze` wrote one; provenance.json is written there

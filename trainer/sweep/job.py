@@ -31,7 +31,7 @@ from typing import Any
 
 from trainer.sweep.execute import clear_stale, label, last_line, order_of, publish, worker_command
 from trainer.sweep.plan import RunAction, RunPlan, run_action
-from trainer.sweep.report import record_provenance
+from trainer.sweep.provenance import record_provenance
 from trainer.sweep.spec import SweepError
 
 STOP_WAIT_S = 75  # submitit's Slurm notice comes 90 s before the end: the worker's save must fit in it
