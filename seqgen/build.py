@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from seqgen import shards as fmt
+from seqgen.files import canonical_sha256
 from seqgen.atomic import atomic_write_json
 from seqgen.errors import UserError
 from seqgen.lock import FolderLock, LockError, locked_by
@@ -339,7 +340,7 @@ def _build_locked(cfg: BuildConfig, folder: Path, split: Any, header: dict[str, 
                   overwrite: bool, materialize: bool, shards: range | None, omniglot_dir: Any, cache_dir: Any,
                   progress: bool, t0: float) -> BuildResult:
     _prepare_folder(folder, header, overwrite)
-    plan = _Plan(cfg, split, folder, fmt.canonical_sha256(header), materialize, omniglot_dir, cache_dir)
+    plan = _Plan(cfg, split, folder, canonical_sha256(header), materialize, omniglot_dir, cache_dir)
     wanted = list(shards if shards is not None else range(cfg.num_shards))
     entries: dict[int, fmt.ShardEntry] = {}
     for i in tqdm(wanted, desc="checking shards", unit="shard", disable=None if progress else True, leave=False):

@@ -16,6 +16,7 @@ import click
 import numpy as np
 
 from seqgen import shards as fmt
+from seqgen.verify import verify
 from seqgen.build import (
     build,
     finalize,
@@ -130,7 +131,7 @@ def verify_cmd(folder: str, sample: int) -> None:
 
     manifest = fmt.read_manifest(Path(folder))
     cfg = fmt.manifest_config(manifest)
-    _, problems = fmt.verify(Path(folder), sample=sample, expected_split=make_split(cfg))
+    _, problems = verify(Path(folder), sample=sample, expected_split=make_split(cfg))
     if problems:
         for p in problems:
             click.echo(f"error: {' '.join(p.split())}", err=True)

@@ -12,6 +12,7 @@ import pytest
 
 from seqgen import build as B
 from seqgen import shards as fmt
+from seqgen.verify import verify
 from seqgen.config import BuildConfig, DatasetConfig, ExampleType, Exemplars, SeqType
 from seqgen.configio import ConfigError
 from seqgen.sampling import generate
@@ -105,12 +106,12 @@ def test_corrupt_shard_is_detected_and_rebuilt(reference, tmp_path: Path, damage
     else:
         (tmp_path / fmt.sidecar_file(1)).unlink()
     if damage != "delete_sidecar":
-        _, problems = fmt.verify(tmp_path)
+        _, problems = verify(tmp_path)
         assert problems == ["shard-00001.h5: sha256 differs from the manifest (corrupt or truncated)"]
     res = B.build(cfg, tmp_path, progress=False)
     assert res.built == (1,) and res.reused == (0, 2, 3)
     assert digests(tmp_path) == digests(ref)
-    assert fmt.verify(tmp_path)[1] == []
+    assert verify(tmp_path)[1] == []
 
 
 def test_different_config_is_refused_without_overwrite(reference, tmp_path: Path):
@@ -238,7 +239,7 @@ def test_materialized_shards_store_the_mapped_pixels(tmp_path: Path, monkeypatch
     B.build(cfg, tmp_path, materialize=True, progress=False)
     m = fmt.read_manifest(tmp_path)
     assert m["materialized"] and m["image_table"] == {"fingerprint": "f" * 64, "shape": [1623, 20, 105, 105]}
-    assert fmt.verify(tmp_path)[1] == []
+    assert verify(tmp_path)[1] == []
     data = fmt.read_shard(tmp_path / fmt.shard_file(2), ["example", "exemplar", "pixels"])
     assert data["pixels"].shape == (8, 9, 105, 105)
     np.testing.assert_array_equal(data["pixels"], B.pixels_of(images, cfg, data["example"], data["exemplar"]))
@@ -253,4 +254,4 @@ def test_seq_types_build_and_verify(tmp_path: Path):
     for t in SeqType:
         cfg = symbolic_cfg(t, num_seqs=300, shard_size=200)
         B.build(cfg, tmp_path / t.value, progress=False)
-        assert fmt.verify(tmp_path / t.value, expected_split=make_split(cfg))[1] == [], t
+        assert verify(tmp_path / t.value, expected_split=make_split(cfg))[1] == [], t

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from seqgen import shards as fmt
+from seqgen.verify import verify
 from seqgen.config import BuildConfig, DatasetConfig, ExampleType, Labeling, SeqType, SequenceConfig, SplitConfig
 from seqgen.configio import ConfigError
 from seqgen.sampling import generate
@@ -103,7 +104,7 @@ def test_augmented_polysemy_fits_the_label_dtype():
 def test_verify_checks_each_class_label(tmp_path):
     """`seqgen verify` passes a polysemy set and finds a label that is in range but not its class's."""
     folder = symbolic_set(tmp_path, SeqType.BURSTY, 300, polysemy=2, p_bursty_zipfian=0.5)
-    manifest, problems = fmt.verify(folder)
+    manifest, problems = verify(folder)
     assert problems == []
     cfg = fmt.manifest_config(manifest)
     lo, hi = _label_ranges(cfg)
@@ -113,7 +114,7 @@ def test_verify_checks_each_class_label(tmp_path):
         f["label"][0, 0] = (lo[c] + 2) % cfg.num_labels if hi[c] - lo[c] == 2 else (lo[c] + 1) % cfg.num_labels
     manifest["shards"][0]["sha256"] = fmt.file_sha256(path)
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    _, problems = fmt.verify(folder)
+    _, problems = verify(folder)
     assert len(problems) == 1 and "labels disagree with their classes' labeling" in problems[0], problems
 
 
@@ -125,7 +126,7 @@ def test_polysemy_sweep_sets_train(tmp_path):
     icl = symbolic_set(tmp_path, SeqType.FEWSHOT_HOLDOUT, 64, seed=1, **poly)
     iwl = symbolic_set(tmp_path, SeqType.NO_SUPPORT_ZIPFIAN, 64, seed=2, **poly)
     for folder in (train, icl, iwl):
-        manifest, problems = fmt.verify(folder)
+        manifest, problems = verify(folder)
         assert problems == [] and manifest["num_labels"] == 2 * SPLIT.n_rare_classes + SPLIT.n_common_classes
     result = fit(tiny_config(steps=5, eval_every=5, checkpoint_every=5), train, [icl, iwl], tmp_path / "run",
                  progress=False)

@@ -8,7 +8,6 @@ references in tests/test_kernels.py.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 
 import equinox as eqx

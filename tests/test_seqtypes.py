@@ -5,7 +5,7 @@ from __future__ import annotations
 from seqgen import seqtypes
 from seqgen.config import SeqType
 from seqgen.sampling import SEQ_TYPE_TAGS
-from seqgen.shards import allowed_pool
+from seqgen.verify import allowed_pool
 from trainer.metrics import column_of
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from seqgen import shards as fmt
+from seqgen.verify import check_invariants, verify
 from seqgen.atomic import atomic_write_json
 from seqgen.build import build
 from seqgen.config import (
@@ -106,7 +107,7 @@ def test_invariants_hold_on_generated_data(seq_type: SeqType):
     cfg = symbolic_cfg(seq_type)
     split = make_split(cfg)
     header = fmt.build_header(cfg, split, None, False)
-    assert fmt.check_invariants(cfg, header, generate(cfg, split, 0, 600), sample=600) == []
+    assert check_invariants(cfg, header, generate(cfg, split, 0, 600), sample=600) == []
 
 
 def _tampered(seq_type: SeqType, edit) -> list[str]:
@@ -114,7 +115,7 @@ def _tampered(seq_type: SeqType, edit) -> list[str]:
     split = make_split(cfg)
     data = generate(cfg, split, 0, 300)
     edit(data, split, cfg)
-    return fmt.check_invariants(cfg, fmt.build_header(cfg, split, None, False), data, sample=300)
+    return check_invariants(cfg, fmt.build_header(cfg, split, None, False), data, sample=300)
 
 
 def test_invariant_checks_catch_each_kind_of_damage():
@@ -159,7 +160,7 @@ def test_invariant_checks_catch_each_kind_of_damage():
 def test_verify_reports_hash_shape_and_invariant_problems(tmp_path: Path):
     cfg = symbolic_cfg()
     build(cfg, tmp_path, progress=False)
-    manifest, problems = fmt.verify(tmp_path, expected_split=make_split(cfg))
+    manifest, problems = verify(tmp_path, expected_split=make_split(cfg))
     assert problems == [] and len(manifest["shards"]) == 3
 
     # a shard rewritten with a bad label and a re-signed manifest: only the invariant check can see it
@@ -168,7 +169,7 @@ def test_verify_reports_hash_shape_and_invariant_problems(tmp_path: Path):
         f["label"][0, 0] = cfg.num_labels
     manifest["shards"][1]["sha256"] = fmt.file_sha256(path)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    _, problems = fmt.verify(tmp_path)
+    _, problems = verify(tmp_path)
     assert problems == [f"shard-00001.h5: labels outside [0, num_labels={cfg.num_labels})"]
 
     with path.open("r+b") as f:  # flipped bytes
@@ -176,16 +177,16 @@ def test_verify_reports_hash_shape_and_invariant_problems(tmp_path: Path):
         b = f.read(1)
         f.seek(2000)
         f.write(bytes([b[0] ^ 0xFF]))
-    _, problems = fmt.verify(tmp_path)
+    _, problems = verify(tmp_path)
     assert problems == ["shard-00001.h5: sha256 differs from the manifest (corrupt or truncated)"]
 
     (tmp_path / fmt.shard_file(2)).unlink()
-    _, problems = fmt.verify(tmp_path)
+    _, problems = verify(tmp_path)
     assert problems[-1] == "shard-00002.h5: missing"
 
     manifest["split"]["rare"] = manifest["split"]["rare"][::-1]
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    _, problems = fmt.verify(tmp_path, expected_split=make_split(cfg))
+    _, problems = verify(tmp_path, expected_split=make_split(cfg))
     assert "manifest split differs from the split its config produces" in problems
 
 
@@ -198,7 +199,7 @@ def test_verify_checks_dtypes_and_attributes(tmp_path: Path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["shards"][0]["sha256"] = fmt.file_sha256(path)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    _, problems = fmt.verify(tmp_path)
+    _, problems = verify(tmp_path)
     assert len(problems) == 1 and "attributes" in problems[0]
     with h5py.File(path, "r+") as f:
         f.attrs["start"] = np.int64(0)
@@ -207,5 +208,5 @@ def test_verify_checks_dtypes_and_attributes(tmp_path: Path):
         f.create_dataset("label", data=data.astype(np.int32))
     manifest["shards"][0]["sha256"] = fmt.file_sha256(path)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    _, problems = fmt.verify(tmp_path)
+    _, problems = verify(tmp_path)
     assert problems == ["shard-00000.h5: label is int32[500, 9], expected int16[500, 9]"]

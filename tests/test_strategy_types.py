@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from seqgen.config import BuildConfig, DatasetConfig, ExampleType, Labeling, SeqType, SequenceConfig, SplitConfig
 from seqgen.configio import ConfigError
 from seqgen.sampling import generate, trained_label_table
-from seqgen.shards import check_invariants
+from seqgen.verify import check_invariants
 from seqgen.split import make_split
 from tests.naive import naive_generate
 from trainer.metrics import LabelSets, per_sequence_metrics, strategy_metrics
