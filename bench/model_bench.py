@@ -71,7 +71,6 @@ KERNELS = {
     "batch_norm": ("batch_norm_kernel", "batch_norm_reference"),
     "relu_max_pool": ("relu_max_pool_kernel", "relu_max_pool_xla"),
     "layer_norm": ("layer_norm_kernel", "layer_norm_reference"),
-    "gelu": ("gelu_kernel", "gelu_reference"),
     "causal_attention": ("causal_attention_kernel", "causal_attention_reference"),
 }
 

@@ -61,27 +61,28 @@ def analysis_values(records: Sequence[dict[str, Any]], step: int, set_name: str,
         return {}
     where = f"{source}: the record of step {step} on {set_name}"
     out = {"analysis_icl": float(record["accuracy_closed"])}
-    ablation = record.get("ablation") or {}
-    if not isinstance(ablation, dict):
-        raise RunError(f"{where}: 'ablation' is not a table; delete the file and rerun `trainer analyze`")
-    for mode, column in (("zero", "ablated_icl_min"), ("mean", "mean_ablated_icl_min")):
-        grid = ablation.get(mode, {}).get("accuracy_closed") if isinstance(ablation.get(mode), dict) else None
-        if grid is not None:
-            out[column] = float(np.min(_grid(grid, record, f"{where}: ablation.{mode}.accuracy_closed")))
-    joint = record.get("joint_ablation") or {}
-    if not isinstance(joint, dict):
-        raise RunError(f"{where}: 'joint_ablation' is not a table; delete the file and rerun `trainer analyze`")
-    for mode, column in (("zero", "joint_ablated_icl"), ("mean", "mean_joint_ablated_icl")):
-        value = joint.get(mode, {}).get("accuracy_closed") if isinstance(joint.get(mode), dict) else None
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-                raise RunError(f"{where}: joint_ablation.{mode}.accuracy_closed is not a number; delete the file "
-                               "and rerun `trainer analyze`")
-            out[column] = float(value)
+    for mode, grid in _closed_by_mode(record, "ablation", where).items():
+        column = {"zero": "ablated_icl_min", "mean": "mean_ablated_icl_min"}[mode]
+        out[column] = float(np.min(_grid(grid, record, f"{where}: ablation.{mode}.accuracy_closed")))
+    for mode, value in _closed_by_mode(record, "joint_ablation", where).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise RunError(f"{where}: joint_ablation.{mode}.accuracy_closed is not a number; delete the file "
+                           "and rerun `trainer analyze`")
+        out[{"zero": "joint_ablated_icl", "mean": "mean_joint_ablated_icl"}[mode]] = float(value)
     for key, column in (("induction", "induction_max"), ("prev_token", "prev_token_max")):
         if record.get(key) is not None:
             out[column] = float(np.max(_grid(record[key], record, f"{where}: {key}")))
     return out
+
+
+def _closed_by_mode(record: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    """{ablation mode: its accuracy_closed} of the record's `key` table (modes absent or without it left out);
+    a one-line RunError when `key` is not a table."""
+    table = record.get(key) or {}
+    if not isinstance(table, dict):
+        raise RunError(f"{where}: '{key}' is not a table; delete the file and rerun `trainer analyze`")
+    return {mode: table[mode]["accuracy_closed"] for mode in ("zero", "mean")
+            if isinstance(table.get(mode), dict) and table[mode].get("accuracy_closed") is not None}
 
 
 def _grid(value: Any, record: dict[str, Any], where: str) -> np.ndarray:

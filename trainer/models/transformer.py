@@ -13,7 +13,7 @@ acts at training only; the original's attention-weight dropout is 0 and is not o
 
 Implementation choices (same arithmetic as the original): q, k and v come from one fused [D, 3D] matrix
 (three independently initialised [D, D] blocks side by side); attention, LayerNorm and GELU are
-`kernels.causal_attention`, `kernels.layer_norm`, `kernels.gelu`; the identical blocks are stacked (built
+`kernels.causal_attention`, `kernels.layer_norm` and `kernels.gelu` (XLA's on both paths); the identical blocks are stacked (built
 with `eqx.filter_vmap`) and run as an unrolled Python loop or as one `jax.lax.scan` body, by the speed
 switch `kernels.layer_loop()` (the same function either way).
 With `query_only` (the loss and metrics read only the query's logits) the last block computes the query
