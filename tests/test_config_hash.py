@@ -9,15 +9,16 @@ from types import SimpleNamespace
 
 from seqgen.config import BuildConfig, SeqType
 from seqgen.files import canonical_sha256
-from seqgen.shards import canonical_sha256 as shards_hash
+from seqgen.build import canonical_sha256 as build_hash
+from seqgen.verify import canonical_sha256 as verify_hash
 from trainer.data import manifest_fingerprint
 from trainer.sweep.plan import config_hash, set_folder
 
 OBJ = {"b": [1, 2.5, None, True], "a": {"z": "é", "y": 0}}
 
 
-def test_the_build_id_hash_is_unchanged():  # seqgen.shards.canonical_sha256 (build.json, sidecars)
-    assert shards_hash is canonical_sha256
+def test_the_build_id_hash_is_unchanged():  # the build id of build.json and sidecars: seqgen.build, seqgen.verify
+    assert build_hash is canonical_sha256 and verify_hash is canonical_sha256
     assert canonical_sha256(OBJ) == "c595c61f41578ad8c03f781b9ab44e48e3189159333bc7d6eab20a41cfe186f8"
 
 
