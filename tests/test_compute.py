@@ -126,7 +126,7 @@ def test_precision_bounds_and_dtypes(sets, tmp_path):
     assert floats and all(x.dtype == np.float32 for x in floats)
 
 
-def test_bfloat16_trains_the_resnet_and_keeps_its_batchnorm_statistics_float32(sets):
+def test_bfloat16_trains_the_resnet_and_keeps_its_batchnorm_statistics_float32(sets, monkeypatch):
     """bfloat16 through the ResNet embedder (BatchNorm statistics: an eqx.nn.State, which `forward`
     consumes; before issue 28 the cast back to float32 reused it and failed). Random images per symbol."""
     import jax.random as jr
@@ -135,6 +135,7 @@ def test_bfloat16_trains_the_resnet_and_keeps_its_batchnorm_statistics_float32(s
     from trainer.data import BatchStream, open_shard_set
     from trainer.models import ExampleEncoding, ModelConfig
     from trainer.state import init_state
+    import trainer.step
     from trainer.step import StepContext, make_train_step
 
     train, _, _ = sets
@@ -142,11 +143,12 @@ def test_bfloat16_trains_the_resnet_and_keeps_its_batchnorm_statistics_float32(s
     model = ModelConfig(example_encoding=ExampleEncoding.RESNET, emb_dim=16, num_layers=1, num_heads=2,
                         resnet_channels=(4, 8, 8), resnet_blocks=(1, 1, 1, 1))
     states = {}
+    # the trainer's input maker, replaced at this test's edge: random images per symbol
+    monkeypatch.setattr(trainer.step, "examples_for", lambda cfg: lambda table, batch, set_cfg: table[batch["example"]])
     for p in (Precision.FLOAT32, Precision.BFLOAT16):
         cfg = TrainConfig(model=model, training=TrainingConfig(batch_size=4, image_size=16),
                           compute=ComputeConfig(precision=p)).validate()
-        step = make_train_step(StepContext.create(cfg, shards.config),
-                               examples=lambda table, batch, set_cfg: table[batch["example"]])
+        step = make_train_step(StepContext.create(cfg, shards.config))
         table = jr.uniform(jr.PRNGKey(0), (shards.num_labels + 10, 16, 16, 1))
         with BatchStream(shards, 4) as stream:
             batches = {n: np.stack([b[n] for b in [next(stream), next(stream)]]) for n in ("example", "label")}
