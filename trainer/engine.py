@@ -151,8 +151,10 @@ def session(started: Sequence[Started], interrupt: GracefulInterrupt | None = No
         yield stop
 
 
-def redo(started: Sequence[Started], states: Sequence[TrainState], stop: GracefulInterrupt) -> bool:
-    """Evaluate what each run owes (from `states`, the runs' states at their start step, placed as the caller
-    evaluates them); False when a stop cut it short (the checkpoints are there: a resume redoes it)."""
-    return all(s.job.redo(state, s.start, s.owed, lambda: stop.stop_requested)
+def redo(started: Sequence[Started], states: Sequence[TrainState], stop: GracefulInterrupt,
+         place: Callable[[TrainState], TrainState] = lambda state: state) -> bool:
+    """Evaluate what each run owes (from `states`, the runs' states at their start step; `place` puts one
+    where the caller evaluates it, only for runs that owe something); False when a stop cut it short (the
+    checkpoints are there: a resume redoes it)."""
+    return all(s.job.redo(place(state), s.start, s.owed, lambda: stop.stop_requested)
                for s, state in zip(started, states) if s.owed)

@@ -270,7 +270,7 @@ def _fit_group(cfgs: Sequence[TrainConfig], train_paths: Sequence[PathLike], eva
               for s in started]
     start = started[0].start
     with session(started, interrupt) as stop:
-        if not redo(started, [replicate(topo, s) for s in states], stop):  # evaluations an interrupt cut short
+        if not redo(started, states, stop, place=lambda s: replicate(topo, s)):  # evaluations an interrupt cut short
             return [FitResult(step=start, interrupted=True, run_dir=str(r.path)) for r in runs]
         # the run axis: padded to a multiple of the devices, and spread over them (`make_group_step`)
         arrays, static = eqx.partition(stack_states(states + states[:1] * (padded_runs(n, topo) - n)), eqx.is_array)
