@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seqgen.configio import ConfigError, apply_overrides, check_finite, documented, from_plain, to_plain
+from seqgen.seqtypes import SeqType  # noqa: F401 (the names of the types live with their registry)
 
 N_OMNIGLOT_CLASSES = 1623
 N_EXEMPLARS = 20
@@ -33,47 +34,6 @@ MAX_NUM_SEQS = 1 << 40
 MAX_SYMBOLIC_CLASSES = 1 << 24
 MAX_LENGTH = 1 << 16
 MAX_SHARD_CELLS = 1 << 28  # sequences per shard x examples per sequence (~2.7 GB: a shard is generated in memory)
-
-
-class SeqType(str, enum.Enum):
-    BURSTY = "bursty"
-    NO_SUPPORT_COMMON = "no_support_common"
-    NO_SUPPORT_RARE = "no_support_rare"
-    NO_SUPPORT_ZIPFIAN = "no_support_zipfian"
-    FEWSHOT_COMMON = "fewshot_common"
-    FEWSHOT_RARE = "fewshot_rare"
-    FEWSHOT_ZIPFIAN = "fewshot_zipfian"
-    FEWSHOT_HOLDOUT = "fewshot_holdout"
-    MIXED = "mixed"
-    # strategy evaluations (beyond the paper; seqgen.sampling and docs/analysis.md): few-shot sequences of
-    # TRAINED classes whose in-context labels contradict (flip) or repeat (copy_available) the trained ones
-    FLIP = "flip"
-    COPY_AVAILABLE = "copy_available"
-
-    # what a type is lives in one registry, seqgen/seqtypes.py; these read it
-    @property
-    def is_fewshot(self) -> bool:
-        return self._spec().layout == "fewshot"
-
-    @property
-    def is_no_support(self) -> bool:
-        return self._spec().layout == "no_support"
-
-    @property
-    def evaluation_only(self) -> bool:
-        """Sequences of the split's holdout classes (fewshot_holdout): they measure ICL on classes never
-        trained on, so a set of this type must never be trained on (`trainer.data.check_roles`)."""
-        return self._spec().evaluation_only
-
-    @property
-    def is_strategy(self) -> bool:
-        """flip / copy_available: `ways` distinct trained classes x `fs_shots` + a query among them."""
-        return self._spec().layout == "strategy"
-
-    def _spec(self):  # noqa: ANN202 (seqgen.seqtypes.SeqTypeSpec; imported here: it imports this module)
-        from seqgen.seqtypes import SPECS
-
-        return SPECS[self]
 
 
 class ExampleType(str, enum.Enum):

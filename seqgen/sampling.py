@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from typing import Callable
 
 import numpy as np
 
@@ -193,7 +194,7 @@ def generate(cfg: BuildConfig, split: ClassSplit, start: int, count: int) -> dic
     if start < 0 or count < 0:
         raise ConfigError(f"start and count must be >= 0, got start={start}, count={count}")
     check_supported(cfg, split)
-    sp, sq, t = cfg.split, cfg.sequence, cfg.seq_type
+    sp, t = cfg.split, cfg.seq_type
     L = cfg.length
     out = {
         "example": np.zeros((count, L), dtype=np.int32),
@@ -207,30 +208,8 @@ def generate(cfg: BuildConfig, split: ClassSplit, start: int, count: int) -> dic
     n_ex = cfg.dataset.exemplars_per_class
     arrays = (out["example"], out["label"], out["is_rare"], out["exemplar"])
     with np.errstate(over="ignore"):  # uint64 wrap-around is intended (matters under NUMBA_DISABLE_JIT)
-        if count == 0:
-            pass
-        elif t is SeqType.BURSTY:
-            nb_kind = {NonBurstyType.ZIPFIAN: K.NB_ZIPFIAN, NonBurstyType.COMMON_UNIFORM: K.NB_COMMON_UNIFORM,
-                       NonBurstyType.COMMON_NO_SUPPORT: K.NB_COMMON_NO_SUPPORT}[sq.non_bursty_type]
-            K._bursty_kernel(base, start, L, sq.bursty_shots, sq.ways, sq.p_bursty, sq.p_bursty_zipfian,
-                             sq.p_bursty_common + sq.p_bursty_zipfian, nb_kind, _bursty_labels(cfg),
-                             *pools, n_ex, *arrays)
-        elif t.is_no_support:
-            pool = _POOL_OF[SPECS[t].pool]
-            lab = (np.array((K.ORIGINAL, 0, 1)) if sq.labeling_common is Labeling.ORIGINAL
-                   else np.array(_ordered(pool, sp))).astype(np.int64)
-            K._no_support_kernel(base, start, pool, lab, *pools, n_ex, *arrays)
-        elif t.is_strategy:
-            K._strategy_kernel(base, start, t is SeqType.FLIP, sq.fs_shots, sq.ways, sq.grouped,
-                               _trained_labeling(cfg), *pools, n_ex, *arrays)
-        else:
-            mixed = t is SeqType.MIXED
-            fs_pool = K.RARE if mixed else _POOL_OF[SPECS[t].pool]
-            grouped = sq.grouped and not mixed  # the original's get_mixed_seq does not pass grouped
-            fs_lab = np.array((K.UNFIXED, 0, 1), dtype=np.int64)
-            rnd_lab = np.array(_ordered(K.COMMON, sp), dtype=np.int64)
-            K._fewshot_kernel(base, start, fs_pool, sq.fs_shots, sq.ways, grouped, fs_lab, mixed,
-                              sq.p_fewshot, rnd_lab, *pools, n_ex, *arrays)
+        if count:
+            LAYOUTS[SPECS[t].layout](cfg, base, start, pools, n_ex, arrays)
         lab = out["label"]
         if count and (lab.min() < 0 or lab.max() >= cfg.num_labels):  # the stored dtype holds [0, num_labels)
             raise RuntimeError(f"internal error: {t.value} labels in [{lab.min()}, {lab.max()}] overrun "
@@ -240,6 +219,44 @@ def generate(cfg: BuildConfig, split: ClassSplit, start: int, count: int) -> dic
             if count:
                 K._noise_seed_kernel(base, start, out["noise_seed"])
     return out
+
+
+def _bursty(cfg: BuildConfig, base: np.uint64, start: int, pools: tuple, n_ex: int, arrays: tuple) -> None:
+    sq = cfg.sequence
+    nb_kind = {NonBurstyType.ZIPFIAN: K.NB_ZIPFIAN, NonBurstyType.COMMON_UNIFORM: K.NB_COMMON_UNIFORM,
+               NonBurstyType.COMMON_NO_SUPPORT: K.NB_COMMON_NO_SUPPORT}[sq.non_bursty_type]
+    K._bursty_kernel(base, start, cfg.length, sq.bursty_shots, sq.ways, sq.p_bursty, sq.p_bursty_zipfian,
+                     sq.p_bursty_common + sq.p_bursty_zipfian, nb_kind, _bursty_labels(cfg), *pools, n_ex, *arrays)
+
+
+def _no_support(cfg: BuildConfig, base: np.uint64, start: int, pools: tuple, n_ex: int, arrays: tuple) -> None:
+    pool = _POOL_OF[SPECS[cfg.seq_type].pool]
+    lab = (np.array((K.ORIGINAL, 0, 1)) if cfg.sequence.labeling_common is Labeling.ORIGINAL
+           else np.array(_ordered(pool, cfg.split))).astype(np.int64)
+    K._no_support_kernel(base, start, pool, lab, *pools, n_ex, *arrays)
+
+
+def _strategy(cfg: BuildConfig, base: np.uint64, start: int, pools: tuple, n_ex: int, arrays: tuple) -> None:
+    sq = cfg.sequence
+    K._strategy_kernel(base, start, cfg.seq_type is SeqType.FLIP, sq.fs_shots, sq.ways, sq.grouped,
+                       _trained_labeling(cfg), *pools, n_ex, *arrays)
+
+
+def _fewshot(cfg: BuildConfig, base: np.uint64, start: int, pools: tuple, n_ex: int, arrays: tuple) -> None:
+    sq = cfg.sequence
+    mixed = cfg.seq_type.layout == "mixed"
+    fs_pool = K.RARE if mixed else _POOL_OF[SPECS[cfg.seq_type].pool]
+    grouped = sq.grouped and not mixed  # the original's get_mixed_seq does not pass grouped
+    fs_lab = np.array((K.UNFIXED, 0, 1), dtype=np.int64)
+    rnd_lab = np.array(_ordered(K.COMMON, cfg.split), dtype=np.int64)
+    K._fewshot_kernel(base, start, fs_pool, sq.fs_shots, sq.ways, grouped, fs_lab, mixed,
+                      sq.p_fewshot, rnd_lab, *pools, n_ex, *arrays)
+
+
+# Each layout's generator (seqgen.seqtypes): it fills rows start.. of `arrays` (example, label, is_rare,
+# exemplar) with its kernel. A new layout adds its kernel (seqgen.kernels) and its entry here.
+LAYOUTS: dict[str, Callable[..., None]] = {"bursty": _bursty, "no_support": _no_support, "strategy": _strategy, "fewshot": _fewshot,
+           "mixed": _fewshot}
 
 
 def _trained_labeling(cfg: BuildConfig) -> np.ndarray:

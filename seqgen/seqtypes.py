@@ -12,19 +12,65 @@ A type's spec says
 - `tag`: the fixed number that keys its random streams, so that sets of different types built from one
   seed are independent. Never change a tag: it would change every set of that type.
 
-Adding a type: an entry here, its sampling kernel (`seqgen.kernels`, dispatched in `seqgen.sampling`), and its
-tests. `SeqType` (seqgen.config) holds the names; its properties read this registry.
+What a layout reads of the sequence options (`READS`) decides which options an evaluation set keeps from
+its training set (`trainer.sweep.spec.eval_config`): the rest are reset to their defaults, so that runs
+differing only there share evaluation sets.
+
+Adding a type of an existing layout: its name in `SeqType` and its entry in `SPECS`, both here, and its
+tests. A type of a new layout adds its `READS` row, its sampling kernel (`seqgen.kernels`) and that
+kernel's entry in the layout table of `seqgen.sampling`.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Literal
 
-from seqgen.config import SeqType
-
 Layout = Literal["bursty", "fewshot", "no_support", "mixed", "strategy"]
 Pool = Literal["rare", "common", "holdout", "zipfian"]
+
+
+class SeqType(str, enum.Enum):
+    BURSTY = "bursty"
+    NO_SUPPORT_COMMON = "no_support_common"
+    NO_SUPPORT_RARE = "no_support_rare"
+    NO_SUPPORT_ZIPFIAN = "no_support_zipfian"
+    FEWSHOT_COMMON = "fewshot_common"
+    FEWSHOT_RARE = "fewshot_rare"
+    FEWSHOT_ZIPFIAN = "fewshot_zipfian"
+    FEWSHOT_HOLDOUT = "fewshot_holdout"
+    MIXED = "mixed"
+    # strategy evaluations (beyond the paper; seqgen.sampling and docs/analysis.md): few-shot sequences of
+    # TRAINED classes whose in-context labels contradict (flip) or repeat (copy_available) the trained ones
+    FLIP = "flip"
+    COPY_AVAILABLE = "copy_available"
+
+    @property
+    def layout(self) -> Layout:
+        return SPECS[self].layout
+
+    @property
+    def is_fewshot(self) -> bool:
+        return self.layout == "fewshot"
+
+    @property
+    def is_no_support(self) -> bool:
+        return self.layout == "no_support"
+
+    @property
+    def evaluation_only(self) -> bool:
+        """Sequences of the split's holdout classes (fewshot_holdout): they measure ICL on classes never
+        trained on, so a set of this type must never be trained on (`trainer.data.check_roles`)."""
+        return SPECS[self].evaluation_only
+
+    @property
+    def is_strategy(self) -> bool:
+        """flip / copy_available: `ways` distinct trained classes x `fs_shots` + a query among them."""
+        return self.layout == "strategy"
+
+    def _spec(self) -> SeqTypeSpec:
+        return SPECS[self]
 
 
 @dataclass(frozen=True)
@@ -50,7 +96,24 @@ SPECS: dict[SeqType, SeqTypeSpec] = {
     SeqType.COPY_AVAILABLE: SeqTypeSpec("strategy", "zipfian", 0x5C01),
 }
 
+# The sequence options (fields of seqgen.config.SequenceConfig) that sets of each layout read. Every layout
+# reads the label space (labeling, polysemy, randomly_generate_rare) and the within-class noise.
+_ALWAYS = frozenset({"labeling_common", "labeling_rare", "polysemy", "randomly_generate_rare", "noise_scale"})
+READS: dict[str, frozenset[str]] = {
+    "bursty": _ALWAYS | {"seq_len", "fs_shots", "bursty_shots", "ways", "p_bursty", "p_bursty_common",
+                         "p_bursty_zipfian", "p_fewshot", "non_bursty_type", "grouped"},
+    "fewshot": _ALWAYS | {"fs_shots", "ways", "grouped"},
+    "no_support": _ALWAYS | {"seq_len", "ways"},
+    "mixed": _ALWAYS | {"fs_shots", "ways", "p_fewshot"},
+    "strategy": _ALWAYS | {"seq_len", "fs_shots", "ways", "grouped"},
+}
+
 
 def spec(seq_type: SeqType | str) -> SeqTypeSpec:
     """The spec of a sequence type (by enum or name)."""
     return SPECS[SeqType(seq_type)]
+
+
+def reads(seq_type: SeqType | str) -> frozenset[str]:
+    """The sequence options a set of this type reads (by its layout)."""
+    return READS[spec(seq_type).layout]

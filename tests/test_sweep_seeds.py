@@ -21,7 +21,7 @@ from trainer.checkpoint import latest_step
 from trainer.cli import main
 from trainer.runtime.signals import GracefulInterrupt
 from trainer.sweep import (
-    CheckSpec, Compare, Verdict, evaluate_check, load_sweep, make_plan,
+    CheckSpec, Verdict, evaluate_check, load_sweep, make_plan,
 )
 from trainer.sweep.execute import execute
 from trainer.sweep.execute import cpu_groups
@@ -81,7 +81,7 @@ def _rows(path: Path) -> dict[str, dict[str, str]]:
 
 # ---- the verdicts, on hand-made numbers -------------------------------------------------------------
 def _check(compare: str, than, margin: float = 0.0, tolerance: float | None = None) -> CheckSpec:
-    return CheckSpec("c", "icl", "a", Compare(compare), than, margin, tolerance)
+    return CheckSpec("c", "icl", "a", compare, than, margin, tolerance)
 
 
 @pytest.mark.parametrize("compare, a, b, margin, verdict", [
@@ -123,7 +123,7 @@ def test_pending_until_every_seed_is_evaluated_and_single_seed_sweeps():
     ("ablated_icl_min", "mean_ablated_icl_min", "both"), ("induction_max", None, None),
 ])
 def test_pending_analysis_names_the_ablation_it_needs(metric, than_metric, mode):
-    spec = CheckSpec("c", metric, "a", Compare.LESS, "b", than_metric=than_metric)
+    spec = CheckSpec("c", metric, "a", "less", "b", than_metric=than_metric)
     res = evaluate_check(spec, {"a": {0: 0.6}, "b": {}}, [0])
     assert res.verdict is Verdict.PENDING and "trainer analyze RUN_DIR" in res.detail
     assert ("--ablation" not in res.detail) if mode is None else (f"--ablation {mode}`" in res.detail)
@@ -153,11 +153,13 @@ def test_seeds_expand_runs_and_share_eval_sets(tmp_path):
     (lambda s: s.replace('run = "p1"', 'run = "p9"'), "run 'p9' is not in this sweep"),
     (lambda s: s.replace('compare = "greater"', 'compare = "bigger"'), "compare must be one of"),
     (lambda s: s.replace("than = -1.0\n\n", 'than = "p7"\n\n', 1), "than 'p7' is neither a run"),
-    (lambda s: s.replace("than = -1.0\n\n", "than = -1.0\ntolerance = 0.1\n\n", 1), "'tolerance' is for compare = near"),
+    (lambda s: s.replace("than = -1.0\n\n", "than = -1.0\ntolerance = 0.1\n\n", 1), "takes 'margin', not 'tolerance'"),
     (lambda s: s.replace("than = -1.0\n\n", "than = nan\n\n", 1), "'than' must be a finite number"),
     (lambda s: s.replace('claim = "accuracies are at least -1"\n', ""), "'claim' is required"),
     (lambda s: s + '\n[[checks]]\nclaim = "x"\nmetric = "icl"\nrun = "p0"\ncompare = "near"\nthan = 0.5\n',
      "compare = near needs 'tolerance'"),
+    (lambda s: s + '\n[[checks]]\nclaim = "x"\nmetric = "icl"\nrun = "p0"\ncompare = "near"\nthan = 0.5\nmargin = 0.1\n',
+     "compare = near takes 'tolerance', not 'margin'"),
     (lambda s: s.replace("than = -1.0\n\n", 'than = "p1"\n\n', 1), "a run compared with itself on one metric"),
     (lambda s: s.replace("than = -1.0\n\n", 'than = -1.0\nthan_metric = "iwl"\n\n', 1),
      "'than_metric' needs 'than' to name a run"),

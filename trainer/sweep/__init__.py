@@ -6,7 +6,7 @@
 - `cluster`: `--executor slurm | local`, the same units of work as submitit jobs (`job`, each a worker);
 - `rows` (each run read back from its metrics), `report` (tables, results.md), `figures`, `provenance`: the
   report of a results folder, from the runs' files alone;
-- `checks`: the paper's claims as comparisons with PASS / FAIL / INCONCLUSIVE verdicts;
+- `compare` (the comparisons a check can make, one table) and `checks`: the paper's claims as comparisons with PASS / FAIL / INCONCLUSIVE verdicts;
 - `page`: every claim of every figure in one table (`trainer claims`);
 - `cli`: the command.
 
@@ -23,7 +23,7 @@ _EXPORTS = {
     "Plan": "plan", "RunAction": "plan", "RunPlan": "plan", "SetAction": "plan", "SetPlan": "plan",
     "config_hash": "plan", "describe_plan": "plan", "make_plan": "plan", "set_folder": "plan",
     "DEFAULT_EVAL_SEQS": "spec", "DEFAULT_EVAL_TYPES": "spec", "DEFAULT_SHARDS_DIR": "spec", "CheckSpec": "spec",
-    "Compare": "spec", "RunSpec": "spec", "Sweep": "spec", "SweepError": "spec", "eval_config": "spec",
+    "COMPARISONS": "compare", "RunSpec": "spec", "Sweep": "spec", "SweepError": "spec", "eval_config": "spec",
     "load_sweep": "spec",
 }
 __all__ = sorted(_EXPORTS)

@@ -25,7 +25,7 @@ import statistics
 from typing import Sequence
 
 from trainer.analyze.records import ABLATION_OF_COLUMN
-from trainer.sweep.spec import CheckSpec, Compare
+from trainer.sweep.spec import CheckSpec
 
 
 class Verdict(str, enum.Enum):
@@ -73,16 +73,10 @@ def evaluate_check(spec: CheckSpec, finals: dict[str, dict[int | None, float]], 
     diffs = [left[s] - right[s] for s in seeds]
     mean_l, mean_r = statistics.fmean(left.values()), statistics.fmean(right.values())
     mean_d = mean_l - mean_r
-    if spec.compare is Compare.NEAR:
-        holds = [abs(d) <= spec.tolerance for d in diffs]
-    elif spec.compare is Compare.GREATER:
-        holds = [d > 0 for d in diffs]
-    else:
-        holds = [d < 0 for d in diffs]
+    c, t = spec.comparison, spec.threshold
+    holds = [c.holds(d, t) for d in diffs]
     if all(holds):
-        short = spec.compare is not Compare.NEAR and (
-            mean_d < spec.margin if spec.compare is Compare.GREATER else -mean_d < spec.margin)
-        verdict = Verdict.FAIL if short else Verdict.PASS
+        verdict = Verdict.FAIL if c.short(mean_d, t) else Verdict.PASS
     elif not any(holds):
         verdict = Verdict.FAIL
     else:

@@ -79,7 +79,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import enum
 import math
 import os
 import re
@@ -88,9 +87,11 @@ from typing import Any
 
 from seqgen.config import BuildConfig, SeqType, SequenceConfig
 from seqgen.configio import ConfigError, load_toml
+from seqgen.seqtypes import reads
 from seqgen.errors import UserError
 from trainer.config import TrainConfig
 from trainer.analyze.records import ANALYSIS_COLUMNS
+from trainer.sweep.compare import COMPARISONS, Comparison
 from trainer.metrics import ICL_OF_CEILING, column_of
 
 DEFAULT_EVAL_TYPES = (SeqType.FEWSHOT_HOLDOUT, SeqType.NO_SUPPORT_ZIPFIAN)
@@ -129,12 +130,6 @@ class RunSpec:
         return self.trainer.training.steps
 
 
-class Compare(str, enum.Enum):
-    GREATER = "greater"
-    LESS = "less"
-    NEAR = "near"
-
-
 @dataclasses.dataclass(frozen=True)
 class CheckSpec:
     """A claim as a comparison of one metric between two settings (paired by seed) or a setting and a number."""
@@ -142,7 +137,7 @@ class CheckSpec:
     claim: str
     metric: str
     run: str
-    compare: Compare
+    compare: str  # a name in trainer.sweep.compare.COMPARISONS
     than: str | float
     margin: float = 0.0
     tolerance: float | None = None
@@ -157,14 +152,18 @@ class CheckSpec:
         """Whether a side of the check is read from analysis.jsonl (`trainer analyze`)."""
         return bool({self.metric, self.other_metric} & set(ANALYSIS_COLUMNS))
 
+    @property
+    def comparison(self) -> Comparison:
+        return COMPARISONS[self.compare]
+
+    @property
+    def threshold(self) -> float:
+        """The comparison's threshold: `margin` or `tolerance`, whichever it takes."""
+        return self.tolerance if self.comparison.threshold == "tolerance" else self.margin
+
     def describe(self) -> str:
         other = f"{self.than:g}" if isinstance(self.than, float) else f"{self.other_metric}({self.than})"
-        left = f"{self.metric}({self.run})"
-        if self.compare is Compare.NEAR:
-            return f"{left} within {self.tolerance:g} of {other} in every seed"
-        sign = ">" if self.compare is Compare.GREATER else "<"
-        by = f", by >= {self.margin:g} on the mean" if self.margin else ""
-        return f"{left} {sign} {other} in every seed{by}"
+        return self.comparison.words(f"{self.metric}({self.run})", other, self.threshold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,19 +236,10 @@ def eval_config(train: BuildConfig, seq_type: SeqType, num_seqs: int, seed: int)
     """The evaluation set of `seq_type` matching training set `train`: same dataset, split and labels.
 
     Sequence options the evaluation type never reads are reset to their defaults (so that sets are
-    shared); kept are those it reads, plus labeling / polysemy (they fix the label space) and noise."""
-    d = SequenceConfig()
-    unused = {"p_bursty", "p_bursty_common", "p_bursty_zipfian", "bursty_shots", "non_bursty_type"}
-    if seq_type is not SeqType.MIXED:
-        unused.add("p_fewshot")
-    if not seq_type.is_fewshot:
-        unused.add("grouped")
-    if seq_type.is_no_support:
-        unused.add("fs_shots")
-    if seq_type.is_fewshot or seq_type is SeqType.MIXED:
-        unused.add("seq_len")
-    if seq_type is SeqType.BURSTY:
-        unused = set()
+    shared); kept are those its layout reads (`seqgen.seqtypes.READS`: always labeling / polysemy, which
+    fix the label space, and noise)."""
+    d, kept = SequenceConfig(), reads(seq_type)
+    unused = [f.name for f in dataclasses.fields(SequenceConfig) if f.name not in kept]
     sequence = dataclasses.replace(train.sequence, **{k: getattr(d, k) for k in unused})
     return dataclasses.replace(train, seq_type=seq_type, num_seqs=num_seqs, seed=seed, sequence=sequence)
 
@@ -380,11 +370,9 @@ def _checks(entries: Any, settings: tuple[str, ...], columns: set[str]) -> tuple
                                   f"one of: {', '.join(sorted(columns))}")
         if run not in settings:
             raise ConfigError(f"{where}: run {run!r} is not in this sweep; runs: {', '.join(settings)}")
-        try:
-            compare = Compare(entry["compare"])
-        except ValueError:
-            raise ConfigError(f"{where}: compare must be one of {', '.join(c.value for c in Compare)}, "
-                              f"got {entry['compare']!r}") from None
+        compare = entry["compare"]
+        if compare not in COMPARISONS:
+            raise ConfigError(f"{where}: compare must be one of {', '.join(COMPARISONS)}, got {compare!r}")
         than = entry["than"]
         if isinstance(than, str):
             if than not in settings:
@@ -397,16 +385,13 @@ def _checks(entries: Any, settings: tuple[str, ...], columns: set[str]) -> tuple
             than = _number(than, where, "than")
             if than_metric is not None:
                 raise ConfigError(f"{where}: 'than_metric' needs 'than' to name a run, not a number")
+        takes, other_key = COMPARISONS[compare].threshold, {"margin": "tolerance", "tolerance": "margin"}
+        if other_key[takes] in entry:
+            raise ConfigError(f"{where}: compare = {compare} takes '{takes}', not '{other_key[takes]}'")
+        if takes == "tolerance" and "tolerance" not in entry:
+            raise ConfigError(f"{where}: compare = {compare} needs 'tolerance'")
         margin = _number(entry.get("margin", 0.0), where, "margin", 0.0)
-        tolerance = None
-        if compare is Compare.NEAR:
-            if "tolerance" not in entry:
-                raise ConfigError(f"{where}: compare = near needs 'tolerance'")
-            if "margin" in entry:
-                raise ConfigError(f"{where}: 'margin' is for greater / less; near uses 'tolerance'")
-            tolerance = _number(entry["tolerance"], where, "tolerance", 0.0)
-        elif "tolerance" in entry:
-            raise ConfigError(f"{where}: 'tolerance' is for compare = near; greater / less use 'margin'")
+        tolerance = _number(entry["tolerance"], where, "tolerance", 0.0) if takes == "tolerance" else None
         out.append(CheckSpec(claim, metric, run, compare, than, margin, tolerance, than_metric))
     return tuple(out)
 
