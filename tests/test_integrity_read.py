@@ -19,7 +19,8 @@ from tests.trainkit import symbolic_set
 from trainer import checkpoint
 from trainer.cli import main as trainer_main
 from trainer.data import DataError, open_shard_set
-from trainer.run import Evaluation, RunDir, RunError, read_evaluation
+from trainer.run import RunDir, RunError
+from trainer.runlog import Evaluation, read_evaluation
 
 BAD_JSON = {"array": "[]", "empty object": "{}", "binary": b"\xff\xd8\xff\x00\x01", "nan": '{"step": NaN}'}
 

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from trainer.run import Evaluation, RunDir, RunError, read_evaluation
+from trainer.run import RunDir, RunError
+from trainer.runlog import Evaluation, read_evaluation
 
 
 def _summary(mean: float, n: int = 10) -> dict:

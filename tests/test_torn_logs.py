@@ -21,7 +21,8 @@ from seqgen.config import SeqType
 from seqgen.jsonlog import LogWriteError, append_line, settle_tail
 from tests.trainkit import symbolic_set, tiny_config
 from trainer.cli import main as trainer_main
-from trainer.run import METRICS_LOCK, RunDir, RunError
+from trainer.run import RunDir, RunError
+from trainer.runlog import METRICS_LOCK
 
 RECORDS = [{"step": 2, "kind": "train", "metrics": {"loss": 1.5}},
            {"step": 4, "kind": "train", "metrics": {"loss": 1.25}},

@@ -1,6 +1,6 @@
 """The trainer's Python API: `load_run("runs/x")`, a run directory as an object (docs/api.md).
 
-A thin layer on the modules that already read and use a run: `trainer.run` (config.json, metrics.jsonl and
+A thin layer on the modules that already read and use a run: `trainer.run` (config.json) and `trainer.runlog` (metrics.jsonl and
 its evaluation store; `series` is also what `trainer plot` draws), `trainer.checkpoint` (the steps),
 `trainer.state` (`load_state`), `trainer.data` / `trainer.images` (the training set, its class split and
 the image table) and `trainer.evaluate` (`evaluate_run`: `Run.evaluate` is `trainer evaluate`, the same
@@ -30,7 +30,8 @@ from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.data import ShardSet, open_shard_set
 from trainer.metrics import metric_key_of
-from trainer.run import RunDir, RunError, series
+from trainer.run import RunDir, RunError
+from trainer.runlog import series
 
 __all__ = ["Curve", "Metrics", "Run", "Series", "TrainedModel", "load_run"]
 

@@ -7,7 +7,7 @@ numbers, are defined in `trainer.metrics` (`metric_key_of`, `column_of`, `headli
 
 `--watch` is the original's separate eval job (e.g. on the CPU beside a GPU training run): it polls the
 run's checkpoints, evaluates each one not yet evaluated, records the results in the run's evaluation store
-(`trainer.run`: metrics.jsonl records with `"source": "watch"`, and the derived `evaluations/step-N.json`),
+(`trainer.runlog`: metrics.jsonl records with `"source": "watch"`, and the derived `evaluations/step-N.json`),
 and stops once the final step of the run has been evaluated (or at Ctrl+C). `trainer evaluate` of one
 checkpoint records `"source": "evaluate"` the same way. With `tracking`, those records are mirrored live to
 TensorBoard / W&B as fit's are (`trainer.sinks`).
@@ -30,7 +30,8 @@ from trainer.config import TrainConfig
 from trainer.data import ShardSet, data_record, eval_name, manifest_fingerprint, open_sets
 from trainer.images import device_table
 from trainer.metrics import headline, masked_sums, summarize
-from trainer.run import Evaluation, RunDir, RunError, run_lock
+from trainer.run import RunDir, RunError, run_lock
+from trainer.runlog import Evaluation
 from trainer.runtime.distributed import Topology, TopologyError, replicate, to_global
 from trainer.runtime.multihost import agree, any_process, eval_batch_size, eval_split
 from trainer.runtime.platform import releases_programs, resolve_compute, start_line
@@ -139,7 +140,7 @@ class Evaluator:
 
 
 def evaluation(step: int, result: Result, source: str, max_seqs: int | None = None) -> Evaluation:
-    """The store's record (`trainer.run.Evaluation`) of one set's result."""
+    """The store's record (`trainer.runlog.Evaluation`) of one set's result."""
     name, seq_type, summary = result
     return Evaluation(step, name, seq_type, source, summary, max_seqs)
 

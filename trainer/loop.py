@@ -7,7 +7,7 @@ step is reached, evaluates at the evaluation schedule's steps, saves at the chec
 (`trainer.schedule`), and at a stop request saves the step reached. What a dispatch computes (one run, or R
 runs vmapped) and what logging, evaluating and saving do (for one run, or for each run of a group) are
 the caller's; `TrainingRun` does them for one run: its metrics window, its evaluations (`Evaluator`) into
-the run's evaluation store (`trainer.run`), its checkpoints.
+the run's evaluation store (`trainer.runlog`), its checkpoints.
 """
 
 from __future__ import annotations

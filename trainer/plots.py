@@ -1,5 +1,5 @@
 """`trainer plot RUN_DIR`: PNGs of ICL, IWL and loss against step, from the run's `metrics.jsonl` (its evaluation
-store: `trainer.run`; the curve is fit's and --watch's evaluations).
+store: `trainer.runlog`; the curve is fit's and --watch's evaluations).
 
 - `plots/icl_iwl.png`: the paper's headline numbers (`trainer.metrics.HEADLINES`: ICL = accuracy_closed on
   fewshot_holdout sets, chance line at 1/ways, and the ICL ceiling of `trainer.metrics.icl_ceiling`: ways
@@ -29,7 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from seqgen.atomic import atomic_write  # noqa: E402
 from seqgen.config import SeqType  # noqa: E402
 from trainer.metrics import HEADLINES, icl_ceiling, label_of, metric_key_of  # noqa: E402
-from trainer.run import RunDir, RunError, series  # noqa: E402  (series: re-exported for trainer.analyze.plots)
+from trainer.run import RunDir, RunError  # noqa: E402
+from trainer.runlog import series  # noqa: E402
 
 
 def plot_run(run_dir: str | os.PathLike) -> list[Path]:

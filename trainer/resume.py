@@ -14,7 +14,7 @@ config (`trainer sweep`, whose sweep files may change them between invocations).
 Evaluations owed: an interrupt during an evaluation saves the checkpoint of that step without the
 evaluation (or with only some sets done). On resume, every kept checkpoint at or before the resume step
 that is an evaluation step (a multiple of `eval_every`, or a final step) and lacks a `fit` evaluation of an
-eval set in the run's evaluation store (`trainer.run`) is evaluated on that set, from that checkpoint, before training goes on.
+eval set in the run's evaluation store (`trainer.runlog`) is evaluated on that set, from that checkpoint, before training goes on.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any, Iterable
 from seqgen.configio import changed_keys, flatten
 from trainer import checkpoint
 from trainer.config import BOOKKEEPING, FIT_OPTIONS, TrainConfig, with_overrides
-from trainer.run import Evaluation, RunDir, RunError
+from trainer.run import RunDir, RunError
+from trainer.runlog import Evaluation
 from trainer.schedule import StepSchedule
 
 # The command-line spelling of options, for messages (the `trainer fit` option table).

@@ -1,6 +1,6 @@
 """Live tracking: each record appended to a run's metrics.jsonl, mirrored to TensorBoard and / or W&B.
 
-metrics.jsonl stays the source of truth (`trainer.run`). A sink gets a copy of each record as it is appended
+metrics.jsonl stays the source of truth (`trainer.runlog`). A sink gets a copy of each record as it is appended
 (`RunDir.append_metrics`, the one place that appends), so it sees exactly the log's records, when the log
 gets them: one per logging window of training, one per evaluation of a set. Nothing is added to the train
 step, and a sink never writes anything the log does not hold.
@@ -20,7 +20,7 @@ step, and a sink never writes anything the log does not hold.
 
 Tags (`scalars`): `train/<metric>` for training windows, `eval/<set>/<metric>` for the run's curve (fit's
 and --watch's evaluations: the mean of each metric), `evaluate/<set>/<metric>` for one-off `trainer
-evaluate` records (any --max-seqs; off the curve, as `trainer.run` counts them).
+evaluate` records (any --max-seqs; off the curve, as `trainer.runlog` counts them).
 
 A sink that fails (disk full, network, any exception) prints one warning on stderr and is off for the rest
 of the command: training goes on at full speed, metrics.jsonl is complete, and `trainer export-tb`
@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 from seqgen.errors import UserError
-from trainer.run import CURVE_SOURCES, RunDir, RunError
+from trainer.run import RunDir, RunError
+from trainer.runlog import CURVE_SOURCES
 
 # sink name -> (module it needs, the extra of pyproject.toml that installs it)
 EXTRAS = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb", "wandb")}

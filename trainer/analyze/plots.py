@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 from seqgen.atomic import atomic_write  # noqa: E402
 from trainer.analyze.records import read_analysis  # noqa: E402
 from trainer.metrics import HEADLINES, column_of, metric_key_of  # noqa: E402
-from trainer.plots import band, series  # noqa: E402
+from trainer.plots import band  # noqa: E402
+from trainer.runlog import series  # noqa: E402
 from trainer.run import RunDir, RunError  # noqa: E402
 
 

@@ -219,6 +219,24 @@ def platform_record() -> dict[str, Any]:
             "deterministic_gpu_ops": deterministic_in_effect()}
 
 
+def versions() -> dict[str, str]:
+    """The library versions and the backend a run computes with (config.json's and provenance's "versions")."""
+    import equinox
+    import h5py
+    import jax
+    import numpy
+    import optax
+
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "equinox": equinox.__version__,
+        "optax": optax.__version__,
+        "numpy": numpy.__version__,
+        "h5py": h5py.__version__,
+        "backend": jax.default_backend(),
+    }
+
 
 def gpu_visible() -> bool:
     """Whether an NVIDIA GPU's driver is visible on this machine (whatever JAX uses)."""

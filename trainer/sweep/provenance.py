@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from seqgen.atomic import atomic_write_json
-from trainer.run import versions
+from trainer.runtime.platform import versions
 from trainer.runtime.platform import cpu_model
 
 PROVENANCE_FILE = "provenance.json"

@@ -15,7 +15,8 @@ from typing import Any
 from seqgen.config import SeqType
 from trainer.analyze.records import ANALYSIS_FILE, analysis_values, read_analysis
 from trainer.metrics import ICL_OF_CEILING, column_of, icl_ceiling, metric_key_of
-from trainer.run import CURVE_SOURCES, RunDir
+from trainer.run import RunDir
+from trainer.runlog import CURVE_SOURCES
 from trainer.sweep.checks import CheckResult, evaluate_checks
 from trainer.sweep.plan import set_folder
 from trainer.sweep.provenance import read_provenance
