@@ -3,10 +3,11 @@ in this process (`jobs=1`) or `jobs` at a time in worker processes with the CPU 
 With `group > 1`, runs that share a model shape (`trainer.group.plan_groups`: seeds and draw-only options
 of one setting, or settings that differ only there) train as one vectorized group of up to `group` runs.
 
-Defaults (`default_jobs`, `default_group`), from `bench/sweep_bench.py` on the 2-core CPU: parallel
-processes (one per core) train 1.4x the runs per hour of one-by-one training, while a vectorized group of 3
-trained 0.72x, so on the CPU `jobs` = the cores and `group` = 1. On an accelerator `jobs` = 1 and
-`group` = 8 (a batch-32 model leaves a GPU mostly idle; not yet measured here).
+Defaults (`default_jobs`, `default_group`), from `bench/sweep_bench.py` on the 2-core CPU (docs/speed.md,
+"Vectorized runs and parallel processes"): processes pinned one per core train more runs per hour than
+one-by-one training (1.52x steady on a quiet machine), while a vectorized group of 3 trains no faster
+(0.97x), so on the CPU `jobs` = the cores and `group` = 1. On an accelerator `jobs` = 1 and `group` = 8
+(a batch-32 model leaves a GPU mostly idle; not yet measured on one).
 
 After each run the report is rewritten (`trainer.sweep.report`): into `<out>` itself, or into a separate
 results folder that also receives a copy of each run's `config.json`, `metrics.jsonl` (and `analysis.jsonl`) and `evaluations/`
