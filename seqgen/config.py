@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seqgen.configio import ConfigError, apply_overrides, check_finite, documented, from_plain, to_plain
-from seqgen.seqtypes import SeqType  # noqa: F401 (the names of the types live with their registry)
+from seqgen.seqtypes import SeqType  # the names of the types live with their registry (seqgen.seqtypes)
 
 N_OMNIGLOT_CLASSES = 1623
 N_EXEMPLARS = 20

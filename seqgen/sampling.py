@@ -74,7 +74,7 @@ from seqgen import kernels as K
 from seqgen.config import BuildConfig, Labeling, NonBurstyType, SeqType, SplitConfig
 from seqgen.configio import ConfigError
 from seqgen.rng import base_key
-from seqgen.seqtypes import SPECS
+from seqgen.seqtypes import SPECS, Layout
 from seqgen.split import ClassSplit, zipf_weights
 
 # Fixed per-type tags (`seqgen.seqtypes`): sets of different types built from the same seed are independent.
@@ -255,8 +255,9 @@ def _fewshot(cfg: BuildConfig, base: np.uint64, start: int, pools: tuple, n_ex: 
 
 # Each layout's generator (seqgen.seqtypes): it fills rows start.. of `arrays` (example, label, is_rare,
 # exemplar) with its kernel. A new layout adds its kernel (seqgen.kernels) and its entry here.
-LAYOUTS: dict[str, Callable[..., None]] = {"bursty": _bursty, "no_support": _no_support, "strategy": _strategy, "fewshot": _fewshot,
-           "mixed": _fewshot}
+LAYOUTS: dict[Layout, Callable[..., None]] = {
+    "bursty": _bursty, "no_support": _no_support, "strategy": _strategy, "fewshot": _fewshot, "mixed": _fewshot,
+}
 
 
 def _trained_labeling(cfg: BuildConfig) -> np.ndarray:

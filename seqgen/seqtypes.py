@@ -16,8 +16,9 @@ What a layout reads of the sequence options (`READS`) decides which options an e
 its training set (`trainer.sweep.spec.eval_config`): the rest are reset to their defaults, so that runs
 differing only there share evaluation sets.
 
-Adding a type of an existing layout: its name in `SeqType` and its entry in `SPECS`, both here, and its
-tests. A type of a new layout adds its `READS` row, its sampling kernel (`seqgen.kernels`) and that
+Adding a type of the fewshot or no_support layout: its name in `SeqType` and its entry in `SPECS`, both
+here, and its tests. (A second strategy or mixed type would not be: flip and mixed are still recognised by
+name in seqgen.sampling, seqgen.config and seqgen.verify.) A type of a new layout adds its `READS` row, its sampling kernel (`seqgen.kernels`) and that
 kernel's entry in the layout table of `seqgen.sampling`.
 """
 
@@ -103,9 +104,9 @@ READS: dict[str, frozenset[str]] = {
     "bursty": _ALWAYS | {"seq_len", "fs_shots", "bursty_shots", "ways", "p_bursty", "p_bursty_common",
                          "p_bursty_zipfian", "p_fewshot", "non_bursty_type", "grouped"},
     "fewshot": _ALWAYS | {"fs_shots", "ways", "grouped"},
-    "no_support": _ALWAYS | {"seq_len", "ways"},
+    "no_support": _ALWAYS | {"seq_len", "ways"},  # ways: not read, kept so existing sets keep their identity
     "mixed": _ALWAYS | {"fs_shots", "ways", "p_fewshot"},
-    "strategy": _ALWAYS | {"seq_len", "fs_shots", "ways", "grouped"},
+    "strategy": _ALWAYS | {"seq_len", "fs_shots", "ways", "grouped"},  # seq_len: kept likewise
 }
 
 

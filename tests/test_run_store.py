@@ -1,4 +1,4 @@
-"""trainer.run's evaluation store: metrics.jsonl is the one record of every evaluation, evaluations/step-N.json
+"""trainer.runlog's evaluation store: metrics.jsonl is the one record of every evaluation, evaluations/step-N.json
 is derived from it (and never read as a source), with the run's own curve (fit / watch) taking precedence
 over one-off evaluations."""
 

@@ -152,6 +152,7 @@ def test_seeds_expand_runs_and_share_eval_sets(tmp_path):
     (lambda s: s.replace('metric = "icl"', 'metric = "loss"'), "metric 'loss' is not measured"),
     (lambda s: s.replace('run = "p1"', 'run = "p9"'), "run 'p9' is not in this sweep"),
     (lambda s: s.replace('compare = "greater"', 'compare = "bigger"'), "compare must be one of"),
+    (lambda s: s.replace('compare = "greater"', 'compare = ["greater"]'), "compare must be one of"),
     (lambda s: s.replace("than = -1.0\n\n", 'than = "p7"\n\n', 1), "than 'p7' is neither a run"),
     (lambda s: s.replace("than = -1.0\n\n", "than = -1.0\ntolerance = 0.1\n\n", 1), "takes 'margin', not 'tolerance'"),
     (lambda s: s.replace("than = -1.0\n\n", "than = nan\n\n", 1), "'than' must be a finite number"),

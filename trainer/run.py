@@ -143,4 +143,3 @@ class RunDir(RunLog):
             raise DataError(f"the run's training set {path} (from {self.config_path}) {problem}; or, if it moved, "
                             "pass its new folder as --train DIR (its class split is needed)")
         return str(path)
-

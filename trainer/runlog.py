@@ -48,8 +48,7 @@ EVAL_RECORD_SCHEMA = {"step": int, "kind": str, "set": str, "seq_type": str, "so
 EVALUATION_SCHEMA = {"step": int, "sets": [{"set": str, "seq_type": str, "metrics": dict,
                                             "source": Optional(str), "max_seqs": Optional(int)}]}
 CURVE_SOURCES = ("fit", "watch")  # evaluations at the run's own eval size, every scheduled step
-METRICS_LOCK = ".metrics.lock"  # flocked by every writer of metrics.jsonl (RunDir._metrics_writer)
-
+METRICS_LOCK = ".metrics.lock"  # flocked by every writer of metrics.jsonl (RunLog._metrics_writer)
 
 
 class RunError(UserError):

@@ -89,7 +89,7 @@ def default_jobs() -> int:
 
 
 def default_group() -> int:
-    """Vectorized group size by default: 1 on the CPU (slower there), 8 on an accelerator."""
+    """Vectorized group size by default: 1 on the CPU (no faster there), 8 on an accelerator."""
     import jax
 
     return 1 if jax.default_backend() == "cpu" else 8

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from seqgen.atomic import atomic_write_json
-from trainer.runtime.platform import versions
-from trainer.runtime.platform import cpu_model
+from trainer.runtime.platform import cpu_model, versions
 
 PROVENANCE_FILE = "provenance.json"
 

@@ -371,7 +371,7 @@ def _checks(entries: Any, settings: tuple[str, ...], columns: set[str]) -> tuple
         if run not in settings:
             raise ConfigError(f"{where}: run {run!r} is not in this sweep; runs: {', '.join(settings)}")
         compare = entry["compare"]
-        if compare not in COMPARISONS:
+        if not isinstance(compare, str) or compare not in COMPARISONS:
             raise ConfigError(f"{where}: compare must be one of {', '.join(COMPARISONS)}, got {compare!r}")
         than = entry["than"]
         if isinstance(than, str):
